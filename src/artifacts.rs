@@ -1,1 +1,317 @@
-//! (in progress)
+//! The artifact directory `tokenize` writes and everything after it reads:
+//! `catalog.jsonl`, `sids.jsonl`, `codebooks.safetensors`, `report.json`.
+//!
+//! Writing is all-or-nothing: files go to a temporary directory beside the destination,
+//! which is renamed into place only when every file is complete. A failed or interrupted
+//! run leaves the previous artifacts (or nothing) behind, never a mix.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, LoadOptions};
+use crate::error::{Error, Result};
+use crate::kmeans::Centroids;
+use crate::sid::SidVocab;
+use crate::trie::{ItemIdx, Trie};
+
+pub const CATALOG_FILE: &str = "catalog.jsonl";
+pub const SIDS_FILE: &str = "sids.jsonl";
+pub const CODEBOOKS_FILE: &str = "codebooks.safetensors";
+pub const REPORT_FILE: &str = "report.json";
+/// Written only with `--save-embeddings`: the embeddings that were quantized, so other
+/// tools (and the benchmark's peers) can be fed identical input.
+pub const EMBEDDINGS_FILE: &str = "embeddings.npy";
+
+/// The single metadata key of `codebooks.safetensors` (a JSON object: levels, vocab, seed,
+/// encoder, …).
+pub const META_KEY: &str = "sidrec";
+
+/// One line of `sids.jsonl`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SidRecord {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub item_type: String,
+    /// Level codes, then the dedup code for items whose tuple collides.
+    pub codes: Vec<u32>,
+    /// The SID token string, e.g. `<movie><a_17><b_203><c_5>`.
+    pub sid: String,
+}
+
+/// A catalog's SIDs: the vocabulary, one record per item (catalog order) and the trie
+/// over their token ids. Item index `i` in the trie is `records[i]`.
+pub struct SidMap {
+    pub vocab: SidVocab,
+    pub records: Vec<SidRecord>,
+    pub trie: Trie,
+    by_id: HashMap<String, usize>,
+}
+
+impl SidMap {
+    /// Builds the map from records, parsing each SID with the vocabulary.
+    pub fn new(vocab: SidVocab, records: Vec<SidRecord>) -> Result<Self> {
+        let mut paths = Vec::with_capacity(records.len());
+        let mut by_id = HashMap::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            paths.push((vocab.parse(&r.sid)?, i as ItemIdx));
+            if by_id.insert(r.id.clone(), i).is_some() {
+                return Err(Error::Invalid(format!(
+                    "duplicate item id {:?} in SID map",
+                    r.id
+                )));
+            }
+        }
+        let trie = Trie::build(paths)?;
+        Ok(SidMap {
+            vocab,
+            records,
+            trie,
+            by_id,
+        })
+    }
+
+    /// Reads `sids.jsonl` and the vocabulary recorded in `codebooks.safetensors` of an
+    /// artifact directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let vocab = read_vocab(dir)?;
+        let path = dir.join(SIDS_FILE);
+        let file = fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut records = Vec::new();
+        for (i, line) in BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(|e| Error::io(&path, e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let r: SidRecord = serde_json::from_str(&line)
+                .map_err(|e| Error::Invalid(format!("{}:{}: {e}", path.display(), i + 1)))?;
+            records.push(r);
+        }
+        Self::new(vocab, records)
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Index of an item id.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.by_id.get(id).copied()
+    }
+
+    /// The record of a SID string, if it names an item.
+    pub fn lookup_sid(&self, sid: &str) -> Option<&SidRecord> {
+        let ids = self.vocab.parse(sid).ok()?;
+        self.trie.lookup(&ids).map(|i| &self.records[i as usize])
+    }
+
+    /// Items whose SID shares the first `depth` tokens (type token included) with item
+    /// `i`, excluding `i`, in trie order.
+    pub fn sharing_prefix(&self, i: usize, depth: usize) -> Vec<usize> {
+        let Some(path) = self.trie.path(i as ItemIdx) else {
+            return Vec::new();
+        };
+        let depth = depth.min(path.len());
+        match self.trie.walk(&path[..depth]) {
+            Some(node) => self
+                .trie
+                .items_under(node)
+                .iter()
+                .map(|&j| j as usize)
+                .filter(|&j| j != i)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// Reads the SID vocabulary from the metadata of `codebooks.safetensors`.
+pub fn read_vocab(dir: &Path) -> Result<SidVocab> {
+    let path = dir.join(CODEBOOKS_FILE);
+    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    let bad = |what: String| Error::Invalid(format!("{}: {what}", path.display()));
+    let raw = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .ok_or_else(|| bad(format!("no \"{META_KEY}\" metadata")))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(raw).map_err(|e| bad(format!("bad metadata: {e}")))?;
+    serde_json::from_value(meta["vocab"].clone())
+        .map_err(|e| bad(format!("bad \"vocab\" metadata: {e}")))
+}
+
+/// Reads the codebooks (one `[codes, d]` tensor per level, named `level_0`, `level_1`, …).
+pub fn read_codebooks(dir: &Path) -> Result<Vec<Centroids>> {
+    let path = dir.join(CODEBOOKS_FILE);
+    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for l in 0.. {
+        let Ok(t) = st.tensor(&format!("level_{l}")) else {
+            break;
+        };
+        let shape = t.shape();
+        if shape.len() != 2 || t.dtype() != safetensors::Dtype::F32 {
+            return Err(Error::Invalid(format!(
+                "{}: level_{l} must be a 2-D f32 tensor",
+                path.display()
+            )));
+        }
+        let data = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.push(Centroids {
+            k: shape[0],
+            d: shape[1],
+            data,
+        });
+    }
+    Ok(out)
+}
+
+/// Reads the normalised catalog of an artifact directory.
+pub fn read_catalog(dir: &Path) -> Result<Catalog> {
+    let opts = LoadOptions {
+        format: Some(crate::catalog::Format::Jsonl),
+        default_type: "item".to_string(),
+    };
+    Ok(Catalog::load(&dir.join(CATALOG_FILE), &opts)?)
+}
+
+/// Everything `tokenize` writes, gathered before any byte hits the disk.
+pub struct Artifacts<'a> {
+    pub catalog: &'a Catalog,
+    pub records: &'a [SidRecord],
+    pub vocab: &'a SidVocab,
+    pub codebooks: &'a [Centroids],
+    /// Extra metadata for the codebooks file (seed, encoder, …).
+    pub codebook_meta: Vec<(String, String)>,
+    pub report: &'a serde_json::Value,
+    pub embeddings: Option<&'a crate::embed::Embeddings>,
+}
+
+/// Writes the artifact directory atomically: into a temporary sibling directory first,
+/// then renamed to `out`. With `overwrite`, an existing `out` is replaced (it is moved
+/// aside first and deleted only after the new directory is in place).
+pub fn write(out: &Path, a: &Artifacts<'_>, overwrite: bool) -> Result<()> {
+    if out.exists() && !overwrite {
+        return Err(Error::Invalid(format!(
+            "{} already exists: pass --force to replace it",
+            out.display()
+        )));
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".sidrec-tmp-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
+    let dir = tmp.path();
+
+    write_with(&dir.join(CATALOG_FILE), |w| a.catalog.write_jsonl(w))?;
+    write_with(&dir.join(SIDS_FILE), |w| {
+        for r in a.records {
+            serde_json::to_writer(&mut *w, r)?;
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    })?;
+    write_codebooks(&dir.join(CODEBOOKS_FILE), a)?;
+    write_with(&dir.join(REPORT_FILE), |w| {
+        serde_json::to_writer_pretty(&mut *w, a.report)?;
+        w.write_all(b"\n")
+    })?;
+    if let Some(e) = a.embeddings {
+        crate::embed::save_npy(e, &dir.join(EMBEDDINGS_FILE))?;
+    }
+
+    // Swap into place.
+    let tmp_path = tmp.keep();
+    let old = if out.exists() {
+        let aside = parent.join(format!(
+            ".sidrec-old-{}",
+            out.file_name().and_then(|s| s.to_str()).unwrap_or("out")
+        ));
+        let _ = fs::remove_dir_all(&aside);
+        fs::rename(out, &aside).map_err(|e| Error::io(out, e))?;
+        Some(aside)
+    } else {
+        None
+    };
+    if let Err(e) = fs::rename(&tmp_path, out) {
+        if let Some(aside) = &old {
+            let _ = fs::rename(aside, out);
+        }
+        let _ = fs::remove_dir_all(&tmp_path);
+        return Err(Error::io(out, e));
+    }
+    if let Some(aside) = old {
+        let _ = fs::remove_dir_all(aside);
+    }
+    Ok(())
+}
+
+fn write_with(
+    path: &Path,
+    f: impl FnOnce(&mut BufWriter<fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = BufWriter::new(file);
+    f(&mut w)
+        .and_then(|_| w.flush())
+        .map_err(|e| Error::io(path, e))
+}
+
+fn write_codebooks(path: &Path, a: &Artifacts<'_>) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = a
+        .codebooks
+        .iter()
+        .map(|c| c.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = a
+        .codebooks
+        .iter()
+        .zip(&bytes)
+        .enumerate()
+        .map(|(l, (c, b))| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![c.k, c.d], b)
+                .map(|v| (format!("level_{l}"), v))
+                .map_err(|e| Error::Invalid(format!("codebook {l}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    // One metadata key holding an ordered JSON object: safetensors writes its metadata
+    // map in hash order, so several keys would make the file's bytes vary run to run.
+    let mut obj = serde_json::Map::new();
+    obj.insert("levels".into(), a.codebooks.len().into());
+    for (k, v) in &a.codebook_meta {
+        obj.insert(k.clone(), v.clone().into());
+    }
+    obj.insert(
+        "vocab".into(),
+        serde_json::to_value(a.vocab).map_err(|e| Error::Invalid(e.to_string()))?,
+    );
+    let meta: HashMap<String, String> = [(
+        META_KEY.to_string(),
+        serde_json::Value::Object(obj).to_string(),
+    )]
+    .into();
+    let data = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    fs::write(path, data).map_err(|e| Error::io(path, e))
+}

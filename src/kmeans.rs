@@ -172,11 +172,8 @@ pub fn nearest_m(x: Rows<'_>, cents: Rows<'_>, m: usize) -> Vec<(u32, f32)> {
         let mut idx: Vec<u32> = (0..k as u32).collect();
         for (row, slot) in dots.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
             idx.iter_mut().enumerate().for_each(|(j, v)| *v = j as u32);
-            let cmp = |a: &u32, b: &u32| {
-                row[*a as usize]
-                    .total_cmp(&row[*b as usize])
-                    .then(a.cmp(b))
-            };
+            let cmp =
+                |a: &u32, b: &u32| row[*a as usize].total_cmp(&row[*b as usize]).then(a.cmp(b));
             if m < k {
                 idx.select_nth_unstable_by(m - 1, cmp);
             }
@@ -418,7 +415,8 @@ mod tests {
         let (labels, dist) = assign(xr, cr);
         let top = nearest_m(xr, cr, 5);
         for i in 0..n {
-            let mut all: Vec<(f32, usize)> = (0..k).map(|j| (sq_dist(xr.row(i), cr.row(j)), j)).collect();
+            let mut all: Vec<(f32, usize)> =
+                (0..k).map(|j| (sq_dist(xr.row(i), cr.row(j)), j)).collect();
             all.sort_by(|a, b| a.0.total_cmp(&b.0));
             assert_eq!(labels[i] as usize, all[0].1, "row {i}");
             assert!((dist[i] - all[0].0).abs() < 1e-4);

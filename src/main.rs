@@ -1,1 +1,10 @@
-fn main(){}
+//! The `sidrec` command line. Thin: parses flags, calls the library, prints results.
+
+mod cli;
+
+fn main() {
+    if let Err(e) = cli::run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -501,8 +501,8 @@ mod tests {
         for a in [Assign::Plain, Assign::Balanced] {
             let q = quantize(Rows::new(&x, 3000, 8), &types, &cfg(a)).unwrap();
             let mut seen = std::collections::HashSet::new();
-            for i in 0..3000 {
-                assert!(seen.insert((types[i], q.item_codes(i).to_vec(), q.dedup[i])));
+            for (i, t) in types.iter().enumerate() {
+                assert!(seen.insert((*t, q.item_codes(i).to_vec(), q.dedup[i])));
             }
         }
     }
@@ -545,10 +545,16 @@ mod tests {
         let r = Rows::new(&x, 2, 4);
         let mut c = cfg(Assign::Plain);
         c.levels = vec![];
-        assert!(matches!(quantize(r, &[0, 0], &c), Err(QuantizeError::NoLevels)));
+        assert!(matches!(
+            quantize(r, &[0, 0], &c),
+            Err(QuantizeError::NoLevels)
+        ));
         c.levels = vec![1];
         assert!(quantize(r, &[0, 0], &c).is_err());
         c.levels = vec![4];
-        assert!(matches!(quantize(r, &[0], &c), Err(QuantizeError::TypeCount { .. })));
+        assert!(matches!(
+            quantize(r, &[0], &c),
+            Err(QuantizeError::TypeCount { .. })
+        ));
     }
 }
