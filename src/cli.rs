@@ -269,7 +269,7 @@ fn print_summary(r: &Report, out: &Path) {
             lv.mse,
             lv.usage * 100.0,
             lv.perplexity,
-            lv.fit_seconds + lv.assign_seconds
+            r.timings.levels.get(l).map_or(0.0, |t| t.fit + t.assign)
         );
     }
     println!(
@@ -286,8 +286,8 @@ fn print_summary(r: &Report, out: &Path) {
         .collect();
     println!("  fan-out      {}", fan.join(" | "));
     println!(
-        "  time         {:.2}s (load {:.2}, embed {:.2}, quantize {:.2}, write {:.2})",
-        r.timings.total, r.timings.load, r.timings.embed, r.timings.quantize, r.timings.write
+        "  time         {:.2}s (load {:.2}, embed {:.2}, quantize {:.2})",
+        r.timings.total, r.timings.load, r.timings.embed, r.timings.quantize
     );
     println!("  wrote        {}", out.display());
 }
@@ -323,8 +323,9 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     };
     let rec = &map.records[index];
     let item = &catalog.items[index];
-    // Neighbours: the items sharing the longest prefix first, down to the type alone.
-    let depth = map.vocab.levels.len(); // type token + all but the last level
+    // Neighbours: the items sharing the longest prefix first (all but the SID's last
+    // token, i.e. dedup siblings when it has one), down to the type token alone.
+    let depth = map.trie.path(index as u32).map_or(1, |p| p.len() - 1);
     let mut shown = Vec::new();
     for d in (1..=depth).rev() {
         for j in map.sharing_prefix(index, d) {

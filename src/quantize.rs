@@ -135,8 +135,14 @@ pub struct LevelReport {
     /// exp(entropy) of the code distribution: the number of equally used codes it is
     /// worth. `codes` at best.
     pub perplexity: f64,
-    pub fit_seconds: f64,
-    pub assign_seconds: f64,
+}
+
+/// Wall-clock seconds of one level (kept apart from [`LevelReport`] so that reports of
+/// two runs on the same input compare equal).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LevelTiming {
+    pub fit: f64,
+    pub assign: f64,
 }
 
 /// Fan-out of the code prefix tree at one depth: distinct children per distinct prefix.
@@ -156,15 +162,14 @@ pub struct QuantizeReport {
     pub assign: Assign,
     pub levels: Vec<LevelReport>,
     pub final_mse: f64,
-    /// `1 − distinct tuples / n`, tuples including the type: the share of items that
-    /// needed a dedup code to be told apart (faiss' peer reports the same ratio).
+    /// `1 − distinct tuples / n`, tuples including the type: the share of items beyond
+    /// the first of each colliding group (faiss' peer reports the same ratio).
     pub collision_rate: f64,
     /// Items that carry a dedup code (every member of a colliding group).
     pub items_with_dedup: usize,
     /// Largest group of items sharing one tuple.
     pub max_collision_group: usize,
     pub fanout: Vec<FanOut>,
-    pub seconds: f64,
 }
 
 /// The result: codebooks, codes and dedup codes per item.
@@ -176,6 +181,8 @@ pub struct Quantized {
     /// Dedup code of items whose tuple collides; `None` for unique tuples.
     pub dedup: Vec<Option<u32>>,
     pub report: QuantizeReport,
+    /// Seconds per level.
+    pub timings: Vec<LevelTiming>,
 }
 
 impl Quantized {
@@ -221,13 +228,13 @@ pub fn quantize(
             n: x.n,
         });
     }
-    let t0 = Instant::now();
     let (n, d) = (x.n, x.d);
     let nl = cfg.levels.len();
     let mut res = x.data.to_vec();
     let mut codes = vec![0u32; n * nl];
     let mut codebooks = Vec::with_capacity(nl);
     let mut levels = Vec::with_capacity(nl);
+    let mut timings = Vec::with_capacity(nl);
 
     for (l, &k) in cfg.levels.iter().enumerate() {
         let last = l + 1 == nl;
@@ -291,8 +298,10 @@ pub fn quantize(
             mse,
             usage,
             perplexity,
-            fit_seconds,
-            assign_seconds,
+        });
+        timings.push(LevelTiming {
+            fit: fit_seconds,
+            assign: assign_seconds,
         });
         codebooks.push(cents);
     }
@@ -310,13 +319,13 @@ pub fn quantize(
         items_with_dedup,
         max_collision_group: max_group,
         fanout,
-        seconds: t0.elapsed().as_secs_f64(),
     };
     Ok(Quantized {
         codebooks,
         codes,
         dedup,
         report,
+        timings,
     })
 }
 

@@ -13,7 +13,7 @@ use crate::embed::{self, BertEncoder, Embeddings, Encoder};
 use crate::error::{Error, Result};
 use crate::kmeans::Rows;
 use crate::progress::Progress;
-use crate::quantize::{self, QuantizeConfig, QuantizeReport};
+use crate::quantize::{self, LevelTiming, QuantizeConfig, QuantizeReport};
 use crate::sid::SidVocab;
 use crate::template::Template;
 
@@ -54,7 +54,9 @@ pub struct Timings {
     pub load: f64,
     pub embed: f64,
     pub quantize: f64,
-    pub write: f64,
+    /// Fit and assignment seconds of each level.
+    pub levels: Vec<LevelTiming>,
+    /// Everything up to writing the artifacts.
     pub total: f64,
 }
 
@@ -74,7 +76,7 @@ pub struct Report {
     /// MSE of the residual after each level.
     pub level_mse: Vec<f64>,
     pub final_mse: f64,
-    /// Share of items whose (type, codes) tuple was not unique before dedup.
+    /// `1 − distinct (type, codes) tuples / n` before dedup.
     pub collision_rate: f64,
     /// Dedup codes in use (0: every SID is type + level codes).
     pub dedup_codes: usize,
@@ -90,6 +92,13 @@ pub struct Report {
 pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
     let t0 = Instant::now();
     let mut timings = Timings::default();
+    // Fail before the expensive work, not after it.
+    if opts.out.exists() && !opts.force {
+        return Err(Error::Invalid(format!(
+            "{} already exists: pass --force to replace it",
+            opts.out.display()
+        )));
+    }
 
     // 1. Items and (if given) precomputed vectors.
     let precomputed = match &opts.embeddings {
@@ -161,6 +170,7 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
     let q = quantize::quantize(Rows::new(&emb.data, emb.n, emb.d), &type_of, &opts.quantize)?;
     spin.finish_and_clear();
     timings.quantize = tq.elapsed().as_secs_f64();
+    timings.levels = q.timings.clone();
 
     // 4. SIDs.
     let vocab = SidVocab::new(
@@ -211,15 +221,11 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
     };
 
     // 5. Write everything at once.
-    let tw = Instant::now();
     let meta = vec![
         ("seed".to_string(), opts.quantize.seed.to_string()),
         ("assign".to_string(), opts.quantize.assign.to_string()),
         ("encoder".to_string(), encoder_name),
     ];
-    // The report is written with the final timings; `write` itself is timed up to the
-    // rename, which is the part that scales with the catalog.
-    report.timings.write = 0.0;
     report.timings.total = t0.elapsed().as_secs_f64();
     let report_value = serde_json::to_value(&report).map_err(|e| Error::Invalid(e.to_string()))?;
     artifacts::write(
@@ -235,8 +241,6 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
         },
         opts.force,
     )?;
-    report.timings.write = tw.elapsed().as_secs_f64();
-    report.timings.total = t0.elapsed().as_secs_f64();
     Ok(report)
 }
 
