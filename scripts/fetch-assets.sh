@@ -20,7 +20,7 @@ assets="${1:-$root/assets}"
 # Downloaded wheels are a cache; SIDREC_WHEEL_CACHE may point outside the clone so that
 # repeated runs (CI) skip the download. A missing or corrupt cache is simply refilled.
 wheels="${SIDREC_WHEEL_CACHE:-$assets/.wheels}"
-mkdir -p "$wheels"
+mkdir -p "$assets" "$wheels"
 
 PIP="${PIP:-python3 -m pip}"
 
