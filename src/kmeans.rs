@@ -9,8 +9,10 @@
 //! Fitting follows faiss' recipe, which is what users compare against: at most
 //! `max_points_per_centroid · k` rows are sampled for training, centroids start from
 //! k-means++ on a smaller sample, then Lloyd iterations; an empty cluster is re-seeded by
-//! splitting the largest one. Results are a pure function of the input and the seed: the
-//! row blocks are independent, and every reduction runs in a fixed order.
+//! splitting the largest one. Plain Lloyd iterations skip most distance computations with
+//! Hamerly's bounds (see `lloyd_bounded`) and give the labels of recomputing them all
+//! (up to float ties). Results are a pure function of the input and the seed: the row
+//! blocks are independent, and every reduction runs in a fixed order.
 
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -84,12 +86,37 @@ pub fn row_norms(m: Rows<'_>) -> Vec<f32> {
     m.data.chunks_exact(m.d).map(dot_self).collect()
 }
 
-#[inline]
-fn dot_self(x: &[f32]) -> f32 {
-    x.iter().map(|v| v * v).sum()
+/// Lanes of the hand-unrolled reductions below: independent partial sums the compiler can
+/// keep in several vector registers, summed pairwise at the end. The summation order is
+/// fixed, so results do not depend on the instruction set the code runs on.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn reduce_lanes(mut acc: [f32; LANES]) -> f32 {
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for t in 0..w {
+            acc[t] += acc[t + w];
+        }
+    }
+    acc[0]
 }
 
-/// Calls `f(first_row, block, dots)` for consecutive blocks of rows, in parallel, where
+#[inline(always)]
+fn dot_self(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for t in 0..LANES {
+            acc[t] += c[t] * c[t];
+        }
+    }
+    reduce_lanes(acc) + tail
+}
+
+/// Calls `f(first_row, dots, out_block)` for consecutive blocks of rows, in parallel, where
 /// `dots[i * k + j] = ‖c_j‖² − 2·x_i·c_j`, i.e. the squared distance minus `‖x_i‖²`.
 /// `out` is split into per-block chunks of `per_row` values per row, so each block
 /// writes only its own rows.
@@ -99,7 +126,7 @@ fn for_each_block<T: Send>(
     cnorms: &[f32],
     out: &mut [T],
     per_row: usize,
-    f: impl Fn(&[f32], &mut [T]) + Sync,
+    f: impl Fn(usize, &[f32], &mut [T]) + Sync,
 ) {
     let (d, k) = (x.d, cents.n);
     assert_eq!(cents.d, d);
@@ -140,7 +167,7 @@ fn for_each_block<T: Send>(
                     gemm::Parallelism::None,
                 );
             }
-            f(&dots, out_block);
+            f(start, &dots, out_block);
         });
 }
 
@@ -149,7 +176,7 @@ pub fn assign(x: Rows<'_>, cents: Rows<'_>) -> (Vec<u32>, Vec<f32>) {
     let k = cents.n;
     let cnorms = row_norms(cents);
     let mut best = vec![(0u32, 0f32); x.n];
-    for_each_block(x, cents, &cnorms, &mut best, 1, |dots, out| {
+    for_each_block(x, cents, &cnorms, &mut best, 1, |_, dots, out| {
         for (row, slot) in dots.chunks_exact(k).zip(out.iter_mut()) {
             *slot = argmin(row);
         }
@@ -168,7 +195,7 @@ pub fn nearest_m(x: Rows<'_>, cents: Rows<'_>, m: usize) -> Vec<(u32, f32)> {
     let m = m.min(k);
     let cnorms = row_norms(cents);
     let mut out = vec![(0u32, 0f32); x.n * m];
-    for_each_block(x, cents, &cnorms, &mut out, m, |dots, out| {
+    for_each_block(x, cents, &cnorms, &mut out, m, |_, dots, out| {
         let mut idx: Vec<u32> = (0..k as u32).collect();
         for (row, slot) in dots.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
             idx.iter_mut().enumerate().for_each(|(j, v)| *v = j as u32);
@@ -249,15 +276,389 @@ pub fn fit(x: Rows<'_>, cfg: &KMeansConfig, assign_fn: Option<&AssignFn<'_>>) ->
         Init::PlusPlus => init_plus_plus(train, k, &mut rng),
     };
 
-    let mut labels: Vec<u32>;
-    for _ in 0..cfg.iters {
-        labels = match assign_fn {
-            Some(f) => f(train, cents.rows()),
-            None => assign(train, cents.rows()).0,
-        };
-        update(train, &labels, &mut cents, &mut rng);
+    match assign_fn {
+        Some(f) => {
+            for _ in 0..cfg.iters {
+                let labels = f(train, cents.rows());
+                update(train, &labels, &mut cents, &mut rng);
+            }
+        }
+        None => lloyd_bounded(train, &mut cents, cfg.iters, &mut rng),
     }
     cents
+}
+
+/// Best and second-best entry of a row of `‖c‖² − 2x·c`: `(label, best, second)`. The
+/// label is the first minimum, as in [`argmin`].
+#[inline]
+fn top2(row: &[f32]) -> (u32, f32, f32) {
+    let (mut b, mut bv, mut sv) = (0u32, f32::INFINITY, f32::INFINITY);
+    for (j, &v) in row.iter().enumerate() {
+        if v < bv {
+            sv = bv;
+            bv = v;
+            b = j as u32;
+        } else if v < sv {
+            sv = v;
+        }
+    }
+    (b, bv, sv)
+}
+
+/// Defines `$name` running the `#[inline(always)]` function `$kernel`, compiled for the
+/// widest vector extension the CPU has. Rust never contracts a multiply and an add into
+/// one instruction, so the result does not depend on which version runs.
+macro_rules! multiversion {
+    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $kernel:ident) => {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $kernel($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $kernel($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the extension.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports the extension.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $kernel($($arg),*)
+        }
+    };
+}
+
+/// A row in doubt is compared directly against at most this many moved centroids; beyond
+/// that it goes through the blocked product against all of them.
+const DIRECT_MAX: usize = 32;
+
+/// What one iteration's bound check needs to know about the centroids.
+struct Step<'a> {
+    x: Rows<'a>,
+    cents: Rows<'a>,
+    is_moved: &'a [bool],
+    drift: &'a [f32],
+    /// Half separation of every centroid.
+    sep: &'a [f32],
+    /// Largest drift, its centroid, second-largest drift.
+    max_drift: (f32, usize, f32),
+    /// Moved centroids by decreasing drift, and their drifts.
+    by_drift: &'a [u32],
+    drift_desc: &'a [f32],
+}
+
+multiversion!(fn check_rows(st: &Step<'_>, start: usize, labels: &mut [u32], own: &mut [f32], upper: &mut [f32], lower: &mut [f32]) -> Vec<u32> = check_rows_kernel);
+
+/// Moves the bounds of rows `start..` by the drift and settles every row it can: by the
+/// bounds, by tightening the upper bound, or by the distances to the few moved centroids
+/// that could have come closer. Returns the rows left for a full recomputation.
+#[inline(always)]
+fn check_rows_kernel(
+    st: &Step<'_>,
+    start: usize,
+    labels: &mut [u32],
+    own: &mut [f32],
+    upper: &mut [f32],
+    lower: &mut [f32],
+) -> Vec<u32> {
+    let mut full = Vec::new();
+    let (m1, a1, m2) = st.max_drift;
+    for r in 0..labels.len() {
+        let a = labels[r] as usize;
+        let i = start + r;
+        if st.is_moved[a] {
+            own[r] = f32::NAN;
+        }
+        // Comparisons are strict, so that a tie (a row on a centroid, duplicate
+        // centroids) is always resolved by distances, lowest index first.
+        let u = upper[r] + st.drift[a];
+        // `lp` bounds the distance to every other centroid where it was.
+        let lp = lower[r];
+        let l_eff = (lp - if a == a1 { m2 } else { m1 }).max(0.0);
+        let m = st.sep[a].max(l_eff);
+        if u < m {
+            upper[r] = u;
+            lower[r] = l_eff;
+            continue;
+        }
+        let xi = st.x.row(i);
+        if own[r].is_nan() {
+            own[r] = sq_dist(xi, st.cents.row(a));
+        }
+        let u = (own[r] * (1.0 + BOUND_SLACK)).sqrt();
+        upper[r] = u;
+        if u < m {
+            lower[r] = l_eff;
+            continue;
+        }
+        // A centroid that did not move is no closer than `lp`, and no closer than the own
+        // centroid when that one did not move either (it was the nearest). A moved one
+        // can only have come closer than the own centroid if its drift exceeds `lp − u`.
+        if st.is_moved[a] && u >= lp {
+            full.push(i as u32);
+            continue;
+        }
+        let gap = lp - u;
+        let cnt = st.drift_desc.partition_point(|&p| p > gap);
+        if cnt > DIRECT_MAX {
+            full.push(i as u32);
+            continue;
+        }
+        let mut low = lp;
+        if let Some(&p) = st.drift_desc.get(cnt) {
+            low = low.min(lp - p);
+        }
+        let (mut best, mut bv, mut sv) = (a, own[r], f32::INFINITY);
+        for &j in &st.by_drift[..cnt] {
+            let j = j as usize;
+            if j == a {
+                continue;
+            }
+            let v = sq_dist(xi, st.cents.row(j));
+            // Ties go to the lower index, as in a full recomputation.
+            if v < bv || (v == bv && j < best) {
+                sv = sv.min(bv);
+                best = j;
+                bv = v;
+            } else {
+                sv = sv.min(v);
+            }
+        }
+        labels[r] = best as u32;
+        own[r] = bv;
+        upper[r] = (bv * (1.0 + BOUND_SLACK)).sqrt();
+        lower[r] = low.min((sv * (1.0 - BOUND_SLACK)).sqrt()).max(0.0);
+    }
+    full
+}
+
+/// Relative slack applied to every bound, far above the rounding error of the distance
+/// products: a bound may only err on the side of recomputing.
+const BOUND_SLACK: f32 = 1e-5;
+
+/// Per training row: label, squared distance to its centroid (NaN once that centroid has
+/// moved and the distance was not recomputed), an upper bound on the distance to its
+/// centroid and a lower bound on the distance to every other centroid (Euclidean, not
+/// squared). `lower` refers to the centroids of the previous iteration; the per-row check
+/// applies this iteration's drift to both bounds.
+struct Bounds {
+    labels: Vec<u32>,
+    own: Vec<f32>,
+    upper: Vec<f32>,
+    lower: Vec<f32>,
+}
+
+/// Gathers rows `idx` of `x` into one contiguous matrix.
+fn gather(x: Rows<'_>, idx: &[u32]) -> Vec<f32> {
+    let d = x.d;
+    let mut buf = vec![0f32; idx.len() * d];
+    buf.par_chunks_exact_mut(d)
+        .zip(idx.par_iter())
+        .for_each(|(dst, &i)| dst.copy_from_slice(x.row(i as usize)));
+    buf
+}
+
+/// Best and second-best centroid of every row of `x` by the blocked product: `(label,
+/// best, second)` in units of `‖c‖² − 2x·c` (add `‖x‖²` for squared distances).
+fn top2_all(x: Rows<'_>, cents: Rows<'_>) -> Vec<(u32, f32, f32)> {
+    let k = cents.n;
+    let cnorms = row_norms(cents);
+    let mut best = vec![(0u32, 0f32, 0f32); x.n];
+    for_each_block(x, cents, &cnorms, &mut best, 1, |_, dots, out| {
+        for (row, slot) in dots.chunks_exact(k).zip(out.iter_mut()) {
+            *slot = top2(row);
+        }
+    });
+    best
+}
+
+/// Recomputes label and bounds of rows `idx` (all rows for `None`) against every
+/// centroid.
+fn recompute_full(
+    x: Rows<'_>,
+    xnorms: &[f32],
+    cents: Rows<'_>,
+    idx: Option<&[u32]>,
+    b: &mut Bounds,
+) {
+    let best = match idx {
+        Some(idx) => {
+            let buf = gather(x, idx);
+            top2_all(Rows::new(&buf, idx.len(), x.d), cents)
+        }
+        None => top2_all(x, cents),
+    };
+    let cmax = row_norms(cents).into_iter().fold(0f32, f32::max);
+    for (r, (l, bv, sv)) in best.into_iter().enumerate() {
+        let i = idx.map_or(r, |idx| idx[r] as usize);
+        let n2 = xnorms[i];
+        let tol = BOUND_SLACK * (n2 + cmax);
+        b.labels[i] = l;
+        b.own[i] = (bv + n2).max(0.0);
+        b.upper[i] = (bv + n2 + tol).max(0.0).sqrt();
+        b.lower[i] = (sv + n2 - tol).max(0.0).sqrt();
+    }
+}
+
+/// Half the distance from every centroid to its nearest other centroid, rounded down: a
+/// row within that distance of its centroid cannot be closer to any other (Hamerly).
+fn half_separation(cents: Rows<'_>) -> Vec<f32> {
+    let k = cents.n;
+    let cnorms = row_norms(cents);
+    let cmax = cnorms.iter().copied().fold(0f32, f32::max);
+    let mut s = vec![0f32; k];
+    for_each_block(cents, cents, &cnorms, &mut s, 1, |start, dots, out| {
+        for (r, (row, slot)) in dots.chunks_exact(k).zip(out.iter_mut()).enumerate() {
+            let me = start + r;
+            let m = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != me)
+                .fold(f32::INFINITY, |m, (_, &v)| m.min(v));
+            let tol = BOUND_SLACK * (cnorms[me] + cmax);
+            *slot = 0.5 * (m + cnorms[me] - tol).max(0.0).sqrt();
+        }
+    });
+    s
+}
+
+/// Plain Lloyd iterations giving the labels of recomputing every nearest centroid every
+/// iteration (up to float ties), with most of that work skipped:
+///
+/// * Hamerly's bounds: a row whose upper bound (moved by its centroid's drift) stays below
+///   its lower bound (moved by the largest other drift) or below half its centroid's
+///   separation keeps its label without any product; otherwise the upper bound is
+///   tightened with one exact distance.
+/// * Rows still in doubt whose centroid did not move can only be taken by a centroid that
+///   did move, so they are compared against the moved centroids only; the rows of moved
+///   centroids are compared against all. Both go through the blocked product on gathered
+///   rows.
+/// * Once no centroid moves, later iterations would repeat the same labels and means, so
+///   fitting stops.
+///
+/// Every step is per row or in a fixed order, so the result is independent of thread
+/// scheduling.
+fn lloyd_bounded(x: Rows<'_>, cents: &mut Centroids, iters: usize, rng: &mut ChaCha8Rng) {
+    if iters == 0 {
+        return;
+    }
+    let (n, d, k) = (x.n, x.d, cents.k);
+    const CHUNK: usize = 4096;
+    let xnorms = row_norms(x);
+    let mut b = Bounds {
+        labels: vec![0; n],
+        own: vec![0.0; n],
+        upper: vec![0.0; n],
+        lower: vec![0.0; n],
+    };
+    recompute_full(x, &xnorms, cents.rows(), None, &mut b);
+    let mut old = vec![0f32; k * d];
+    // Cluster sums follow the labels: rebuilt when many rows changed cluster, otherwise
+    // moved row by row, in row order.
+    let (mut sums, mut counts) = cluster_sums(x, &b.labels, k);
+    let mut prev = b.labels.clone();
+    for it in 0..iters {
+        if it > 0 {
+            let changed: Vec<u32> = prev
+                .par_chunks(CHUNK)
+                .zip(b.labels.par_chunks(CHUNK))
+                .enumerate()
+                .map(|(ch, (p, l))| {
+                    (0..p.len())
+                        .filter(|&r| p[r] != l[r])
+                        .map(|r| (ch * CHUNK + r) as u32)
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+                .concat();
+            if changed.len() > n / 16 {
+                (sums, counts) = cluster_sums(x, &b.labels, k);
+            } else {
+                for &i in &changed {
+                    let i = i as usize;
+                    let (from, to) = (prev[i] as usize, b.labels[i] as usize);
+                    counts[from] -= 1;
+                    counts[to] += 1;
+                    for (t, &v) in x.row(i).iter().enumerate() {
+                        sums[from * d + t] -= v as f64;
+                        sums[to * d + t] += v as f64;
+                    }
+                }
+            }
+            prev.copy_from_slice(&b.labels);
+        }
+        old.copy_from_slice(&cents.data);
+        set_means(&sums, counts.clone(), cents, rng);
+        if it + 1 == iters {
+            break;
+        }
+        let c = cents.rows();
+        let is_moved: Vec<bool> = old
+            .chunks_exact(d)
+            .zip(c.data.chunks_exact(d))
+            .map(|(o, c)| o != c)
+            .collect();
+        let moved: Vec<u32> = (0..k as u32).filter(|&j| is_moved[j as usize]).collect();
+        if moved.is_empty() {
+            // Same centroids give the same labels, hence the same centroids again.
+            break;
+        }
+        // Drift moves the bounds: the own centroid by its drift, every other one by at
+        // most the largest drift among them.
+        let drift: Vec<f32> = old
+            .par_chunks_exact(d)
+            .zip(c.data.par_chunks_exact(d))
+            .map(|(o, c)| sq_dist(o, c).sqrt() * (1.0 + BOUND_SLACK))
+            .collect();
+        let (mut m1, mut a1, mut m2) = (0f32, usize::MAX, 0f32);
+        for (j, &p) in drift.iter().enumerate() {
+            if p > m1 {
+                m2 = m1;
+                m1 = p;
+                a1 = j;
+            } else if p > m2 {
+                m2 = p;
+            }
+        }
+        let s = half_separation(c);
+        let mut by_drift = moved.clone();
+        by_drift.sort_by(|&p, &q| {
+            drift[q as usize]
+                .total_cmp(&drift[p as usize])
+                .then(p.cmp(&q))
+        });
+        let drift_desc: Vec<f32> = by_drift.iter().map(|&j| drift[j as usize]).collect();
+        let st = Step {
+            x,
+            cents: c,
+            is_moved: &is_moved,
+            drift: &drift,
+            sep: &s,
+            max_drift: (m1, a1, m2),
+            by_drift: &by_drift,
+            drift_desc: &drift_desc,
+        };
+        let full: Vec<u32> = b
+            .labels
+            .par_chunks_mut(CHUNK)
+            .zip(b.own.par_chunks_mut(CHUNK))
+            .zip(b.upper.par_chunks_mut(CHUNK))
+            .zip(b.lower.par_chunks_mut(CHUNK))
+            .enumerate()
+            .map(|(ch, (((lab, own), up), lo))| check_rows(&st, ch * CHUNK, lab, own, up, lo))
+            .collect::<Vec<_>>()
+            .concat();
+        if !full.is_empty() {
+            recompute_full(x, &xnorms, c, Some(&full), &mut b);
+        }
+    }
 }
 
 fn init_random(x: Rows<'_>, k: usize, rng: &mut ChaCha8Rng) -> Centroids {
@@ -313,9 +714,24 @@ fn init_plus_plus(x: Rows<'_>, k: usize, rng: &mut ChaCha8Rng) -> Centroids {
     Centroids { k, d, data }
 }
 
-#[inline]
+#[inline(always)]
 fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for t in 0..LANES {
+            let v = x[t] - y[t];
+            acc[t] += v * v;
+        }
+    }
+    reduce_lanes(acc) + tail
 }
 
 /// Lloyd update: each centroid moves to the mean of its rows. Sums run in f64, per
@@ -323,7 +739,13 @@ fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
 /// not depend on thread scheduling. Empty clusters are re-seeded by splitting the
 /// largest cluster (faiss' rule): the empty one takes a slightly perturbed copy.
 fn update(x: Rows<'_>, labels: &[u32], cents: &mut Centroids, rng: &mut ChaCha8Rng) {
-    let (k, d) = (cents.k, cents.d);
+    let (sums, counts) = cluster_sums(x, labels, cents.k);
+    set_means(&sums, counts, cents, rng);
+}
+
+/// Per-cluster f64 sums of the rows and row counts.
+fn cluster_sums(x: Rows<'_>, labels: &[u32], k: usize) -> (Vec<f64>, Vec<u64>) {
+    let d = x.d;
     const CHUNK: usize = 8192;
     let partial: Vec<(Vec<f64>, Vec<u64>)> = labels
         .par_chunks(CHUNK)
@@ -348,6 +770,12 @@ fn update(x: Rows<'_>, labels: &[u32], cents: &mut Centroids, rng: &mut ChaCha8R
         sums.iter_mut().zip(s).for_each(|(a, b)| *a += b);
         counts.iter_mut().zip(c).for_each(|(a, b)| *a += b);
     }
+    (sums, counts)
+}
+
+/// Moves every centroid to the mean of its rows and re-seeds the empty ones.
+fn set_means(sums: &[f64], mut counts: Vec<u64>, cents: &mut Centroids, rng: &mut ChaCha8Rng) {
+    let (k, d) = (cents.k, cents.d);
     for j in 0..k {
         if counts[j] > 0 {
             let inv = 1.0 / counts[j] as f64;
@@ -449,6 +877,96 @@ mod tests {
                 assert!(labels[b * 200..(b + 1) * 200].iter().all(|&v| v == l));
             }
         }
+    }
+
+    /// Plain Lloyd as it reads: every row assigned by [`assign`] every iteration.
+    fn naive_fit(x: Rows<'_>, cfg: &KMeansConfig) -> Centroids {
+        let k = cfg.k.min(x.n);
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        assert!(x.n <= cfg.max_points_per_centroid * k, "no sampling");
+        let mut cents = match cfg.init {
+            Init::Random => init_random(x, k, &mut rng),
+            Init::PlusPlus => init_plus_plus(x, k, &mut rng),
+        };
+        for _ in 0..cfg.iters {
+            let labels = assign(x, cents.rows()).0;
+            update(x, &labels, &mut cents, &mut rng);
+        }
+        cents
+    }
+
+    #[test]
+    fn bounded_lloyd_matches_naive() {
+        // Overlapping Gaussian blobs, so that labels keep changing for several iterations.
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (n, d) = (3000, 24);
+        let centers: Vec<f32> = (0..12 * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let gauss =
+            |rng: &mut ChaCha8Rng| -> f32 { (0..6).map(|_| rng.gen_range(-0.5f32..0.5)).sum() };
+        let x: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                let c = (i * 7) % 12;
+                (0..d)
+                    .map(|t| centers[c * d + t] + 0.6 * gauss(&mut rng))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let x = Rows::new(&x, n, d);
+        for (k, init) in [
+            (40, Init::PlusPlus),
+            (64, Init::Random),
+            (7, Init::PlusPlus),
+        ] {
+            let cfg = KMeansConfig {
+                k,
+                iters: 20,
+                seed: 5,
+                max_points_per_centroid: n,
+                init,
+            };
+            let fast = fit(x, &cfg, None);
+            let slow = naive_fit(x, &cfg);
+            let worst = fast
+                .data
+                .iter()
+                .zip(&slow.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "k={k} {init:?}: centroids differ by {worst}");
+            assert_eq!(
+                assign(x, fast.rows()).0,
+                assign(x, slow.rows()).0,
+                "k={k} {init:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bounded_lloyd_handles_duplicates_and_empty_clusters() {
+        // 23 distinct rows for 30 centroids: duplicate centroids, empty clusters and
+        // re-seeding every iteration. Distances between split centroids are at the
+        // rounding error of the product form, so only quality is compared with the naive
+        // loop.
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let d = 24;
+        let base: Vec<f32> = (0..23 * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let x: Vec<f32> = (0..400)
+            .flat_map(|i| base[(i % 23) * d..(i % 23 + 1) * d].to_vec())
+            .collect();
+        let x = Rows::new(&x, 400, d);
+        let cfg = KMeansConfig {
+            k: 30,
+            iters: 20,
+            seed: 5,
+            max_points_per_centroid: 256,
+            init: Init::Random,
+        };
+        let fast = fit(x, &cfg, None);
+        assert_eq!(fast.data, fit(x, &cfg, None).data);
+        let slow = naive_fit(x, &cfg);
+        let quality = |c: &Centroids| mse(x, c.rows(), &assign(x, c.rows()).0);
+        let (qf, qs) = (quality(&fast), quality(&slow));
+        assert!(qf < 1e-4 && qf <= 2.0 * qs + 1e-6, "{qf} vs {qs}");
     }
 
     #[test]
