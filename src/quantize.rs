@@ -381,13 +381,13 @@ pub fn capacity_assign(
     };
     order.sort_by(|&a, &b| regret(b).total_cmp(&regret(a)).then(a.cmp(&b)));
 
-    let mut used: HashMap<(u32, u32), usize> = HashMap::new();
+    let mut used = Counts::new(groups.iter().max().map_or(0, |&g| g as usize + 1), k);
     let mut labels = vec![0u32; n];
     for &i in &order {
         let g = groups[i as usize];
         let cands = &top[i as usize * m..(i as usize + 1) * m];
         let limit = max_cost.map_or(f32::INFINITY, |f| cands[0].1 * (1.0 + f));
-        let free = |c: u32| used.get(&(g, c)).copied().unwrap_or(0) < cap;
+        let free = |c: u32| used.get(g, c) < cap;
         let in_cands = cands.iter().find(|c| free(c.0));
         let pick = match in_cands {
             Some(c) if c.1 <= limit => Some(c.0),
@@ -406,10 +406,44 @@ pub fn capacity_assign(
             }
         }
         .unwrap_or(cands[0].0);
-        *used.entry((g, pick)).or_insert(0) += 1;
+        used.add(g, pick);
         labels[i as usize] = pick;
     }
     labels
+}
+
+/// Items per (group, code): a dense table when it is small (one group per balanced
+/// level), a hash map when groups are many (one per prefix on the last level).
+enum Counts {
+    Dense { k: usize, counts: Vec<u32> },
+    Sparse(HashMap<(u32, u32), usize>),
+}
+
+impl Counts {
+    fn new(groups: usize, k: usize) -> Self {
+        if groups.saturating_mul(k) <= 1 << 22 {
+            Counts::Dense {
+                k,
+                counts: vec![0; groups * k],
+            }
+        } else {
+            Counts::Sparse(HashMap::new())
+        }
+    }
+
+    fn get(&self, g: u32, c: u32) -> usize {
+        match self {
+            Counts::Dense { k, counts } => counts[g as usize * k + c as usize] as usize,
+            Counts::Sparse(m) => m.get(&(g, c)).copied().unwrap_or(0),
+        }
+    }
+
+    fn add(&mut self, g: u32, c: u32) {
+        match self {
+            Counts::Dense { k, counts } => counts[g as usize * *k + c as usize] += 1,
+            Counts::Sparse(m) => *m.entry((g, c)).or_insert(0) += 1,
+        }
+    }
 }
 
 #[inline]
