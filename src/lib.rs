@@ -15,13 +15,16 @@ pub mod artifacts;
 pub mod catalog;
 pub mod embed;
 pub mod error;
+pub mod interactions;
 pub mod kmeans;
+pub mod model;
 pub mod npy;
 pub mod progress;
 pub mod quantize;
 pub mod sid;
 pub mod template;
 pub mod tokenize;
+pub mod train;
 pub mod trie;
 
 pub use error::{Error, Result};
