@@ -143,7 +143,7 @@ fn linfa_level(data: &[f32], n: usize, d: usize) -> Value {
     let t = Instant::now();
     let model = KMeans::params_with_rng(k, rng)
         .max_n_iterations(iters as u64)
-        .tolerance(0.0)
+        .tolerance(1e-12)
         .n_runs(1)
         .init_method(KMeansInit::Random)
         .fit(&ds)
