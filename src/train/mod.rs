@@ -3,3 +3,6 @@
 //!
 //! - `data`: training examples per task (alignment, sequential recommendation, search,
 //!   type steering, user understanding) from the templates in `prompts/`.
+//! - `optim`: AdamW with resumable state, warmup + cosine schedule, gradient clipping.
+
+pub mod optim;
