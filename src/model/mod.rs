@@ -6,4 +6,7 @@
 //! - `llama`: the decoder (full-sequence forward for training, KV-cached forward for
 //!   decoding, LoRA adapters, vocabulary extension);
 //! - `gguf`: loading GGUF checkpoints (dequantised to f32) and their tokenizer;
-//! - `hfdir`: reading and writing Hugging Face model directories.
+//! - `hfdir`: reading and writing Hugging Face model directories;
+//! - `bpe`: byte-level BPE trained on catalog and prompt texts, for from-scratch models.
+
+pub mod bpe;

@@ -80,7 +80,11 @@ impl AdamW {
         let mut sum = 0f64;
         for (_, p) in &self.params {
             if let Some(g) = grads.get(p.as_tensor()) {
-                sum += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                sum += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         Ok(sum.sqrt())
@@ -102,7 +106,11 @@ impl AdamW {
             let Some(g) = grads.get(p.as_tensor()) else {
                 continue;
             };
-            let g = if scale != 1.0 { (g * scale)? } else { g.clone() };
+            let g = if scale != 1.0 {
+                (g * scale)?
+            } else {
+                g.clone()
+            };
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let mhat = (&m / bc1)?;
