@@ -3,6 +3,8 @@
 //!
 //! - `data`: training examples per task (alignment, sequential recommendation, search,
 //!   type steering, user understanding) from the templates in `prompts/`.
-//! - `optim`: AdamW with resumable state, warmup + cosine schedule, gradient clipping.
+//! - `optim`: AdamW with resumable state, warmup + cosine schedule, gradient clipping;
+//! - `trainer`: the loop (batches, validation, checkpoints, resume), model-agnostic.
 
 pub mod optim;
+pub mod trainer;
