@@ -3,3 +3,5 @@
 //!
 //! - `data`: training examples per task (alignment, sequential recommendation, search,
 //!   type steering, user understanding) from the templates in `prompts/`.
+
+pub mod data;
