@@ -23,6 +23,12 @@ pub enum Error {
     Sid(#[from] crate::sid::SidError),
     #[error(transparent)]
     Trie(#[from] crate::trie::TrieError),
+    #[error(transparent)]
+    Interactions(#[from] crate::interactions::InteractionsError),
+    #[error(transparent)]
+    Data(#[from] crate::train::data::DataError),
+    #[error(transparent)]
+    Train(#[from] crate::train::trainer::TrainError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

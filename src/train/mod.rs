@@ -6,5 +6,6 @@
 //! - `optim`: AdamW with resumable state, warmup + cosine schedule, gradient clipping;
 //! - `trainer`: the loop (batches, validation, checkpoints, resume), model-agnostic.
 
+pub mod data;
 pub mod optim;
 pub mod trainer;

@@ -171,9 +171,18 @@ pub struct LoopConfig {
     pub weight_decay: f64,
     pub clip: Option<f64>,
     pub eval_every: usize,
-    pub checkpoint_every: usize,
     pub seed: u64,
     pub pad_id: u32,
+}
+
+/// Where and how often checkpoints are written, and whether to start from one.
+#[derive(Clone, Debug)]
+pub struct Checkpointing {
+    pub dir: PathBuf,
+    /// Steps between checkpoints (0: none).
+    pub every: usize,
+    /// Continue from the checkpoint in `dir`.
+    pub resume: bool,
 }
 
 /// One point of the loss curve.
@@ -206,9 +215,9 @@ struct LoopState {
 }
 
 /// Trains `params` with AdamW on `train`, reporting validation loss on `valid` every
-/// `eval_every` steps and writing a checkpoint to `ckpt_dir` every `checkpoint_every`
-/// steps (parameters, optimiser moments, loop state). With `resume`, continues from the
-/// checkpoint in `ckpt_dir`; the batch order depends only on the seed and the epoch, so a
+/// `eval_every` steps and writing a checkpoint to `ckpt.dir` every `ckpt.every` steps
+/// (parameters, optimiser moments, loop state). With `ckpt.resume`, continues from the
+/// checkpoint in `ckpt.dir`; the batch order depends only on the seed and the epoch, so a
 /// resumed run sees the same batches the uninterrupted run would have.
 pub fn run(
     params: Vec<(String, Var)>,
@@ -216,8 +225,7 @@ pub fn run(
     valid: &[Encoded],
     loss_fn: &dyn Fn(&Batch) -> candle_core::Result<Tensor>,
     cfg: &LoopConfig,
-    ckpt_dir: &Path,
-    resume: bool,
+    ckpt: &Checkpointing,
     progress: Progress,
 ) -> Result<LoopReport> {
     if train.is_empty() {
@@ -241,8 +249,8 @@ pub fn run(
     )?;
     let mut report = LoopReport::default();
     let mut start = 0;
-    if resume {
-        let state = load_checkpoint(ckpt_dir, &mut opt)?;
+    if ckpt.resume {
+        let state = load_checkpoint(&ckpt.dir, &mut opt)?;
         start = state.step;
         report = state.report;
         report.resumed_from = Some(start);
@@ -296,9 +304,9 @@ pub fn run(
                     bar.println(format!("step {step}: train {loss_v:.4}, valid {v:.4}"));
                 }
             }
-            if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 && step < total {
+            if ckpt.every > 0 && step % ckpt.every == 0 && step < total {
                 report.steps = step;
-                save_checkpoint(ckpt_dir, &opt, step, &report)?;
+                save_checkpoint(&ckpt.dir, &opt, step, &report)?;
             }
         }
     }
@@ -465,13 +473,24 @@ mod tests {
             weight_decay: 0.01,
             clip: Some(1.0),
             eval_every: 6,
-            checkpoint_every: 18,
             seed: 3,
             pad_id: 0,
         };
         let quiet = Progress::new(true);
         let tmp = tempfile::tempdir().unwrap();
-        let ck = tmp.path().join("ckpt");
+        let ck = Checkpointing {
+            dir: tmp.path().join("ckpt"),
+            every: 18,
+            resume: false,
+        };
+        let resume = Checkpointing {
+            resume: true,
+            ..ck.clone()
+        };
+        let missing = Checkpointing {
+            dir: tmp.path().join("none"),
+            ..resume.clone()
+        };
         let w = make();
         let f = loss_for(w.clone());
         let full = run(
@@ -481,7 +500,6 @@ mod tests {
             &f,
             &cfg,
             &ck,
-            false,
             quiet,
         )
         .unwrap();
@@ -501,8 +519,7 @@ mod tests {
             &data,
             &f2,
             &cfg,
-            &ck,
-            true,
+            &resume,
             quiet,
         )
         .unwrap();
@@ -520,8 +537,7 @@ mod tests {
             &data,
             &f,
             &cfg,
-            &tmp.path().join("none"),
-            true,
+            &missing,
             quiet,
         )
         .unwrap_err();

@@ -1,0 +1,473 @@
+//! Training data: examples per task from a small fixture catalog with hand-written SIDs,
+//! leakage and determinism checks, the prompt files, and a run on real MovieLens-100k.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use sidrec::artifacts::{SidMap, SidRecord};
+use sidrec::catalog::{Catalog, LoadOptions};
+use sidrec::interactions::{ReadOptions, Sequences, Split};
+use sidrec::sid::SidVocab;
+use sidrec::train::data::{
+    build, build_validation, count_by_task, format_history, profile, recommend_prompt, DataError,
+    DataOptions, Example, PromptKind, Prompts, Slot, Task,
+};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/data/train").join(name)
+}
+
+fn asset(rel: &str) -> PathBuf {
+    let p = root().join("assets").join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-assets.sh to fetch the test assets",
+        p.display()
+    );
+    p
+}
+
+/// Hand-written SIDs: two levels of 4 codes, each item its own tuple.
+fn sid_map(catalog: &Catalog, levels: Vec<usize>) -> SidMap {
+    let vocab = SidVocab::new(catalog.types(), levels.clone(), 0).unwrap();
+    let records = catalog
+        .items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let mut rest = i;
+            let codes: Vec<u32> = levels
+                .iter()
+                .map(|&k| {
+                    let c = (rest % k) as u32;
+                    rest /= k;
+                    c
+                })
+                .collect();
+            let ids = vocab.encode(&item.item_type, &codes, None).unwrap();
+            SidRecord {
+                id: item.id.clone(),
+                item_type: item.item_type.clone(),
+                codes,
+                sid: vocab.format(&ids).unwrap(),
+            }
+        })
+        .collect();
+    SidMap::new(vocab, records).unwrap()
+}
+
+struct Fixture {
+    catalog: Catalog,
+    sids: SidMap,
+    split: Split,
+}
+
+fn fixture_data() -> Fixture {
+    let catalog = Catalog::load(&fixture("catalog.jsonl"), &LoadOptions::default()).unwrap();
+    let sids = sid_map(&catalog, vec![4, 4]);
+    let (mut seqs, _) =
+        Sequences::load(&fixture("small.inter"), &catalog, &ReadOptions::default()).unwrap();
+    // One more, longer user so that caps and windows have something to cut.
+    seqs.users.push("u5".into());
+    seqs.seqs.push(vec![0, 6, 1, 7, 2, 8, 3, 9, 4, 5]);
+    let split = seqs.split();
+    Fixture {
+        catalog,
+        sids,
+        split,
+    }
+}
+
+fn examples(f: &Fixture, opts: &DataOptions) -> Vec<Example> {
+    build(
+        &f.catalog,
+        &f.sids.records,
+        &f.split,
+        &Prompts::builtin(),
+        opts,
+    )
+    .unwrap()
+}
+
+#[test]
+fn every_task_produces_examples() {
+    let f = fixture_data();
+    let ex = examples(&f, &DataOptions::default());
+    let counts = count_by_task(&ex);
+    for t in Task::ALL {
+        if let Some(e) = ex.iter().find(|e| e.task == t) {
+            println!("--- {t}\nPROMPT: {}\nANSWER: {}", e.prompt, e.answer);
+        }
+        assert!(counts.get(&t).copied().unwrap_or(0) > 0, "no {t} examples");
+    }
+    // Align: both directions for each of the 10 items; search: one per item.
+    assert_eq!(counts[&Task::Align], 20);
+    assert_eq!(counts[&Task::Search], 10);
+    // Recommend: one per training position after the first, per user.
+    let positions: usize = f
+        .split
+        .train
+        .iter()
+        .map(|t| t.len().saturating_sub(1))
+        .sum();
+    assert_eq!(counts[&Task::Recommend], positions);
+    // Describe: one per user with a training part.
+    assert_eq!(counts[&Task::Describe], 4);
+    for e in &ex {
+        assert!(
+            !e.prompt.trim().is_empty() && !e.answer.trim().is_empty(),
+            "{e:?}"
+        );
+        assert!(!e.prompt.contains('{') && !e.prompt.contains('}'), "{e:?}");
+    }
+}
+
+#[test]
+fn item_answers_are_valid_sids_of_the_catalog() {
+    let f = fixture_data();
+    let ex = examples(&f, &DataOptions::default());
+    for e in &ex {
+        let is_sid_answer = matches!(e.task, Task::Recommend | Task::Search | Task::Steer)
+            || (e.task == Task::Align && e.answer.starts_with('<'));
+        if is_sid_answer {
+            assert!(
+                f.sids.lookup_sid(&e.answer).is_some(),
+                "{} answer {:?} is not a SID of the catalog",
+                e.task,
+                e.answer
+            );
+        }
+    }
+    // Steer answers have the type the prompt asks for (named after the history).
+    for e in ex.iter().filter(|e| e.task == Task::Steer) {
+        let rec = f.sids.lookup_sid(&e.answer).unwrap();
+        let tail = &e.prompt[e.prompt.rfind('>').unwrap()..];
+        assert!(tail.contains(&format!(" {}", rec.item_type)), "{e:?}");
+    }
+}
+
+fn assert_no_leakage(catalog: &Catalog, sids: &[SidRecord], split: &Split, ex: &[Example]) {
+    let _ = catalog;
+    for e in ex {
+        let Some(u) = e.user else {
+            assert!(matches!(e.task, Task::Align | Task::Search), "{e:?}");
+            continue;
+        };
+        let u = u as usize;
+        let valid = &sids[split.valid[u].1 as usize].sid;
+        let test = &sids[split.test[u].1 as usize].sid;
+        // Only meaningful when the target is not also an earlier training item.
+        if !split.train[u].contains(&split.valid[u].1) {
+            assert_ne!(&e.answer, valid, "user {u}: validation target as answer");
+            assert!(
+                !e.prompt.contains(valid.as_str()),
+                "user {u}: validation target in prompt"
+            );
+        }
+        if !split.train[u].contains(&split.test[u].1) {
+            assert_ne!(&e.answer, test, "user {u}: test target as answer");
+            assert!(
+                !e.prompt.contains(test.as_str()),
+                "user {u}: test target in prompt"
+            );
+        }
+    }
+}
+
+#[test]
+fn no_validation_or_test_target_in_a_users_training_examples() {
+    let f = fixture_data();
+    let opts = DataOptions {
+        describe_per_user: 3,
+        steer_per_user: 100,
+        ..DataOptions::default()
+    };
+    let ex = examples(&f, &opts);
+    assert!(ex.iter().any(|e| e.user.is_some()));
+    assert_no_leakage(&f.catalog, &f.sids.records, &f.split, &ex);
+    // Validation examples are exactly the validation targets, never trained on.
+    let val = build_validation(
+        &f.catalog,
+        &f.sids.records,
+        &f.split,
+        &Prompts::builtin(),
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(val.len(), f.split.valid.len());
+    for e in &val {
+        let u = e.user.unwrap() as usize;
+        assert_eq!(e.task, Task::Recommend);
+        assert_eq!(e.answer, f.sids.records[f.split.valid[u].1 as usize].sid);
+        let test = &f.sids.records[f.split.test[u].1 as usize].sid;
+        assert!(!e.prompt.contains(test.as_str()));
+        assert!(
+            !ex.contains(e),
+            "a validation example is in the training set"
+        );
+    }
+}
+
+#[test]
+fn deterministic_for_a_seed() {
+    let f = fixture_data();
+    let opts = DataOptions {
+        search_per_item: 3,
+        recommend_per_user: Some(3),
+        ..DataOptions::default()
+    };
+    let a = examples(&f, &opts);
+    let b = examples(&f, &opts);
+    assert_eq!(a, b);
+    let c = examples(
+        &f,
+        &DataOptions {
+            seed: 7,
+            ..opts.clone()
+        },
+    );
+    assert_ne!(a, c);
+    // One stream per task: turning a task off leaves the others unchanged.
+    let no_align = examples(
+        &f,
+        &DataOptions {
+            align: false,
+            ..opts.clone()
+        },
+    );
+    let without: Vec<&Example> = a.iter().filter(|e| e.task != Task::Align).collect();
+    assert_eq!(no_align.iter().collect::<Vec<_>>(), without);
+}
+
+#[test]
+fn flags_and_caps() {
+    let f = fixture_data();
+    let opts = DataOptions {
+        align: false,
+        search: false,
+        steer: false,
+        describe: false,
+        recommend_per_user: Some(2),
+        ..DataOptions::default()
+    };
+    let ex = examples(&f, &opts);
+    let counts = count_by_task(&ex);
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>(),
+        [Task::Recommend]
+    );
+    let mut per_user: BTreeMap<u32, usize> = BTreeMap::new();
+    for e in &ex {
+        *per_user.entry(e.user.unwrap()).or_default() += 1;
+    }
+    assert!(per_user.values().all(|&n| n <= 2), "{per_user:?}");
+    // History is cut to the last max_history items.
+    let opts = DataOptions {
+        max_history: 2,
+        history_titles: false,
+        ..DataOptions::default()
+    };
+    let h = format_history(&f.catalog, &f.sids.records, &[0, 1, 2, 3], &opts);
+    assert_eq!(
+        h,
+        format!("{}; {}", f.sids.records[2].sid, f.sids.records[3].sid)
+    );
+}
+
+#[test]
+fn recommend_prompt_at_inference_matches_training_phrasing() {
+    let f = fixture_data();
+    let prompts = Prompts::builtin();
+    let opts = DataOptions::default();
+    let p = recommend_prompt(&f.catalog, &f.sids.records, &prompts, &[0, 1], &opts, 0).unwrap();
+    let h = format_history(&f.catalog, &f.sids.records, &[0, 1], &opts);
+    assert!(p.contains(&h), "{p}");
+    assert!(h.contains("Toy Story (1995)"), "{h}");
+    // The mixed catalog asks for an "item".
+    assert!(p.contains("item"), "{p}");
+    let e = recommend_prompt(&f.catalog, &f.sids.records, &prompts, &[0], &opts, 99).unwrap_err();
+    assert!(matches!(e, DataError::NoSuchPhrasing { .. }), "{e}");
+}
+
+#[test]
+fn sids_must_describe_the_catalog() {
+    let f = fixture_data();
+    let mut records = f.sids.records.clone();
+    records.swap(0, 1);
+    let e = build(
+        &f.catalog,
+        &records,
+        &f.split,
+        &Prompts::builtin(),
+        &DataOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("item 0: the catalog has id \"m1\", the SID map \"m2\""),
+        "{e}"
+    );
+    records.pop();
+    let e = build(
+        &f.catalog,
+        &records,
+        &f.split,
+        &Prompts::builtin(),
+        &DataOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("the SID map has 9 items, the catalog 10"), "{e}");
+}
+
+#[test]
+fn profile_counts_genres_and_decades() {
+    let f = fixture_data();
+    // Heat, Fargo, The Matrix.
+    let p = profile(&f.catalog, &[1, 5, 3]);
+    assert_eq!(
+        p,
+        "Mostly Action (2), Crime (2) and Thriller (2); mostly 1990s movies."
+    );
+    let p = profile(&f.catalog, &[6, 0, 8]);
+    assert_eq!(
+        p,
+        "Podcasts (2) and movies (1): mostly Science (2), Animation (1) and Children's (1); mostly from the 1990s."
+    );
+}
+
+#[test]
+fn prompt_files_parse_and_use_only_known_slots() {
+    let dir = root().join("prompts");
+    let loaded = Prompts::load(&dir).unwrap();
+    assert_eq!(loaded, Prompts::builtin());
+    assert_eq!(loaded.fingerprint().len(), 64);
+    for kind in PromptKind::ALL {
+        let set = loaded.phrasings(kind);
+        assert!(set.len() >= 3, "{kind}: only {} phrasings", set.len());
+        for p in set {
+            for s in p.slots() {
+                assert!(
+                    kind.allowed().contains(&s),
+                    "{kind}: {s} in {:?}",
+                    p.source()
+                );
+            }
+            // The raw file never contains a slot name outside the known set.
+            assert!(!p.source().is_empty());
+        }
+        // Header comments are skipped: no phrasing starts with '#'.
+        assert!(set.iter().all(|p| !p.source().starts_with('#')));
+    }
+    // Every '{name}' in the files names a known slot.
+    for kind in PromptKind::ALL {
+        let text = std::fs::read_to_string(dir.join(kind.file_name())).unwrap();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            for (i, _) in line.match_indices('{') {
+                let name: String = line[i + 1..].chars().take_while(|&c| c != '}').collect();
+                assert!(
+                    Slot::ALL.iter().any(|s| s.name() == name),
+                    "{}: unknown slot {{{name}}}",
+                    kind.file_name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_prompt_files_are_errors_naming_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in PromptKind::ALL {
+        std::fs::copy(
+            root().join("prompts").join(kind.file_name()),
+            dir.path().join(kind.file_name()),
+        )
+        .unwrap();
+    }
+    let p = dir.path().join("search.txt");
+    std::fs::write(&p, "# header\n\nFind {query}.\nFind {qurey} now\n").unwrap();
+    let e = Prompts::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("search.txt:4:6: unknown slot {qurey}"), "{e}");
+    std::fs::write(&p, "Find {history}. {query}\n").unwrap();
+    let e = Prompts::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("search.txt:1:1: slot {history} is not available"),
+        "{e}"
+    );
+    std::fs::write(&p, "Find something\n").unwrap();
+    let e = Prompts::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("search.txt:1:1: the phrasing must use {query}"),
+        "{e}"
+    );
+    std::fs::write(&p, "# only a comment\n").unwrap();
+    let e = Prompts::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("search.txt: no phrasing"), "{e}");
+    std::fs::remove_file(&p).unwrap();
+    let e = Prompts::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("search.txt"), "{e}");
+}
+
+#[test]
+fn task_names_round_trip() {
+    for t in Task::ALL {
+        assert_eq!(t.to_string().parse::<Task>().unwrap(), t);
+    }
+    assert!("chat".parse::<Task>().is_err());
+}
+
+#[test]
+fn movielens_100k_examples() {
+    let catalog = Catalog::load(
+        &asset("ml-100k/ml-100k.item"),
+        &LoadOptions {
+            format: None,
+            default_type: "movie".into(),
+        },
+    )
+    .unwrap();
+    // Arbitrary codes: the quantizer is not needed to test the data builder.
+    let sids = sid_map(&catalog, vec![16, 16, 16]);
+    let (seqs, _) = Sequences::load(
+        &asset("ml-100k/ml-100k.inter"),
+        &catalog,
+        &ReadOptions::default(),
+    )
+    .unwrap();
+    let split = seqs.split();
+    let opts = DataOptions::default();
+    let prompts = Prompts::builtin();
+    let ex = build(&catalog, &sids.records, &split, &prompts, &opts).unwrap();
+    let counts = count_by_task(&ex);
+    println!("ml-100k examples per task: {counts:?}");
+    for t in Task::ALL {
+        if let Some(e) = ex.iter().find(|e| e.task == t) {
+            println!("--- {t}\nPROMPT: {}\nANSWER: {}", e.prompt, e.answer);
+        }
+    }
+    if let Some(e) = ex.iter().filter(|e| e.task == Task::Align).nth(1) {
+        println!(
+            "--- align (SID -> text)\nPROMPT: {}\nANSWER: {}",
+            e.prompt, e.answer
+        );
+    }
+    assert_eq!(counts[&Task::Align], 2 * 1682);
+    assert_eq!(counts[&Task::Search], 1682);
+    assert_eq!(counts[&Task::Recommend], 100_000 - 3 * 943);
+    assert_eq!(counts[&Task::Describe], 943);
+    // A single entity type: no steering examples.
+    assert!(!counts.contains_key(&Task::Steer));
+    assert_no_leakage(&catalog, &sids.records, &split, &ex);
+    let val = build_validation(&catalog, &sids.records, &split, &prompts, &opts).unwrap();
+    assert_eq!(val.len(), 943);
+    println!("validation examples: {}", val.len());
+    println!(
+        "--- validation\nPROMPT: {}\nANSWER: {}",
+        val[0].prompt, val[0].answer
+    );
+}
