@@ -29,6 +29,10 @@ pub enum Error {
     Data(#[from] crate::train::data::DataError),
     #[error(transparent)]
     Train(#[from] crate::train::trainer::TrainError),
+    #[error(transparent)]
+    Model(#[from] crate::model::llama::ModelError),
+    #[error(transparent)]
+    Bpe(#[from] crate::model::bpe::BpeError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

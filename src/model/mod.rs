@@ -10,3 +10,6 @@
 //! - `bpe`: byte-level BPE trained on catalog and prompt texts, for from-scratch models.
 
 pub mod bpe;
+pub mod config;
+pub mod llama;
+pub mod ops;

@@ -1,0 +1,1223 @@
+//! A Llama-family decoder written for training as well as for decoding.
+//!
+//! `candle_transformers::models::llama` is an inference model: its softmax, RMSNorm and
+//! RoPE are fused kernels without a backward pass, its forward returns only the last
+//! position's logits and its KV cache cannot be forked or reordered. This module is the
+//! same architecture (same tensor names, same numbers — tested for parity) with:
+//!
+//! - [`Llama::forward`]: logits at every position, causal + padding mask, differentiable end
+//!   to end (every op is one candle's autograd knows, see [`super::ops`]);
+//! - [`Llama::forward_cached`]: incremental decoding with a [`KvCache`] that beam search can
+//!   fork ([`KvCache::select`] with `[0, 0, 0]`) and reorder after every step;
+//! - three ways to train: full fine-tuning (weights from a `VarMap`, see
+//!   [`varmap_from_tensors`]), LoRA adapters ([`Llama::new_with_lora`]), and training only
+//!   the rows added by [`extend_vocab`] ([`LoraConfig::train_new_rows_from`]);
+//! - export: [`Llama::merged_weights`] folds adapters into plain Hugging Face tensors.
+//!
+//! Grouped-query attention is computed without materialising repeated key/value heads: the
+//! queries of the heads that share a key/value head are stacked along the sequence axis and
+//! multiplied by that head once.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Init, VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::config::{LlamaConfig, RopeScaling};
+use super::ops;
+
+/// Errors of the model module.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `config.json` that cannot be parsed, naming where it came from.
+    #[error("{origin}: {reason}")]
+    Config { origin: String, reason: String },
+    /// A parsed config that describes no buildable model.
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+    #[error("invalid LoRA config: {0}")]
+    Lora(String),
+    #[error("weight {name} is missing")]
+    MissingTensor { name: String },
+    #[error("{what}: expected {expected}, found {found}")]
+    Shape {
+        what: &'static str,
+        expected: String,
+        found: String,
+    },
+    #[error("token id {id} is outside the vocabulary ({vocab_size} tokens)")]
+    TokenOutOfRange { id: u32, vocab_size: usize },
+    #[error("{needed} positions exceed max_position_embeddings ({max})")]
+    TooLong { needed: usize, max: usize },
+    #[error("the KV cache holds {cache} rows but the input has {input}")]
+    BatchMismatch { cache: usize, input: usize },
+    #[error("row {row} selected from a KV cache of {batch} rows")]
+    RowOutOfRange { row: u32, batch: usize },
+}
+
+/// Result alias of this module.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// Additive attention bias for masked positions. Finite rather than `-inf` so that a row
+/// with every key masked (an all-padding sequence) gives a uniform softmax, not NaN;
+/// `exp(-1e30 - max)` is exactly 0 in f32, so unmasked rows are unaffected.
+const MASKED: f32 = -1e30;
+
+/// Standard deviation of freshly initialised weights (`initializer_range` in
+/// `transformers`' Llama).
+const INIT_STD: f64 = 0.02;
+
+/// The linear layers LoRA can target, by their Hugging Face names.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Parameter-efficient training: low-rank adapters and/or new vocabulary rows.
+///
+/// A model built with [`Llama::new_with_lora`] has frozen base weights. Each linear layer
+/// named in `targets` gets `A` (`[rank, in]`, uniform in ±1/√in, PEFT's Kaiming init) and
+/// `B` (`[out, rank]`, zeros), and computes `W x + (alpha / rank) · B A x`: the model starts
+/// exactly equal to the base model. Because `B` starts at zero, the very first backward pass
+/// gives `A` a zero gradient; it moves once `B` has.
+///
+/// `train_new_rows_from = Some(n_old)` also trains the embedding rows `n_old..vocab_size`
+/// (the tokens [`extend_vocab`] added, e.g. SID tokens), and the same `lm_head` rows when
+/// the head is untied. They are trained as a zero-initialised delta added to those rows
+/// only, rather than as the whole matrix: the old rows stay bit-identical, gradients and
+/// optimiser state cost `n_new × hidden` instead of `vocab × hidden`, and the lookup adds
+/// the delta only where a token is new. A tied head uses the updated rows automatically.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Short names from [`LORA_TARGETS`], e.g. `["q_proj", "v_proj"]`.
+    pub targets: Vec<String>,
+    /// Train the vocabulary rows from this id on (the first added token).
+    #[serde(default)]
+    pub train_new_rows_from: Option<usize>,
+}
+
+impl LoraConfig {
+    /// The factor applied to `B A x`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank.max(1) as f64
+    }
+
+    fn validate(&self, cfg: &LlamaConfig) -> Result<()> {
+        for t in &self.targets {
+            if !LORA_TARGETS.contains(&t.as_str()) {
+                return Err(ModelError::Lora(format!(
+                    "unknown target {t:?} (expected one of {})",
+                    LORA_TARGETS.join(", ")
+                )));
+            }
+        }
+        if !self.targets.is_empty() && self.rank == 0 {
+            return Err(ModelError::Lora("rank must be at least 1".into()));
+        }
+        if !(self.alpha.is_finite()) {
+            return Err(ModelError::Lora("alpha must be finite".into()));
+        }
+        if let Some(n_old) = self.train_new_rows_from {
+            if n_old == 0 || n_old >= cfg.vocab_size {
+                return Err(ModelError::Lora(format!(
+                    "train_new_rows_from {n_old} leaves no new rows in a vocabulary of {}",
+                    cfg.vocab_size
+                )));
+            }
+        }
+        if self.targets.is_empty() && self.train_new_rows_from.is_none() {
+            return Err(ModelError::Lora(
+                "no targets and no new rows: nothing would be trained".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Low-rank adapter of one linear layer.
+#[derive(Clone, Debug)]
+struct Lora {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+}
+
+/// A bias-free linear layer `y = x Wᵀ` with an optional adapter.
+#[derive(Clone, Debug)]
+struct Linear {
+    /// Hugging Face name without `.weight`.
+    name: String,
+    /// `[out, in]`.
+    weight: Tensor,
+    lora: Option<Lora>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, i) = x.dims3()?;
+        let x2 = x.reshape((b * t, i))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(l) = &self.lora {
+            let low = x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+            y = (y + low.affine(l.scale, 0.0)?)?;
+        }
+        let out = y.dim(1)?;
+        Ok(y.reshape((b, t, out))?)
+    }
+
+    fn merged(&self) -> Result<Tensor> {
+        let w = self.weight.detach();
+        Ok(match &self.lora {
+            None => w.copy()?,
+            Some(l) => (w + l.b.detach().matmul(&l.a.detach())?.affine(l.scale, 0.0)?)?,
+        })
+    }
+}
+
+/// A `[vocab, hidden]` matrix used as embedding table or output head, with optional
+/// trainable rows from `n_old` on (see [`LoraConfig::train_new_rows_from`]).
+#[derive(Clone, Debug)]
+struct TokenMatrix {
+    name: String,
+    weight: Tensor,
+    /// `(n_old, delta [vocab - n_old, hidden])`.
+    new_rows: Option<(usize, Tensor)>,
+}
+
+impl TokenMatrix {
+    /// Rows for `ids` (`[n]` u32, already range-checked) → `[n, hidden]`.
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        let base = self.weight.embedding(ids)?;
+        let Some((n_old, delta)) = &self.new_rows else {
+            return Ok(base);
+        };
+        let ids_v = ids.to_vec1::<u32>()?;
+        let n_old = *n_old as u32;
+        let idx: Vec<u32> = ids_v.iter().map(|&i| i.saturating_sub(n_old)).collect();
+        let is_new: Vec<f32> = ids_v
+            .iter()
+            .map(|&i| if i >= n_old { 1.0 } else { 0.0 })
+            .collect();
+        let dev = ids.device();
+        let n = ids_v.len();
+        let d = delta
+            .embedding(&Tensor::new(idx, dev)?)?
+            .broadcast_mul(&Tensor::from_vec(is_new, (n, 1), dev)?)?;
+        Ok((base + d)?)
+    }
+
+    /// Output logits for `x` (`[n, hidden]`) → `[n, vocab]`.
+    fn project(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.new_rows {
+            None => Ok(x.matmul(&self.weight.t()?)?),
+            Some((n_old, delta)) => {
+                let old = self.weight.narrow(0, 0, *n_old)?;
+                let new = (self.weight.narrow(0, *n_old, delta.dim(0)?)? + delta)?;
+                let lo = x.matmul(&old.t()?)?;
+                let hi = x.matmul(&new.t()?)?;
+                Ok(Tensor::cat(&[&lo, &hi], 1)?)
+            }
+        }
+    }
+
+    fn merged(&self) -> Result<Tensor> {
+        let w = self.weight.detach();
+        Ok(match &self.new_rows {
+            None => w.copy()?,
+            Some((n_old, delta)) => {
+                let old = w.narrow(0, 0, *n_old)?;
+                let new = (w.narrow(0, *n_old, delta.dim(0)?)? + delta.detach())?;
+                Tensor::cat(&[&old, &new], 0)?
+            }
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+struct RmsNorm {
+    name: String,
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// `x` `[b, t, hidden]`; `cos`/`sin` narrowed to the positions of `x`; `bias` broadcast
+    /// to `[b, heads, t, keys]`; `kv` the layer's cache slot when decoding.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        let q = self
+            .q
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = ops::rope(&q, cos, sin)?.contiguous()?;
+        let k = ops::rope(&k, cos, sin)?.contiguous()?;
+        let (k, v) = match kv {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                // The cache outlives this step: keep values, not the autograd graph.
+                *slot = Some((k.detach(), v.detach()));
+                (k, v)
+            }
+        };
+        let s = k.dim(2)?;
+        let rep = nh / nkv;
+        // Heads h = g·rep + r share key/value head g (Hugging Face's `repeat_kv` order):
+        // stack their queries along the sequence axis instead of copying k and v `rep` times.
+        let att = q
+            .reshape((b, nkv, rep * t, hd))?
+            .matmul(&k.t()?)?
+            .affine(1.0 / (hd as f64).sqrt(), 0.0)?
+            .reshape((b, nh, t, s))?;
+        let att = match bias {
+            Some(bias) => att.broadcast_add(bias)?,
+            None => att,
+        };
+        let att = ops::softmax_last_dim(&att)?;
+        let y = att
+            .reshape((b, nkv, rep * t, s))?
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        self.o.forward(&y)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
+        self.down.forward(&h)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = (x + self
+            .attn
+            .forward(&self.input_norm.forward(x)?, cos, sin, bias, kv)?)?;
+        let out = (&h + self.mlp.forward(&self.post_norm.forward(&h)?)?)?;
+        Ok(out)
+    }
+}
+
+/// Per-layer keys and values of the positions decoded so far, for [`Llama::forward_cached`].
+///
+/// Tensors are `[batch, kv_heads, len, head_dim]`, after RoPE. Cloning is cheap (tensors
+/// are shared), which is what lets beam search keep and fork caches freely.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `cfg`'s layers.
+    pub fn new(cfg: &LlamaConfig) -> Self {
+        KvCache {
+            layers: vec![None; cfg.num_hidden_layers],
+            len: 0,
+        }
+    }
+
+    /// Positions cached so far (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Rows (sequences) in the cache, `None` while it is empty.
+    pub fn batch_size(&self) -> Option<usize> {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .and_then(|(k, _)| k.dim(0).ok())
+    }
+
+    /// A cache made of rows `rows` of this one, in that order: reorders beams after a
+    /// beam-search step, or forks a prompt prefilled once into several beams
+    /// (`select(&[0, 0, 0])`). Rows may repeat.
+    pub fn select(&self, rows: &[u32]) -> Result<KvCache> {
+        if rows.is_empty() {
+            return Err(ModelError::Shape {
+                what: "KvCache::select",
+                expected: "at least one row".into(),
+                found: "none".into(),
+            });
+        }
+        let Some(batch) = self.batch_size() else {
+            // Nothing cached yet: there is nothing to select from, only a batch to start.
+            return Ok(self.clone());
+        };
+        if let Some(&row) = rows.iter().find(|&&r| r as usize >= batch) {
+            return Err(ModelError::RowOutOfRange { row, batch });
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let mut index: Option<Tensor> = None;
+        for layer in &self.layers {
+            layers.push(match layer {
+                None => None,
+                Some((k, v)) => {
+                    let idx = match &index {
+                        Some(i) => i.clone(),
+                        None => {
+                            let i = Tensor::new(rows, k.device())?;
+                            index = Some(i.clone());
+                            i
+                        }
+                    };
+                    Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
+                }
+            });
+        }
+        Ok(KvCache {
+            layers,
+            len: self.len,
+        })
+    }
+}
+
+/// What [`Llama`] loads its weights from.
+struct Loader<'a> {
+    vb: VarBuilder<'a>,
+    /// Detach base weights (LoRA / new-rows mode): they must get no gradient even when `vb`
+    /// is a `VarMap`.
+    freeze: bool,
+    lora: Option<(VarBuilder<'a>, &'a LoraConfig)>,
+}
+
+impl Loader<'_> {
+    fn get(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
+        let w = self
+            .vb
+            .get_with_hints(shape, name, init)?
+            .to_dtype(DType::F32)?;
+        Ok(if self.freeze { w.detach() } else { w })
+    }
+
+    fn linear(&self, name: String, short: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+        let weight = self.get(
+            &[d_out, d_in],
+            &format!("{name}.weight"),
+            Init::Randn {
+                mean: 0.0,
+                stdev: INIT_STD,
+            },
+        )?;
+        let lora = match &self.lora {
+            Some((vb, lc)) if lc.targets.iter().any(|t| t == short) => {
+                let bound = 1.0 / (d_in as f64).sqrt();
+                let a = vb.get_with_hints(
+                    (lc.rank, d_in),
+                    &format!("{name}.lora_A.weight"),
+                    Init::Uniform {
+                        lo: -bound,
+                        up: bound,
+                    },
+                )?;
+                let b = vb.get_with_hints(
+                    (d_out, lc.rank),
+                    &format!("{name}.lora_B.weight"),
+                    Init::Const(0.0),
+                )?;
+                Some(Lora {
+                    a,
+                    b,
+                    scale: lc.scale(),
+                })
+            }
+            _ => None,
+        };
+        Ok(Linear { name, weight, lora })
+    }
+
+    fn token_matrix(&self, name: &str, vocab: usize, hidden: usize) -> Result<TokenMatrix> {
+        let weight = self.get(
+            &[vocab, hidden],
+            &format!("{name}.weight"),
+            Init::Randn {
+                mean: 0.0,
+                stdev: INIT_STD,
+            },
+        )?;
+        let new_rows = match &self.lora {
+            Some((vb, lc)) => match lc.train_new_rows_from {
+                Some(n_old) => Some((
+                    n_old,
+                    vb.get_with_hints(
+                        (vocab - n_old, hidden),
+                        &format!("{name}.new_rows"),
+                        Init::Const(0.0),
+                    )?,
+                )),
+                None => None,
+            },
+            None => None,
+        };
+        Ok(TokenMatrix {
+            name: name.to_string(),
+            weight,
+            new_rows,
+        })
+    }
+
+    fn norm(&self, name: String, hidden: usize, eps: f64) -> Result<RmsNorm> {
+        let weight = self.get(&[hidden], &format!("{name}.weight"), Init::Const(1.0))?;
+        Ok(RmsNorm { name, weight, eps })
+    }
+}
+
+/// A Llama-family decoder (f32).
+#[derive(Clone, Debug)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: TokenMatrix,
+    /// `None` when tied to `embed`.
+    lm_head: Option<TokenMatrix>,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    /// `[max_position_embeddings, head_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Llama {
+    /// Builds the model from Hugging Face-named weights.
+    ///
+    /// Weights from a `VarMap` (`VarBuilder::from_varmap`) are trainable: this is full
+    /// fine-tuning, and a fresh `VarMap` initialises missing weights (N(0, 0.02), norms 1;
+    /// unseeded — use [`Llama::init_tensors`] + [`varmap_from_tensors`] for reproducible
+    /// runs). Weights from safetensors or a tensor map are constants.
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Llama> {
+        let loader = Loader {
+            vb,
+            freeze: false,
+            lora: None,
+        };
+        Self::build(cfg, &loader)
+    }
+
+    /// Builds the model with frozen base weights (detached, whatever `base_vb` is) and the
+    /// adapters / new-row deltas of `lora_cfg` taken from `lora_vb` (created there when
+    /// missing: pass a `VarMap`'s builder, and give that `VarMap`'s variables to the
+    /// optimiser). Adapter names are the layer's name + `.lora_A.weight` / `.lora_B.weight`,
+    /// new rows `model.embed_tokens.new_rows` and `lm_head.new_rows`.
+    pub fn new_with_lora(
+        cfg: &LlamaConfig,
+        base_vb: VarBuilder,
+        lora_vb: VarBuilder,
+        lora_cfg: &LoraConfig,
+    ) -> Result<Llama> {
+        cfg.validate()?;
+        lora_cfg.validate(cfg)?;
+        let lora_vb = lora_vb.to_dtype(DType::F32);
+        let loader = Loader {
+            vb: base_vb,
+            freeze: true,
+            lora: Some((lora_vb, lora_cfg)),
+        };
+        Self::build(cfg, &loader)
+    }
+
+    fn build(cfg: &LlamaConfig, ld: &Loader) -> Result<Llama> {
+        cfg.validate()?;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let embed = ld.token_matrix("model.embed_tokens", cfg.vocab_size, h)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(ld.token_matrix("lm_head", cfg.vocab_size, h)?)
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let at = |s: &str| format!("{p}.self_attn.{s}");
+            let ml = |s: &str| format!("{p}.mlp.{s}");
+            let attn = Attention {
+                q: ld.linear(at("q_proj"), "q_proj", h, nh * hd)?,
+                k: ld.linear(at("k_proj"), "k_proj", h, nkv * hd)?,
+                v: ld.linear(at("v_proj"), "v_proj", h, nkv * hd)?,
+                o: ld.linear(at("o_proj"), "o_proj", nh * hd, h)?,
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            };
+            let mlp = Mlp {
+                gate: ld.linear(ml("gate_proj"), "gate_proj", h, cfg.intermediate_size)?,
+                up: ld.linear(ml("up_proj"), "up_proj", h, cfg.intermediate_size)?,
+                down: ld.linear(ml("down_proj"), "down_proj", cfg.intermediate_size, h)?,
+            };
+            layers.push(Block {
+                input_norm: ld.norm(format!("{p}.input_layernorm"), h, cfg.rms_norm_eps)?,
+                attn,
+                post_norm: ld.norm(format!("{p}.post_attention_layernorm"), h, cfg.rms_norm_eps)?,
+                mlp,
+            });
+        }
+        let norm = ld.norm("model.norm".into(), h, cfg.rms_norm_eps)?;
+        let (cos, sin) = rope_tables(cfg, ld.vb.device())?;
+        Ok(Llama {
+            cfg: cfg.clone(),
+            embed,
+            lm_head,
+            layers,
+            norm,
+            cos,
+            sin,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.cos.device()
+    }
+
+    /// Fresh weights for `cfg` (N(0, 0.02), norms 1), a pure function of `seed`: candle's
+    /// CPU generator cannot be seeded, so reproducible training from scratch starts here
+    /// (then [`varmap_from_tensors`]).
+    pub fn init_tensors(cfg: &LlamaConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+        cfg.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let dev = Device::Cpu;
+        let mut out = HashMap::new();
+        for (name, shape) in weight_shapes(cfg) {
+            let n: usize = shape.iter().product();
+            let t = if shape.len() == 1 {
+                Tensor::ones(n, DType::F32, &dev)?
+            } else {
+                let v: Vec<f32> = (0..n)
+                    .map(|_| (gaussian(&mut rng) * INIT_STD) as f32)
+                    .collect();
+                Tensor::from_vec(v, shape.as_slice(), &dev)?
+            };
+            out.insert(name, t);
+        }
+        Ok(out)
+    }
+
+    /// `[b, t]` u32 ids → `(b, t)`, checking rank, dtype, emptiness and the id range.
+    fn check_ids(&self, input_ids: &Tensor) -> Result<(usize, usize)> {
+        let (b, t) = input_ids.dims2().map_err(|_| ModelError::Shape {
+            what: "input_ids",
+            expected: "[batch, seq]".into(),
+            found: format!("{:?}", input_ids.dims()),
+        })?;
+        if input_ids.dtype() != DType::U32 {
+            return Err(ModelError::Shape {
+                what: "input_ids dtype",
+                expected: "u32".into(),
+                found: format!("{:?}", input_ids.dtype()),
+            });
+        }
+        if b == 0 || t == 0 {
+            return Err(ModelError::Shape {
+                what: "input_ids",
+                expected: "at least one token".into(),
+                found: format!("{:?}", input_ids.dims()),
+            });
+        }
+        let max = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab_size {
+            return Err(ModelError::TokenOutOfRange {
+                id: max,
+                vocab_size: self.cfg.vocab_size,
+            });
+        }
+        Ok((b, t))
+    }
+
+    fn embed_ids(&self, input_ids: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        Ok(self
+            .embed
+            .lookup(&input_ids.flatten_all()?)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Logits at every position, `[b, t, vocab]` f32, for training.
+    ///
+    /// `input_ids` `[b, t]` u32. `attention_mask` `[b, t]` (any dtype; nonzero = token,
+    /// 0 = padding) masks padded keys on top of the causal mask. Positions are 0..t for
+    /// every row, so padding must be on the right; logits at padded positions are
+    /// meaningless and must be excluded by the loss mask.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.forward_hidden(input_ids, attention_mask)?;
+        self.logits(&h)
+    }
+
+    /// The final-norm hidden states `[b, t, hidden]` (what [`Llama::forward`] projects on
+    /// the vocabulary), e.g. for pooling a user representation.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t) = self.check_ids(input_ids)?;
+        self.check_len(t)?;
+        let bias = self.training_bias(b, t, attention_mask)?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let mut x = self.embed_ids(input_ids, b, t)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, bias.as_ref(), None)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Incremental decoding: logits `[b, t, vocab]` for `input_ids` `[b, t]` placed at
+    /// positions `cache.len()..cache.len() + t`, attending to everything cached; the cache
+    /// is extended by `t`. All rows share one length (prefill a prompt once, then fork it
+    /// with [`KvCache::select`]). On error the cache is left unchanged.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.cached_hidden(input_ids, cache)?;
+        self.logits(&h)
+    }
+
+    /// [`Llama::forward_cached`] returning only the last position's logits `[b, vocab]`:
+    /// what decoding needs, without projecting a whole prompt on the vocabulary.
+    pub fn forward_cached_last(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.cached_hidden(input_ids, cache)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?;
+        Ok(self.logits(&last)?.squeeze(1)?)
+    }
+
+    fn cached_hidden(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = self.check_ids(input_ids)?;
+        if cache.layers.len() != self.layers.len() {
+            return Err(ModelError::Shape {
+                what: "KV cache layers",
+                expected: self.layers.len().to_string(),
+                found: cache.layers.len().to_string(),
+            });
+        }
+        if let Some(cb) = cache.batch_size() {
+            if cb != b {
+                return Err(ModelError::BatchMismatch {
+                    cache: cb,
+                    input: b,
+                });
+            }
+        }
+        let offset = cache.len;
+        self.check_len(offset + t)?;
+        let bias = if t == 1 {
+            None
+        } else {
+            let s = offset + t;
+            let v: Vec<f32> = (0..t)
+                .flat_map(|i| (0..s).map(move |j| if j > offset + i { MASKED } else { 0.0 }))
+                .collect();
+            Some(Tensor::from_vec(v, (1, 1, t, s), self.device())?)
+        };
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        let mut layers = cache.layers.clone();
+        let mut x = self.embed_ids(input_ids, b, t)?;
+        for (layer, slot) in self.layers.iter().zip(layers.iter_mut()) {
+            x = layer.forward(&x, &cos, &sin, bias.as_ref(), Some(slot))?;
+        }
+        let h = self.norm.forward(&x)?;
+        cache.layers = layers;
+        cache.len = offset + t;
+        Ok(h)
+    }
+
+    fn check_len(&self, needed: usize) -> Result<()> {
+        let max = self.cfg.max_position_embeddings;
+        if needed > max {
+            return Err(ModelError::TooLong { needed, max });
+        }
+        Ok(())
+    }
+
+    /// Causal mask, plus padded keys when a mask is given: `[1 or b, 1, t, t]`.
+    fn training_bias(
+        &self,
+        b: usize,
+        t: usize,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let causal = |i: usize, j: usize| j > i;
+        let dev = self.device();
+        match attention_mask {
+            None if t == 1 => Ok(None),
+            None => {
+                let v: Vec<f32> = (0..t * t)
+                    .map(|k| if causal(k / t, k % t) { MASKED } else { 0.0 })
+                    .collect();
+                Ok(Some(Tensor::from_vec(v, (1, 1, t, t), dev)?))
+            }
+            Some(mask) => {
+                if mask.dims() != [b, t] {
+                    return Err(ModelError::Shape {
+                        what: "attention_mask",
+                        expected: format!("[{b}, {t}]"),
+                        found: format!("{:?}", mask.dims()),
+                    });
+                }
+                let m = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let mut v = Vec::with_capacity(b * t * t);
+                for row in &m {
+                    for i in 0..t {
+                        for (j, &keep) in row.iter().enumerate() {
+                            v.push(if causal(i, j) || keep == 0.0 {
+                                MASKED
+                            } else {
+                                0.0
+                            });
+                        }
+                    }
+                }
+                Ok(Some(Tensor::from_vec(v, (b, 1, t, t), dev)?))
+            }
+        }
+    }
+
+    /// `[b, t, hidden]` → `[b, t, vocab]`.
+    fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, t, hidden) = h.dims3()?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let flat = head.project(&h.reshape((b * t, hidden))?)?;
+        Ok(flat.reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// Every weight under its Hugging Face name, adapters and new-row deltas folded in
+    /// (`W + (alpha/rank) · B A`), detached copies: what `model.safetensors` holds for
+    /// export. `lm_head.weight` is absent when the embeddings are tied.
+    pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        let mut put_tm = |tm: &TokenMatrix| -> Result<()> {
+            out.insert(format!("{}.weight", tm.name), tm.merged()?);
+            Ok(())
+        };
+        put_tm(&self.embed)?;
+        if let Some(head) = &self.lm_head {
+            put_tm(head)?;
+        }
+        let mut put = |name: &str, t: Tensor| {
+            out.insert(format!("{name}.weight"), t);
+        };
+        put(&self.norm.name, self.norm.weight.detach().copy()?);
+        for l in &self.layers {
+            for n in [&l.input_norm, &l.post_norm] {
+                put(&n.name, n.weight.detach().copy()?);
+            }
+            for lin in [
+                &l.attn.q,
+                &l.attn.k,
+                &l.attn.v,
+                &l.attn.o,
+                &l.mlp.gate,
+                &l.mlp.up,
+                &l.mlp.down,
+            ] {
+                put(&lin.name, lin.merged()?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Hugging Face name and shape of every weight of a model with `cfg`.
+pub fn weight_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    let mut v = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    )];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        v.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+        ]);
+    }
+    v.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        v.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    v
+}
+
+/// A `VarMap` holding copies of `tensors` (converted to f32) as trainable variables, for
+/// full fine-tuning: `Llama::new(cfg, VarBuilder::from_varmap(&map, F32, &dev))`.
+pub fn varmap_from_tensors(tensors: &HashMap<String, Tensor>) -> Result<VarMap> {
+    let map = VarMap::new();
+    {
+        let mut data = map.data().lock().unwrap_or_else(|e| e.into_inner());
+        for (name, t) in tensors {
+            let var = Var::from_tensor(&t.to_dtype(DType::F32)?.detach())?;
+            data.insert(name.clone(), var);
+        }
+    }
+    Ok(map)
+}
+
+/// Adapter tensors for `lora_cfg` (A uniform in ±1/√in, B and new-row deltas zero), a pure
+/// function of `seed`: load them into the LoRA `VarMap` with [`varmap_from_tensors`] for
+/// reproducible runs (the builder's own initialisation is unseeded).
+pub fn lora_init_tensors(
+    cfg: &LlamaConfig,
+    lora_cfg: &LoraConfig,
+    seed: u64,
+) -> Result<HashMap<String, Tensor>> {
+    cfg.validate()?;
+    lora_cfg.validate(cfg)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let dev = Device::Cpu;
+    let mut out = HashMap::new();
+    for (name, shape) in weight_shapes(cfg) {
+        let Some(base) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let short = base.rsplit('.').next().unwrap_or_default();
+        if lora_cfg.targets.iter().any(|t| t == short) {
+            let (d_out, d_in) = (shape[0], shape[1]);
+            let bound = 1.0 / (d_in as f64).sqrt();
+            let a: Vec<f32> = (0..lora_cfg.rank * d_in)
+                .map(|_| rng.gen_range(-bound..bound) as f32)
+                .collect();
+            out.insert(
+                format!("{base}.lora_A.weight"),
+                Tensor::from_vec(a, (lora_cfg.rank, d_in), &dev)?,
+            );
+            out.insert(
+                format!("{base}.lora_B.weight"),
+                Tensor::zeros((d_out, lora_cfg.rank), DType::F32, &dev)?,
+            );
+        }
+        if let Some(n_old) = lora_cfg.train_new_rows_from {
+            if base == "model.embed_tokens" || base == "lm_head" {
+                out.insert(
+                    format!("{base}.new_rows"),
+                    Tensor::zeros((cfg.vocab_size - n_old, cfg.hidden_size), DType::F32, &dev)?,
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Adds `n_new` rows to the vocabulary of a model's weights (e.g. for SID tokens).
+///
+/// Each new row of `model.embed_tokens.weight` is the mean of the existing rows plus
+/// Gaussian noise with, per dimension, 2% of the rows' standard deviation in that dimension
+/// (seeded): starting at the mean keeps the new tokens' logits at the average of the old
+/// ones instead of random, so training starts from a sane output distribution, and the
+/// noise makes the new tokens distinguishable. An untied `lm_head.weight` is extended the
+/// same way from its own statistics; a tied head follows the embeddings (a stored
+/// `lm_head.weight` copy of a tied model is replaced by the new embedding matrix).
+/// `cfg.vocab_size` is updated. Existing rows are unchanged; dtype is preserved.
+pub fn extend_vocab(
+    tensors: &mut HashMap<String, Tensor>,
+    cfg: &mut LlamaConfig,
+    n_new: usize,
+    seed: u64,
+) -> Result<()> {
+    const EMBED: &str = "model.embed_tokens.weight";
+    const HEAD: &str = "lm_head.weight";
+    if n_new == 0 {
+        return Ok(());
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let embed = tensors
+        .get(EMBED)
+        .ok_or_else(|| ModelError::MissingTensor { name: EMBED.into() })?;
+    let new_embed = extend_rows(embed, cfg, n_new, &mut rng, EMBED)?;
+    let new_head = if cfg.tie_word_embeddings {
+        tensors.contains_key(HEAD).then(|| new_embed.clone())
+    } else {
+        let head = tensors
+            .get(HEAD)
+            .ok_or_else(|| ModelError::MissingTensor { name: HEAD.into() })?;
+        Some(extend_rows(head, cfg, n_new, &mut rng, HEAD)?)
+    };
+    tensors.insert(EMBED.to_string(), new_embed);
+    if let Some(h) = new_head {
+        tensors.insert(HEAD.to_string(), h);
+    }
+    cfg.vocab_size += n_new;
+    Ok(())
+}
+
+fn extend_rows(
+    w: &Tensor,
+    cfg: &LlamaConfig,
+    n_new: usize,
+    rng: &mut ChaCha8Rng,
+    name: &'static str,
+) -> Result<Tensor> {
+    let dims = w.dims();
+    if dims != [cfg.vocab_size, cfg.hidden_size] {
+        return Err(ModelError::Shape {
+            what: name,
+            expected: format!("[{}, {}]", cfg.vocab_size, cfg.hidden_size),
+            found: format!("{dims:?}"),
+        });
+    }
+    let wf = w.to_dtype(DType::F32)?;
+    let mean = wf.mean_keepdim(0)?; // [1, h]
+    let std = wf.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.sqrt()?;
+    let h = cfg.hidden_size;
+    let noise: Vec<f32> = (0..n_new * h).map(|_| gaussian(rng) as f32).collect();
+    let noise = Tensor::from_vec(noise, (n_new, h), w.device())?;
+    let rows = noise
+        .broadcast_mul(&(std * 0.02)?)?
+        .broadcast_add(&mean)?
+        .to_dtype(w.dtype())?;
+    Ok(Tensor::cat(&[w, &rows], 0)?)
+}
+
+/// Mean negative log-likelihood of `targets` over the positions where `loss_mask` is
+/// nonzero (weighted by it): `logits` `[b, t, V]`, `targets` `[b, t]` u32 (every entry a
+/// valid id, also where masked: use 0 there), `loss_mask` `[b, t]` f32. Returns a scalar;
+/// 0 when the mask is empty. Differentiable (log-softmax from [`ops`]).
+pub fn masked_cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    loss_mask: &Tensor,
+) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3().map_err(|_| ModelError::Shape {
+        what: "logits",
+        expected: "[batch, seq, vocab]".into(),
+        found: format!("{:?}", logits.dims()),
+    })?;
+    for (what, x) in [("targets", targets), ("loss_mask", loss_mask)] {
+        if x.dims() != [b, t] {
+            return Err(ModelError::Shape {
+                what,
+                expected: format!("[{b}, {t}]"),
+                found: format!("{:?}", x.dims()),
+            });
+        }
+    }
+    if targets.dtype() != DType::U32 {
+        return Err(ModelError::Shape {
+            what: "targets dtype",
+            expected: "u32".into(),
+            found: format!("{:?}", targets.dtype()),
+        });
+    }
+    let n = b * t;
+    let targets = targets.reshape((n, 1))?;
+    let max = targets.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+    if max as usize >= v {
+        return Err(ModelError::TokenOutOfRange {
+            id: max,
+            vocab_size: v,
+        });
+    }
+    let mask = loss_mask.to_dtype(DType::F32)?.reshape(n)?.detach();
+    let count = mask.sum_all()?.to_scalar::<f32>()?;
+    let logp = ops::log_softmax_last_dim(&logits.reshape((n, v))?)?;
+    let picked = logp.gather(&targets, 1)?.reshape(n)?;
+    let total = (picked * mask)?.sum_all()?;
+    Ok(total.affine(-1.0 / f64::from(count.max(1.0)), 0.0)?)
+}
+
+/// `[max_position_embeddings, head_dim / 2]` cos and sin tables (f32), frequencies as in
+/// `transformers` (`rope_theta`, optional linear or Llama-3 scaling).
+fn rope_tables(cfg: &LlamaConfig, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let half = hd / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64))
+        .map(|f| match &cfg.rope_scaling {
+            None => f,
+            Some(RopeScaling::Linear { factor }) => f / factor,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let orig = *original_max_position_embeddings as f64;
+                let low_wavelen = orig / low_freq_factor;
+                let high_wavelen = orig / high_freq_factor;
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                if wavelen < high_wavelen {
+                    f
+                } else if wavelen > low_wavelen {
+                    f / factor
+                } else {
+                    let smooth =
+                        (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * f / factor + smooth * f
+                }
+            }
+        })
+        .collect();
+    let n = cfg.max_position_embeddings;
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &inv_freq {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), dev)?,
+        Tensor::from_vec(sin, (n, half), dev)?,
+    ))
+}
+
+/// A standard normal sample (Box–Muller; `rand` 0.8 has no normal distribution).
+fn gaussian(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.gen();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_config_is_checked() {
+        let cfg = LlamaConfig::small(50);
+        let ok = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: vec!["q_proj".into()],
+            train_new_rows_from: None,
+        };
+        ok.validate(&cfg).unwrap();
+        assert_eq!(ok.scale(), 2.0);
+        let mut bad = ok.clone();
+        bad.targets = vec!["qkv".into()];
+        assert!(bad.validate(&cfg).is_err());
+        bad = ok.clone();
+        bad.rank = 0;
+        assert!(bad.validate(&cfg).is_err());
+        bad = ok.clone();
+        bad.train_new_rows_from = Some(50);
+        assert!(bad.validate(&cfg).is_err());
+        bad.targets.clear();
+        bad.train_new_rows_from = None;
+        assert!(bad.validate(&cfg).is_err());
+    }
+
+    #[test]
+    fn init_is_seeded_and_named_like_hugging_face() {
+        let cfg = LlamaConfig::small(30);
+        let a = Llama::init_tensors(&cfg, 7).unwrap();
+        let b = Llama::init_tensors(&cfg, 7).unwrap();
+        assert_eq!(a.len(), 1 + 9 * 2 + 1 + 1);
+        let w = "model.layers.1.mlp.down_proj.weight";
+        assert_eq!(a[w].dims(), [64, 176]);
+        let diff = (&a[w] - &b[w]).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        assert!(a.contains_key("lm_head.weight"));
+    }
+
+    #[test]
+    fn gaussian_has_unit_variance() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let xs: Vec<f64> = (0..20_000).map(|_| gaussian(&mut rng)).collect();
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
+    }
+}

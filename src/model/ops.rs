@@ -1,0 +1,226 @@
+//! Differentiable softmax, log-softmax, RMSNorm and RoPE built from basic tensor ops.
+//!
+//! candle's fused versions (`candle_nn::ops::softmax_last_dim`, `candle_nn::ops::rms_norm`,
+//! `candle_nn::rotary_emb::rope`) are custom ops registered without a backward pass: a loss
+//! computed through them silently stops the gradient (the weights before them get none).
+//! Training needs every step of the forward to be differentiable, so these functions are
+//! written with ops that candle's autograd knows (`exp`, `sum_keepdim`, `broadcast_*`,
+//! `narrow`, `cat`, ...). They are slower than the fused kernels but agree with them to
+//! float rounding (tested below); the decoder uses them for decoding too, so training and
+//! inference run exactly the same arithmetic.
+
+use candle_core::{Result, Tensor, D};
+
+/// Softmax over the last dimension: `exp(x - max) / sum(exp(x - max))`.
+///
+/// The row maximum is detached: softmax is invariant to a per-row shift, so the exact
+/// gradient does not depend on it and detaching saves a backward pass through `max`.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let num = xs.broadcast_sub(&max)?.exp()?;
+    let den = num.sum_keepdim(D::Minus1)?;
+    num.broadcast_div(&den)
+}
+
+/// Log-softmax over the last dimension: `x - max - log(sum(exp(x - max)))`.
+///
+/// Used by the loss instead of `softmax(..).log()`, which underflows to `-inf` for
+/// unlikely tokens. The detached maximum is exact for the same reason as in
+/// [`softmax_last_dim`].
+pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let diff = xs.broadcast_sub(&max)?;
+    let log_sum = diff.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    diff.broadcast_sub(&log_sum)
+}
+
+/// RMSNorm over the last dimension: `x * (mean(x²) + eps)^-1/2 * weight`.
+///
+/// `weight` has the size of the last dimension of `xs`.
+pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let hidden = xs.dim(D::Minus1)?;
+    let w = weight.dims1()?;
+    if w != hidden {
+        candle_core::bail!(
+            "rms_norm: weight of size {w} for a last dimension of {hidden} ({:?})",
+            xs.shape()
+        );
+    }
+    let inv_rms = xs
+        .sqr()?
+        .mean_keepdim(D::Minus1)?
+        .affine(1.0, eps)?
+        .sqrt()?
+        .recip()?;
+    xs.broadcast_mul(&inv_rms)?.broadcast_mul(weight)
+}
+
+/// `[-x2, x1]` for `x = [x1, x2]` split in halves along the last dimension: the
+/// Hugging Face ("rotate half", non-interleaved) RoPE layout.
+pub fn rotate_half(xs: &Tensor) -> Result<Tensor> {
+    let d = xs.dim(D::Minus1)?;
+    let half = d / 2;
+    let x1 = xs.narrow(D::Minus1, 0, half)?;
+    let x2 = xs.narrow(D::Minus1, half, d - half)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Rotary position embedding in the Hugging Face layout: `x * cos + rotate_half(x) * sin`.
+///
+/// `xs` is `[batch, heads, seq, head_dim]`; `cos` and `sin` are `[seq, head_dim / 2]` (one
+/// angle per frequency, the layout `candle_nn::rotary_emb::rope` takes), already narrowed to
+/// the positions of `xs`. The tables are constants, so only `xs` receives a gradient.
+pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_b, _h, seq, head_dim) = xs.dims4()?;
+    let (cs, cd) = cos.dims2()?;
+    let (ss, sd) = sin.dims2()?;
+    if cs != seq || ss != seq || cd * 2 != head_dim || sd * 2 != head_dim {
+        candle_core::bail!(
+            "rope: tables {:?} / {:?} do not fit input {:?}",
+            cos.shape(),
+            sin.shape(),
+            xs.shape()
+        );
+    }
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.reshape((1, 1, seq, head_dim))?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.reshape((1, 1, seq, head_dim))?;
+    xs.broadcast_mul(&cos)? + rotate_half(xs)?.broadcast_mul(&sin)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn rope_tables(seq: usize, head_dim: usize, dtype: DType) -> (Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for p in 0..seq {
+            for i in 0..half {
+                let inv = 1.0 / 10_000f64.powf(2.0 * i as f64 / head_dim as f64);
+                cos.push((p as f64 * inv).cos());
+                sin.push((p as f64 * inv).sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (seq, half), &dev).unwrap();
+        let sin = Tensor::from_vec(sin, (seq, half), &dev).unwrap();
+        (cos.to_dtype(dtype).unwrap(), sin.to_dtype(dtype).unwrap())
+    }
+
+    #[test]
+    fn softmax_matches_candle_fused() {
+        let x = Tensor::randn(0f32, 3.0, (3, 5, 17), &Device::Cpu).unwrap();
+        let ours = softmax_last_dim(&x).unwrap();
+        let fused = candle_nn::ops::softmax_last_dim(&x).unwrap();
+        assert!(max_abs_diff(&ours, &fused) < 1e-5);
+        let ours = log_softmax_last_dim(&x).unwrap();
+        let reference = candle_nn::ops::log_softmax(&x, D::Minus1).unwrap();
+        assert!(max_abs_diff(&ours, &reference) < 1e-5);
+    }
+
+    #[test]
+    fn rms_norm_matches_candle_fused() {
+        let x = Tensor::randn(0f32, 2.0, (2, 7, 64), &Device::Cpu).unwrap();
+        let w = Tensor::randn(1f32, 0.5, 64, &Device::Cpu).unwrap();
+        let ours = rms_norm(&x, &w, 1e-5).unwrap();
+        let fused = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
+        assert!(max_abs_diff(&ours, &fused) < 1e-5);
+        assert!(rms_norm(&x, &w.narrow(0, 0, 10).unwrap(), 1e-5).is_err());
+    }
+
+    #[test]
+    fn rope_matches_candle_fused() {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 16), &Device::Cpu).unwrap();
+        let (cos, sin) = rope_tables(9, 16, DType::F32);
+        let ours = rope(&x, &cos, &sin).unwrap();
+        let fused = candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap();
+        assert!(max_abs_diff(&ours, &fused) < 1e-5);
+        // A non-contiguous input (the decoder feeds transposed q/k) gives the same result.
+        let xt = x
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        assert!(!xt.is_contiguous());
+        assert!(max_abs_diff(&rope(&xt, &cos, &sin).unwrap(), &fused) < 1e-6);
+    }
+
+    /// Compares the autograd gradient of `sum(f(x) * probe)` with central finite
+    /// differences, in f64 so that the check is tight.
+    fn check_grad(x0: &Tensor, f: &dyn Fn(&Tensor) -> Tensor) {
+        let x = Var::from_tensor(x0).unwrap();
+        let y = f(x.as_tensor());
+        let probe = Tensor::randn(0f64, 1.0, y.shape(), &Device::Cpu).unwrap();
+        let loss = (y * &probe).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .expect("no gradient reached the input");
+        let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = x0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let eval = |v: &[f64]| -> f64 {
+            let t = Tensor::from_slice(v, x0.shape(), &Device::Cpu).unwrap();
+            (f(&t) * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let h = 1e-6;
+        for i in 0..base.len() {
+            let mut p = base.clone();
+            p[i] += h;
+            let mut m = base.clone();
+            m[i] -= h;
+            let numeric = (eval(&p) - eval(&m)) / (2.0 * h);
+            assert!(
+                (numeric - g[i]).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "element {i}: autograd {} vs finite differences {numeric}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_gradient_is_exact() {
+        let x = Tensor::randn(0f64, 2.0, (2, 3, 5), &Device::Cpu).unwrap();
+        check_grad(&x, &|t| softmax_last_dim(t).unwrap());
+        check_grad(&x, &|t| log_softmax_last_dim(t).unwrap());
+    }
+
+    #[test]
+    fn rms_norm_gradient_is_exact() {
+        let x = Tensor::randn(0f64, 1.0, (2, 3, 6), &Device::Cpu).unwrap();
+        let w = Tensor::randn(1f64, 0.3, 6, &Device::Cpu).unwrap();
+        check_grad(&x, &|t| rms_norm(t, &w, 1e-5).unwrap());
+        // The weight gets its gradient too.
+        check_grad(&w, &|t| rms_norm(&x, t, 1e-5).unwrap());
+    }
+
+    #[test]
+    fn rope_gradient_is_exact() {
+        let x = Tensor::randn(0f64, 1.0, (1, 2, 3, 8), &Device::Cpu).unwrap();
+        let (cos, sin) = rope_tables(3, 8, DType::F64);
+        check_grad(&x, &|t| rope(t, &cos, &sin).unwrap());
+    }
+}
