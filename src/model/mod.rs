@@ -7,3 +7,6 @@
 //!   decoding, LoRA adapters, vocabulary extension);
 //! - `gguf`: loading GGUF checkpoints (dequantised to f32) and their tokenizer;
 //! - `hfdir`: reading and writing Hugging Face model directories.
+
+pub mod gguf;
+pub mod hfdir;
