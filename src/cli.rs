@@ -42,6 +42,113 @@ enum Command {
     /// Show the diagnostics of an artifact directory; look up an item's SID and its
     /// neighbours (the items sharing its prefix).
     Inspect(InspectArgs),
+    /// Teach a Llama-family decoder the catalog's SIDs: stage 1 aligns SIDs with item
+    /// text, stage 2 instruction-tunes on recommendation, search, steering and user
+    /// descriptions. Writes a Hugging Face model directory.
+    #[command(long_about = TRAIN_HELP)]
+    Train(TrainArgs),
+    /// Convert a GGUF Llama checkpoint (e.g. SmolLM2-135M-Instruct) into a Hugging Face
+    /// directory (f32 safetensors, tokenizer.json rebuilt from the GGUF metadata).
+    Convert(ConvertArgs),
+}
+
+const TRAIN_HELP: &str = "Trains a decoder that speaks the catalog's semantic IDs.\n\n\
+Inputs: an artifact directory from `sidrec tokenize` and the users' interactions \
+(RecBole .inter, the Amazon interactions.json layout, or JSONL {\"user\", \"items\"}). The \
+last two items of every user (validation, test) never appear in training data.\n\n\
+The base model is a config for training from scratch (models/tiny.json: a byte-level BPE \
+is trained on the catalog and prompt texts), a Hugging Face directory, or a GGUF file. \
+Its vocabulary is extended with every SID token in one call.\n\n\
+Stage 1 (align) trains on item text <-> SID; stage 2 (instruct) on every task. Modes: \
+full (every weight), lora (adapters + SID rows), rows (SID embedding rows only).\n\n\
+Output: config.json, model.safetensors, tokenizer.json (with SID tokens), sidrec.json \
+(sha256 of sids.jsonl, prompts version) and train_report.json (loss curves).\n\n\
+Examples:\n  \
+sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter -o models/ml100k-tiny\n  \
+sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter \\\n    \
+--base assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --stage1-mode rows --stage2 none -o models/ml100k-smol";
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Artifact directory written by `sidrec tokenize`.
+    #[arg(long)]
+    artifacts: PathBuf,
+    /// User interactions (RecBole .inter, Amazon interactions.json, or JSONL).
+    #[arg(long)]
+    interactions: PathBuf,
+    /// Base model: a config JSON (from scratch), a Hugging Face directory, or a .gguf file.
+    #[arg(long, default_value = "models/tiny.json")]
+    base: PathBuf,
+    /// Output model directory.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Continue from the checkpoints of an interrupted run with the same settings.
+    #[arg(long)]
+    resume: bool,
+    /// Prompt templates directory [default: the built-in prompts/].
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Vocabulary size of the BPE trained for a from-scratch model.
+    #[arg(long, default_value_t = 4096)]
+    vocab_size: usize,
+    /// Stage 1 (align) mode: full, lora, rows, or none to skip [default: full from
+    /// scratch, rows for a pretrained base].
+    #[arg(long)]
+    stage1_mode: Option<String>,
+    /// Stage 2 (instruct) mode: full, lora, or none to skip [default: full from scratch,
+    /// lora for a pretrained base].
+    #[arg(long)]
+    stage2_mode: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    stage1_epochs: usize,
+    #[arg(long, default_value_t = 1)]
+    stage2_epochs: usize,
+    /// Stop a stage after this many steps (0: run its epochs).
+    #[arg(long, default_value_t = 0)]
+    max_steps: usize,
+    /// Peak learning rate of stage 1 and stage 2.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Tokens per example (longer prompts are cut from the left).
+    #[arg(long, default_value_t = 256)]
+    max_len: usize,
+    #[arg(long, default_value_t = 50)]
+    warmup: usize,
+    /// Gradient clipping (global L2 norm).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f64,
+    /// Validation loss every N steps (0: only at the end of each stage).
+    #[arg(long, default_value_t = 200)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: usize,
+    /// Recommendation examples per user (default: every position of the training part).
+    #[arg(long)]
+    recommend_per_user: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The GGUF file.
+    gguf: PathBuf,
+    /// Output Hugging Face directory.
+    #[arg(short, long)]
+    out: PathBuf,
+    #[arg(long)]
+    force: bool,
 }
 
 const TOKENIZE_HELP: &str = "Turns a catalog into semantic IDs.\n\n\
@@ -166,6 +273,18 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Tokenize(a) => cmd_tokenize(a, progress),
         Command::Inspect(a) => cmd_inspect(a),
+        Command::Train(a) => cmd_train(a, progress),
+        Command::Convert(a) => {
+            let cfg = sidrec::model::hfdir::convert(&a.gguf, &a.out, a.force)?;
+            println!(
+                "wrote {} ({} layers, hidden {}, vocab {})",
+                a.out.display(),
+                cfg.num_hidden_layers,
+                cfg.hidden_size,
+                cfg.vocab_size
+            );
+            Ok(())
+        }
     }
 }
 
@@ -374,5 +493,93 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             map.records[j].sid, d, catalog.items[j].title
         );
     }
+    Ok(())
+}
+
+fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
+    use sidrec::train::pipeline::{self, BaseModel, Mode, StageConfig, TrainOptions};
+    let scratch = a.base.extension().is_some_and(|e| e == "json");
+    let base = if scratch {
+        BaseModel::Scratch {
+            config: a.base.clone(),
+            vocab_size: a.vocab_size,
+        }
+    } else if a.base.extension().is_some_and(|e| e == "gguf") {
+        BaseModel::Gguf(a.base.clone())
+    } else if a.base.is_dir() {
+        BaseModel::HfDir(a.base.clone())
+    } else {
+        bail!(
+            "--base {}: expected a config .json (from scratch), a .gguf file or a model directory",
+            a.base.display()
+        );
+    };
+    let stage =
+        |mode: &Option<String>, default: Mode, epochs: usize| -> Result<Option<StageConfig>> {
+            let mode = match mode.as_deref() {
+                Some("none") => return Ok(None),
+                Some(m) => m.parse::<Mode>().map_err(anyhow::Error::msg)?,
+                None => default,
+            };
+            Ok(Some(StageConfig {
+                mode,
+                epochs,
+                max_steps: a.max_steps,
+                lr: a.lr,
+            }))
+        };
+    let (d1, d2) = if scratch {
+        (Mode::Full, Mode::Full)
+    } else {
+        (Mode::Rows, Mode::Lora)
+    };
+    let opts = TrainOptions {
+        artifacts: a.artifacts.clone(),
+        interactions: a.interactions.clone(),
+        base,
+        out: a.out.clone(),
+        force: a.force,
+        prompts: a.prompts.clone(),
+        stage1: stage(&a.stage1_mode, d1, a.stage1_epochs)?,
+        stage2: stage(&a.stage2_mode, d2, a.stage2_epochs)?,
+        batch_size: a.batch_size,
+        max_len: a.max_len,
+        warmup: a.warmup,
+        clip: a.clip,
+        weight_decay: a.weight_decay,
+        lora_rank: a.lora_rank,
+        lora_alpha: a.lora_alpha,
+        eval_every: a.eval_every,
+        checkpoint_every: a.checkpoint_every,
+        resume: a.resume,
+        seed: a.seed,
+        data: sidrec::train::data::DataOptions {
+            seed: a.seed,
+            recommend_per_user: a.recommend_per_user,
+            ..Default::default()
+        },
+    };
+    if opts.stage1.is_none() && opts.stage2.is_none() {
+        bail!("both stages are off: nothing to train");
+    }
+    let report = pipeline::run(&opts, progress)?;
+    println!(
+        "trained {} ({:.1}M parameters, {} SID tokens) on {} users in {:.0}s",
+        report.base,
+        report.params as f64 / 1e6,
+        report.sid_tokens,
+        report.users,
+        report.seconds
+    );
+    for s in &report.stages {
+        let first = s.report.train_loss.first().map_or(f32::NAN, |p| p.loss);
+        let last = s.report.train_loss.last().map_or(f32::NAN, |p| p.loss);
+        let valid = s.report.valid_loss.last().map_or(f32::NAN, |v| v.1);
+        println!(
+            "  stage {:<8} {:?}: {} examples, {} steps, loss {first:.3} -> {last:.3}, valid {valid:.3}, {:.0} tokens/s",
+            s.name, s.mode, s.examples, s.report.steps, s.report.tokens_per_s
+        );
+    }
+    println!("  wrote {}", a.out.display());
     Ok(())
 }

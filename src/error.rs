@@ -33,6 +33,8 @@ pub enum Error {
     Model(#[from] crate::model::llama::ModelError),
     #[error(transparent)]
     Bpe(#[from] crate::model::bpe::BpeError),
+    #[error(transparent)]
+    ModelIo(#[from] crate::model::gguf::ModelIoError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

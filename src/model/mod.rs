@@ -11,5 +11,7 @@
 
 pub mod bpe;
 pub mod config;
+pub mod gguf;
+pub mod hfdir;
 pub mod llama;
 pub mod ops;

@@ -4,8 +4,10 @@
 //! - `data`: training examples per task (alignment, sequential recommendation, search,
 //!   type steering, user understanding) from the templates in `prompts/`.
 //! - `optim`: AdamW with resumable state, warmup + cosine schedule, gradient clipping;
-//! - `trainer`: the loop (batches, validation, checkpoints, resume), model-agnostic.
+//! - `trainer`: the loop (batches, validation, checkpoints, resume), model-agnostic;
+//! - `pipeline`: `sidrec train` end to end (base model, SID tokens, stages, model dir).
 
 pub mod data;
 pub mod optim;
+pub mod pipeline;
 pub mod trainer;

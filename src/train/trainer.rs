@@ -298,7 +298,7 @@ pub fn run(
             report.tokens += batch.tokens;
             bar.set_position(step as u64);
             bar.set_message(format!("loss {loss_v:.3} {rate:.0} tok/s"));
-            if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == total) {
+            if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == total {
                 if let Some(v) = eval_loss(valid, loss_fn, cfg)? {
                     report.valid_loss.push((step, v));
                     bar.println(format!("step {step}: train {loss_v:.4}, valid {v:.4}"));

@@ -1,0 +1,543 @@
+//! Hugging Face model directories: `config.json`, `model.safetensors` (or shards with
+//! `model.safetensors.index.json`), `tokenizer.json`, `tokenizer_config.json`,
+//! `generation_config.json`, plus sidrec's own `sidrec.json` sidecar.
+//!
+//! Directories are the exchange format between sidrec's stages and other tools
+//! (`transformers`, candle's loaders), so they are written in the standard layout, in
+//! f32, and atomically: files go to a temporary sibling directory that is renamed into
+//! place only when complete, so a failed run never leaves half a model behind.
+//!
+//! The sidecar records which SID map a model was trained on (the sha256 of
+//! `sids.jsonl`): a model decodes SIDs as token ids, so pairing it with another map
+//! would recommend the wrong items without any visible error. [`check_sid_map`] turns
+//! that into a clear error.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokenizers::Tokenizer;
+
+use super::gguf::{GgufModel, HfLlamaConfig};
+pub use super::gguf::{ModelIoError, Result};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+pub const SIDECAR_FILE: &str = "sidrec.json";
+
+/// The weight name that tied models leave out (it is `model.embed_tokens.weight`).
+const LM_HEAD: &str = "lm_head.weight";
+
+/// A model directory in memory. `tensors` are f32 on the CPU, keyed by their Hugging
+/// Face names.
+pub struct HfDir {
+    /// `config.json`, kept as JSON so fields this crate does not model survive a round
+    /// trip.
+    pub config: serde_json::Value,
+    pub tensors: HashMap<String, Tensor>,
+    pub tokenizer: Tokenizer,
+    /// `tokenizer_config.json` (chat template, special token strings), when present.
+    pub tokenizer_config: Option<serde_json::Value>,
+    /// `sidrec.json`, when present.
+    pub sidecar: Option<Sidecar>,
+}
+
+impl std::fmt::Debug for HfDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HfDir")
+            .field("config", &self.config)
+            .field("tensors", &self.tensors.len())
+            .field("sidecar", &self.sidecar)
+            .finish()
+    }
+}
+
+impl HfDir {
+    /// Reads a model directory: `config.json`, `tokenizer.json` and either
+    /// `model.safetensors` or the shards listed in `model.safetensors.index.json`;
+    /// `tokenizer_config.json` and `sidrec.json` when present. Weights are converted to
+    /// f32.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let single = dir.join(WEIGHTS_FILE);
+        let index = dir.join(WEIGHTS_INDEX_FILE);
+        let weights = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            shard_names(&index)?
+                .into_iter()
+                .map(|s| dir.join(s))
+                .collect()
+        } else {
+            return Err(ModelIoError::MissingFile {
+                path: single,
+                what: "model weights (model.safetensors or model.safetensors.index.json)",
+            });
+        };
+        let tokenizer_config = dir.join(TOKENIZER_CONFIG_FILE);
+        let sidecar = dir.join(SIDECAR_FILE);
+        Self::from_files(
+            &dir.join(CONFIG_FILE),
+            &dir.join(TOKENIZER_FILE),
+            &weights,
+            Some(tokenizer_config.as_path()).filter(|p| p.is_file()),
+            Some(sidecar.as_path()).filter(|p| p.is_file()),
+        )
+    }
+
+    /// Downloads (or finds in the local Hugging Face cache) a model repository at
+    /// `revision` (default `main`) and reads it like [`HfDir::load`].
+    pub fn from_hub(repo_id: &str, revision: Option<&str>) -> Result<Self> {
+        use hf_hub::{api::sync::Api, Repo, RepoType};
+        let hub_err = |file: &str, reason: String| ModelIoError::Hub {
+            repo: repo_id.to_string(),
+            file: file.to_string(),
+            reason,
+        };
+        let api = Api::new().map_err(|e| hub_err("(api)", e.to_string()))?;
+        let repo = api.repo(Repo::with_revision(
+            repo_id.to_string(),
+            RepoType::Model,
+            revision.unwrap_or("main").to_string(),
+        ));
+        let get = |file: &str| repo.get(file).map_err(|e| hub_err(file, e.to_string()));
+        let config = get(CONFIG_FILE)?;
+        let tokenizer = get(TOKENIZER_FILE)?;
+        let weights = match repo.get(WEIGHTS_FILE) {
+            Ok(p) => vec![p],
+            Err(single_err) => {
+                // Large models are sharded; only then is the index present.
+                let index = repo.get(WEIGHTS_INDEX_FILE).map_err(|e| {
+                    hub_err(
+                        WEIGHTS_FILE,
+                        format!("{single_err}; and {WEIGHTS_INDEX_FILE}: {e}"),
+                    )
+                })?;
+                shard_names(&index)?
+                    .iter()
+                    .map(|s| get(s))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        // Optional files: absent from many repositories, so a failure is not an error.
+        let tokenizer_config = repo.get(TOKENIZER_CONFIG_FILE).ok();
+        let sidecar = repo.get(SIDECAR_FILE).ok();
+        Self::from_files(
+            &config,
+            &tokenizer,
+            &weights,
+            tokenizer_config.as_deref(),
+            sidecar.as_deref(),
+        )
+    }
+
+    fn from_files(
+        config_path: &Path,
+        tokenizer_path: &Path,
+        weights: &[PathBuf],
+        tokenizer_config: Option<&Path>,
+        sidecar: Option<&Path>,
+    ) -> Result<Self> {
+        let config = read_json(config_path, "model config")?;
+        if !config.is_object() {
+            return Err(ModelIoError::Config {
+                path: config_path.to_path_buf(),
+                reason: "not a JSON object".to_string(),
+            });
+        }
+        if !tokenizer_path.is_file() {
+            return Err(ModelIoError::MissingFile {
+                path: tokenizer_path.to_path_buf(),
+                what: "Hugging Face tokenizer",
+            });
+        }
+        let tokenizer =
+            Tokenizer::from_file(tokenizer_path).map_err(|e| ModelIoError::Tokenizer {
+                path: tokenizer_path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let mut tensors = HashMap::new();
+        for path in weights {
+            if !path.is_file() {
+                return Err(ModelIoError::MissingFile {
+                    path: path.clone(),
+                    what: "model weights",
+                });
+            }
+            let weights_err = |reason: String| ModelIoError::Weights {
+                path: path.clone(),
+                reason,
+            };
+            let shard = candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| weights_err(e.to_string()))?;
+            for (name, t) in shard {
+                let t = t
+                    .to_dtype(DType::F32)
+                    .map_err(|e| weights_err(format!("{name}: {e}")))?;
+                if tensors.insert(name.clone(), t).is_some() {
+                    return Err(weights_err(format!(
+                        "tensor {name:?} appears in two shards"
+                    )));
+                }
+            }
+        }
+        let tokenizer_config = match tokenizer_config {
+            Some(p) => Some(read_json(p, "tokenizer config")?),
+            None => None,
+        };
+        let sidecar = match sidecar {
+            Some(p) => Some(Sidecar::read_file(p)?),
+            None => None,
+        };
+        Ok(HfDir {
+            config,
+            tensors,
+            tokenizer,
+            tokenizer_config,
+            sidecar,
+        })
+    }
+
+    /// Whether `config.json` says the LM head shares the embedding matrix.
+    pub fn tie_word_embeddings(&self) -> bool {
+        self.config
+            .get("tie_word_embeddings")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    }
+
+    /// `generation_config.json`, derived from the token ids of `config.json`.
+    pub fn generation_config(&self) -> serde_json::Value {
+        let mut g = serde_json::Map::new();
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            if let Some(v) = self.config.get(key).filter(|v| !v.is_null()) {
+                g.insert(key.to_string(), v.clone());
+            }
+        }
+        serde_json::Value::Object(g)
+    }
+
+    /// Writes the directory atomically to `out` (see the module docs). An existing
+    /// `out` is an error unless `overwrite`, in which case it is replaced only once the
+    /// new directory is complete. Weights are written in f32; a tied model's
+    /// `lm_head.weight` is left out.
+    pub fn save(&self, out: impl AsRef<Path>, overwrite: bool) -> Result<()> {
+        let out = out.as_ref();
+        write_atomically(out, overwrite, |dir| self.write_files(dir))
+    }
+
+    fn write_files(&self, dir: &Path) -> Result<()> {
+        write_json(&dir.join(CONFIG_FILE), &self.config)?;
+        write_json(&dir.join(GENERATION_CONFIG_FILE), &self.generation_config())?;
+        if let Some(tc) = &self.tokenizer_config {
+            write_json(&dir.join(TOKENIZER_CONFIG_FILE), tc)?;
+        }
+        let tok_path = dir.join(TOKENIZER_FILE);
+        self.tokenizer
+            .save(&tok_path, true)
+            .map_err(|e| ModelIoError::Tokenizer {
+                path: tok_path.clone(),
+                reason: e.to_string(),
+            })?;
+        let weights = dir.join(WEIGHTS_FILE);
+        let weights_err = |reason: String| ModelIoError::Weights {
+            path: weights.clone(),
+            reason,
+        };
+        let tie = self.tie_word_embeddings();
+        let mut f32s = Vec::with_capacity(self.tensors.len());
+        for (name, t) in &self.tensors {
+            if tie && name == LM_HEAD {
+                continue;
+            }
+            let t = t
+                .to_dtype(DType::F32)
+                .and_then(|t| t.contiguous())
+                .map_err(|e| weights_err(format!("{name}: {e}")))?;
+            f32s.push((name.clone(), t));
+        }
+        f32s.sort_by(|a, b| a.0.cmp(&b.0));
+        // transformers refuses safetensors files without a "format" entry.
+        let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        safetensors::serialize_to_file(f32s.iter().map(|(n, t)| (n, t)), Some(meta), &weights)
+            .map_err(|e| weights_err(e.to_string()))?;
+        if let Some(s) = &self.sidecar {
+            s.write_file(&dir.join(SIDECAR_FILE))?;
+        }
+        Ok(())
+    }
+}
+
+/// Converts a GGUF Llama checkpoint into a Hugging Face model directory at `out`:
+/// weights dequantised to f32 with the q/k permutation undone, the tokenizer rebuilt
+/// from the GGUF metadata, `config.json`, `generation_config.json` and
+/// `tokenizer_config.json` (with the chat template). Atomic like [`HfDir::save`].
+pub fn convert(
+    gguf_path: impl AsRef<Path>,
+    out: impl AsRef<Path>,
+    overwrite: bool,
+) -> Result<HfLlamaConfig> {
+    let out = out.as_ref();
+    // Checked before the expensive part too, so a forgotten --force fails at once.
+    if out.exists() && !overwrite {
+        return Err(ModelIoError::Exists {
+            path: out.to_path_buf(),
+        });
+    }
+    let gguf = GgufModel::open(gguf_path)?;
+    let hf = gguf.hf_config();
+    let config = serde_json::to_value(&hf).map_err(|e| ModelIoError::Config {
+        path: gguf.path().to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let tokenizer = gguf.tokenizer()?;
+    let tokenizer_config = tokenizer_config(&gguf, &tokenizer);
+    let tensors = gguf.dequantize_all()?;
+    let dir = HfDir {
+        config,
+        tensors,
+        tokenizer,
+        tokenizer_config: Some(tokenizer_config),
+        sidecar: None,
+    };
+    dir.save(out, overwrite)?;
+    Ok(hf)
+}
+
+/// The `tokenizer_config.json` of a converted GGUF: special token strings and the chat
+/// template, which `transformers`' `apply_chat_template` reads from here.
+fn tokenizer_config(gguf: &GgufModel, tokenizer: &Tokenizer) -> serde_json::Value {
+    let m = gguf.metadata();
+    let name = |id: Option<u32>| id.and_then(|id| tokenizer.id_to_token(id));
+    let mut c = serde_json::Map::new();
+    c.insert("tokenizer_class".into(), "GPT2Tokenizer".into());
+    c.insert("add_prefix_space".into(), false.into());
+    c.insert("clean_up_tokenization_spaces".into(), false.into());
+    c.insert("model_max_length".into(), m.context_length.into());
+    for (key, id) in [
+        ("bos_token", m.bos_token_id),
+        ("eos_token", m.eos_token_id),
+        ("pad_token", m.padding_token_id),
+    ] {
+        if let Some(t) = name(id) {
+            c.insert(key.into(), t.into());
+        }
+    }
+    if let Some(t) = &m.chat_template {
+        c.insert("chat_template".into(), t.clone().into());
+    }
+    serde_json::Value::Object(c)
+}
+
+/// `sidrec.json`: what a fine-tuned model was trained on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sidecar {
+    /// sha256 (lower-case hex) of the `sids.jsonl` the SID tokens were taken from.
+    pub sids_sha256: String,
+    /// The artifact directory it came from, for error messages.
+    pub artifacts: String,
+    /// Training stage that produced the model (e.g. `"sft"`).
+    pub stage: String,
+    /// Version of the prompt templates used in training.
+    pub prompts_version: String,
+    /// How many SID tokens were added to the vocabulary.
+    pub sid_tokens: usize,
+    /// Id of the first SID token; they are contiguous.
+    pub sid_token_offset: u32,
+}
+
+impl Sidecar {
+    /// Reads `sidrec.json` from a model directory.
+    pub fn read(model_dir: impl AsRef<Path>) -> Result<Self> {
+        let path = model_dir.as_ref().join(SIDECAR_FILE);
+        if !path.is_file() {
+            return Err(ModelIoError::MissingFile {
+                path,
+                what: "sidrec.json: the model was not fine-tuned by sidrec",
+            });
+        }
+        Self::read_file(&path)
+    }
+
+    fn read_file(path: &Path) -> Result<Self> {
+        let text = fs::read_to_string(path).map_err(|e| ModelIoError::io(path, e))?;
+        let s: Sidecar = serde_json::from_str(&text).map_err(|e| ModelIoError::Sidecar {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        if s.sids_sha256.len() != 64 || hex::decode(&s.sids_sha256).is_err() {
+            return Err(ModelIoError::Sidecar {
+                path: path.to_path_buf(),
+                reason: format!("sids_sha256 {:?} is not a sha256 hex digest", s.sids_sha256),
+            });
+        }
+        Ok(s)
+    }
+
+    /// Writes `sidrec.json` into an existing model directory (atomically: a temporary
+    /// file renamed over the old one).
+    pub fn write(&self, model_dir: impl AsRef<Path>) -> Result<()> {
+        self.write_file(&model_dir.as_ref().join(SIDECAR_FILE))
+    }
+
+    fn write_file(&self, path: &Path) -> Result<()> {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(parent).map_err(|e| ModelIoError::io(parent, e))?;
+        serde_json::to_writer_pretty(&mut tmp, self)
+            .map_err(std::io::Error::from)
+            .and_then(|_| tmp.write_all(b"\n"))
+            .map_err(|e| ModelIoError::io(path, e))?;
+        tmp.persist(path)
+            .map_err(|e| ModelIoError::io(path, e.error))?;
+        Ok(())
+    }
+}
+
+/// sha256 of a file's bytes, as lower-case hex.
+pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
+    let path = path.as_ref();
+    let mut file = fs::File::open(path).map_err(|e| ModelIoError::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| ModelIoError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Checks that the model in `model_dir` was trained on the SID map `sids_jsonl`
+/// (same sha256 as recorded in its `sidrec.json`).
+pub fn check_sid_map(model_dir: impl AsRef<Path>, sids_jsonl: impl AsRef<Path>) -> Result<()> {
+    let (model_dir, sids) = (model_dir.as_ref(), sids_jsonl.as_ref());
+    let sidecar = Sidecar::read(model_dir)?;
+    let found = sha256_file(sids)?;
+    if !found.eq_ignore_ascii_case(&sidecar.sids_sha256) {
+        return Err(ModelIoError::SidMapMismatch {
+            model_dir: model_dir.to_path_buf(),
+            sids: sids.to_path_buf(),
+            trained_on: sidecar.artifacts,
+            expected: sidecar.sids_sha256,
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// The distinct shard file names of a `model.safetensors.index.json`, sorted.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let v = read_json(index, "weights index")?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelIoError::Weights {
+            path: index.to_path_buf(),
+            reason: "no \"weight_map\" object".to_string(),
+        })?;
+    let mut shards = BTreeSet::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| ModelIoError::Weights {
+            path: index.to_path_buf(),
+            reason: format!("weight_map[{name:?}] is not a file name"),
+        })?;
+        // Shards must sit in the model directory itself.
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(ModelIoError::Weights {
+                path: index.to_path_buf(),
+                reason: format!("shard name {file:?} is not a plain file name"),
+            });
+        }
+        shards.insert(file.to_string());
+    }
+    Ok(shards.into_iter().collect())
+}
+
+fn read_json(path: &Path, what: &'static str) -> Result<serde_json::Value> {
+    if !path.is_file() {
+        return Err(ModelIoError::MissingFile {
+            path: path.to_path_buf(),
+            what,
+        });
+    }
+    let text = fs::read_to_string(path).map_err(|e| ModelIoError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelIoError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let file = fs::File::create(path).map_err(|e| ModelIoError::io(path, e))?;
+    let mut w = BufWriter::new(file);
+    serde_json::to_writer_pretty(&mut w, v)
+        .map_err(std::io::Error::from)
+        .and_then(|_| w.write_all(b"\n"))
+        .and_then(|_| w.flush())
+        .map_err(|e| ModelIoError::io(path, e))
+}
+
+/// Runs `fill` on a fresh temporary directory beside `out`, then renames it to `out`.
+/// On any error the temporary directory is removed and `out` is left as it was.
+fn write_atomically(
+    out: &Path,
+    overwrite: bool,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    if out.exists() && !overwrite {
+        return Err(ModelIoError::Exists {
+            path: out.to_path_buf(),
+        });
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(|e| ModelIoError::io(&parent, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".sidrec-tmp-")
+        .tempdir_in(&parent)
+        .map_err(|e| ModelIoError::io(&parent, e))?;
+    fill(tmp.path())?;
+
+    let tmp_path = tmp.keep();
+    let old = if out.exists() {
+        let aside = parent.join(format!(
+            ".sidrec-old-{}",
+            out.file_name().and_then(|s| s.to_str()).unwrap_or("out")
+        ));
+        let _ = fs::remove_dir_all(&aside);
+        if let Err(e) = fs::rename(out, &aside) {
+            let _ = fs::remove_dir_all(&tmp_path);
+            return Err(ModelIoError::io(out, e));
+        }
+        Some(aside)
+    } else {
+        None
+    };
+    if let Err(e) = fs::rename(&tmp_path, out) {
+        if let Some(aside) = &old {
+            let _ = fs::rename(aside, out);
+        }
+        let _ = fs::remove_dir_all(&tmp_path);
+        return Err(ModelIoError::io(out, e));
+    }
+    if let Some(aside) = old {
+        let _ = fs::remove_dir_all(aside);
+    }
+    Ok(())
+}

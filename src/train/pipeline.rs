@@ -1,0 +1,457 @@
+//! `sidrec train` end to end: artifacts + interactions → examples → tokenizer with SID
+//! tokens → model (from scratch or pretrained) → stage 1 (alignment) → stage 2
+//! (instruction mix) → a Hugging Face model directory with `sidrec.json` and
+//! `train_report.json`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+use tokenizers::{AddedToken, Tokenizer};
+
+use super::data::{self, DataOptions, Example, Prompts, Task};
+use super::trainer::{self, ChatFormat, Checkpointing, Encoded, LoopConfig, LoopReport};
+use crate::artifacts::{self, SidMap};
+use crate::error::{Error, Result};
+use crate::interactions::{ReadOptions, Sequences};
+use crate::model::bpe;
+use crate::model::config::LlamaConfig;
+use crate::model::gguf::GgufModel;
+use crate::model::hfdir::{self, HfDir, Sidecar};
+use crate::model::llama::{self, Llama, LoraConfig};
+use crate::progress::Progress;
+
+/// Where the model to train starts from.
+#[derive(Clone, Debug)]
+pub enum BaseModel {
+    /// A config file (e.g. `models/tiny.json`) with fresh weights and a byte-level BPE
+    /// of `vocab_size` entries trained on the catalog and prompt texts.
+    Scratch { config: PathBuf, vocab_size: usize },
+    /// A Hugging Face directory: `config.json`, `tokenizer.json`, `model.safetensors`.
+    HfDir(PathBuf),
+    /// A GGUF Llama checkpoint (e.g. SmolLM2-135M-Instruct), dequantised to f32.
+    Gguf(PathBuf),
+}
+
+/// What a stage trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every weight.
+    Full,
+    /// LoRA adapters on the attention and MLP projections, plus the new (SID) rows.
+    Lora,
+    /// Only the embedding rows of the new (SID) tokens.
+    Rows,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "full" => Ok(Mode::Full),
+            "lora" => Ok(Mode::Lora),
+            "rows" => Ok(Mode::Rows),
+            _ => Err(format!("unknown mode {s:?}: use full, lora or rows")),
+        }
+    }
+}
+
+/// Settings of one stage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageConfig {
+    pub mode: Mode,
+    pub epochs: usize,
+    /// 0: all epochs.
+    pub max_steps: usize,
+    pub lr: f64,
+}
+
+/// Everything `sidrec train` needs.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// The artifact directory of `sidrec tokenize`.
+    pub artifacts: PathBuf,
+    pub interactions: PathBuf,
+    pub base: BaseModel,
+    pub out: PathBuf,
+    pub force: bool,
+    pub prompts: Option<PathBuf>,
+    /// Stage 1 (alignment: item text ↔ SID); `None` skips it.
+    pub stage1: Option<StageConfig>,
+    /// Stage 2 (the instruction mix of every task); `None` skips it.
+    pub stage2: Option<StageConfig>,
+    pub batch_size: usize,
+    pub max_len: usize,
+    pub warmup: usize,
+    pub clip: f64,
+    pub weight_decay: f64,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub eval_every: usize,
+    pub checkpoint_every: usize,
+    pub resume: bool,
+    pub seed: u64,
+    pub data: DataOptions,
+}
+
+pub const REPORT_FILE: &str = "train_report.json";
+
+/// `train_report.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub base: String,
+    pub params: usize,
+    pub vocab_size: usize,
+    pub sid_tokens: usize,
+    pub users: usize,
+    pub examples: BTreeMap<String, usize>,
+    pub validation_examples: usize,
+    pub stages: Vec<StageReport>,
+    pub seconds: f64,
+}
+
+/// One stage of `train_report.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageReport {
+    pub name: String,
+    pub mode: Mode,
+    pub examples: usize,
+    pub trainable_params: usize,
+    #[serde(flatten)]
+    pub report: LoopReport,
+}
+
+/// Runs training and writes the model directory.
+pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
+    let t0 = Instant::now();
+    if opts.out.exists() && !opts.force && !opts.resume {
+        return Err(Error::Invalid(format!(
+            "{} already exists: pass --force to replace it",
+            opts.out.display()
+        )));
+    }
+    // 1. Catalog, SIDs, interactions, examples.
+    let catalog = artifacts::read_catalog(&opts.artifacts)?;
+    let sids = SidMap::load(&opts.artifacts)?;
+    let sids_sha = hfdir::sha256_file(opts.artifacts.join(artifacts::SIDS_FILE))?;
+    let (seqs, _) = Sequences::load(&opts.interactions, &catalog, &ReadOptions::default())?;
+    let split = seqs.split();
+    let prompts = match &opts.prompts {
+        Some(dir) => Prompts::load(dir)?,
+        None => Prompts::builtin(),
+    };
+    let examples = data::build(&catalog, &sids.records, &split, &prompts, &opts.data)?;
+    let valid = data::build_validation(&catalog, &sids.records, &split, &prompts, &opts.data)?;
+    let counts: BTreeMap<String, usize> = data::count_by_task(&examples)
+        .into_iter()
+        .map(|(t, n)| (t.to_string(), n))
+        .collect();
+
+    // 2. Tokenizer and base weights.
+    let chat = ChatFormat::default();
+    let (mut tok, mut cfg, mut tensors, tokenizer_config, base_name) =
+        load_base(&opts.base, &examples, &catalog)?;
+    let n_old = tok.get_vocab_size(true);
+    if n_old != cfg.vocab_size {
+        return Err(Error::Invalid(format!(
+            "the tokenizer has {n_old} tokens but the model {} embedding rows: SID tokens \
+             would not line up with new rows",
+            cfg.vocab_size
+        )));
+    }
+    let sid_tokens = sids.vocab.tokens();
+    let added: Vec<AddedToken> = sid_tokens
+        .iter()
+        .map(|t| AddedToken::from(t.as_str(), true))
+        .collect();
+    tok.add_special_tokens(&added);
+    for (i, t) in sid_tokens.iter().enumerate() {
+        if tok.token_to_id(t) != Some((n_old + i) as u32) {
+            return Err(Error::Invalid(format!(
+                "SID token {t} did not get id {} (the tokenizer already knows it?)",
+                n_old + i
+            )));
+        }
+    }
+    llama::extend_vocab(&mut tensors, &mut cfg, sid_tokens.len(), opts.seed)?;
+    let pad_id = tok
+        .token_to_id("<|pad|>")
+        .or_else(|| tok.token_to_id("<|endoftext|>"))
+        .or(cfg.eos_token_id)
+        .unwrap_or(0);
+
+    // 3. Tokenize examples once.
+    let encode = |exs: &[Example]| -> Result<Vec<Encoded>> {
+        exs.iter()
+            .map(|e| {
+                Ok(trainer::encode_pair(
+                    &tok,
+                    &chat,
+                    &e.prompt,
+                    &e.answer,
+                    opts.max_len,
+                )?)
+            })
+            .collect()
+    };
+    let valid_enc = encode(&valid)?;
+    let ckpt_root = opts.out.with_extension("checkpoints");
+    let mut report = TrainReport {
+        base: base_name.clone(),
+        params: tensors.values().map(|t| t.elem_count()).sum(),
+        vocab_size: cfg.vocab_size,
+        sid_tokens: sid_tokens.len(),
+        users: seqs.len(),
+        examples: counts,
+        validation_examples: valid.len(),
+        stages: Vec::new(),
+        seconds: 0.0,
+    };
+
+    // 4. Stages.
+    let stages: [(&str, &Option<StageConfig>, bool); 2] = [
+        ("align", &opts.stage1, true),
+        ("instruct", &opts.stage2, false),
+    ];
+    let mut last_stage = "base".to_string();
+    for (name, stage, align_only) in stages {
+        let Some(stage) = stage else { continue };
+        let exs: Vec<Example> = if align_only {
+            examples
+                .iter()
+                .filter(|e| e.task == Task::Align)
+                .cloned()
+                .collect()
+        } else {
+            examples.clone()
+        };
+        let enc = encode(&exs)?;
+        let loop_cfg = LoopConfig {
+            epochs: stage.epochs,
+            max_steps: stage.max_steps,
+            batch_size: opts.batch_size,
+            lr: stage.lr,
+            warmup: opts.warmup,
+            min_lr_ratio: 0.1,
+            weight_decay: opts.weight_decay,
+            clip: Some(opts.clip),
+            eval_every: opts.eval_every,
+            seed: opts.seed,
+            pad_id,
+        };
+        let ckpt = Checkpointing {
+            dir: ckpt_root.join(name),
+            every: opts.checkpoint_every,
+            resume: opts.resume && ckpt_root.join(name).join("trainer.json").exists(),
+        };
+        let (model, params) = build_model(&cfg, &tensors, stage.mode, n_old, opts)?;
+        let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+        let loss_fn = |b: &trainer::Batch| -> candle_core::Result<Tensor> {
+            let logits = model
+                .forward(&b.input, Some(&b.attention))
+                .map_err(to_candle)?;
+            llama::masked_cross_entropy(&logits, &b.targets, &b.loss_mask).map_err(to_candle)
+        };
+        if !progress.quiet {
+            eprintln!(
+                "stage {name}: {} examples, mode {:?}, {trainable} trainable parameters",
+                enc.len(),
+                stage.mode
+            );
+        }
+        let rep = trainer::run(
+            params, &enc, &valid_enc, &loss_fn, &loop_cfg, &ckpt, progress,
+        )?;
+        tensors = model.merged_weights()?;
+        report.stages.push(StageReport {
+            name: name.to_string(),
+            mode: stage.mode,
+            examples: enc.len(),
+            trainable_params: trainable,
+            report: rep,
+        });
+        last_stage = name.to_string();
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+
+    // 5. The model directory.
+    let sidecar = Sidecar {
+        sids_sha256: sids_sha,
+        artifacts: opts.artifacts.display().to_string(),
+        stage: last_stage,
+        prompts_version: prompts.fingerprint().to_string(),
+        sid_tokens: sid_tokens.len(),
+        sid_token_offset: n_old as u32,
+    };
+    let config = serde_json::from_str(&cfg.to_json_string())
+        .map_err(|e| Error::Invalid(format!("config: {e}")))?;
+    let dir = HfDir {
+        config,
+        tensors,
+        tokenizer: tok,
+        tokenizer_config,
+        sidecar: Some(sidecar),
+    };
+    dir.save(&opts.out, opts.force || opts.resume)?;
+    let report_path = opts.out.join(REPORT_FILE);
+    let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(e.to_string()))?;
+    std::fs::write(&report_path, json + "\n").map_err(|e| Error::io(&report_path, e))?;
+    let _ = std::fs::remove_dir_all(&ckpt_root);
+    Ok(report)
+}
+
+fn to_candle(e: llama::ModelError) -> candle_core::Error {
+    match e {
+        llama::ModelError::Candle(c) => c,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
+}
+
+/// Tokenizer, config, weights, `tokenizer_config.json` (chat template) and a name.
+type Base = (
+    Tokenizer,
+    LlamaConfig,
+    HashMap<String, Tensor>,
+    Option<serde_json::Value>,
+    String,
+);
+
+fn load_base(
+    base: &BaseModel,
+    examples: &[Example],
+    catalog: &crate::catalog::Catalog,
+) -> Result<Base> {
+    match base {
+        BaseModel::Scratch { config, vocab_size } => {
+            let mut cfg = LlamaConfig::from_file(config)?;
+            // The BPE learns words, not SID tokens: those are added whole afterwards.
+            let strip = |s: &str| strip_sid_tokens(s);
+            let texts: Vec<String> = catalog
+                .items
+                .iter()
+                .map(|i| format!("{} {}", i.title, i.description))
+                .chain(
+                    examples
+                        .iter()
+                        .map(|e| format!("{} {}", strip(&e.prompt), strip(&e.answer))),
+                )
+                .collect();
+            let tok = bpe::train_bpe(texts.iter(), *vocab_size)?;
+            cfg.vocab_size = tok.get_vocab_size(true);
+            let eos = tok.token_to_id(bpe::SPECIAL_TOKENS[0]);
+            cfg.bos_token_id = eos;
+            cfg.eos_token_id = tok.token_to_id("<|im_end|>").or(eos);
+            let tensors = Llama::init_tensors(&cfg, 0)?;
+            let name = format!("scratch:{}", config.display());
+            Ok((tok, cfg, tensors, None, name))
+        }
+        BaseModel::HfDir(dir) => {
+            let hf = HfDir::load(dir)?;
+            if hf.sidecar.is_some() {
+                return Err(Error::Invalid(format!(
+                    "{} already speaks a SID map (it has sidrec.json): start from its base model",
+                    dir.display()
+                )));
+            }
+            let cfg =
+                LlamaConfig::from_json_str(&hf.config.to_string(), &dir.display().to_string())?;
+            Ok((
+                hf.tokenizer,
+                cfg,
+                hf.tensors,
+                hf.tokenizer_config,
+                dir.display().to_string(),
+            ))
+        }
+        BaseModel::Gguf(path) => {
+            let g = GgufModel::open(path)?;
+            let json =
+                serde_json::to_string(&g.hf_config()).map_err(|e| Error::Invalid(e.to_string()))?;
+            let cfg = LlamaConfig::from_json_str(&json, &path.display().to_string())?;
+            let tok = g.tokenizer()?;
+            let tensors = g.dequantize_all()?;
+            Ok((tok, cfg, tensors, None, path.display().to_string()))
+        }
+    }
+}
+
+/// Removes `<...>` SID-like tokens (type, level and dedup tokens) from a text.
+fn strip_sid_tokens(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('<') {
+        out.push_str(&rest[..i]);
+        match rest[i..].find('>') {
+            Some(j) if !rest[i + 1..i + j].contains(char::is_whitespace) => {
+                rest = &rest[i + j + 1..]
+            }
+            _ => {
+                out.push('<');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+type Trainable = (Llama, Vec<(String, candle_core::Var)>);
+
+fn build_model(
+    cfg: &LlamaConfig,
+    tensors: &HashMap<String, Tensor>,
+    mode: Mode,
+    n_old: usize,
+    opts: &TrainOptions,
+) -> Result<Trainable> {
+    let dev = Device::Cpu;
+    let (model, map) = match mode {
+        Mode::Full => {
+            let map = llama::varmap_from_tensors(tensors)?;
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            (Llama::new(cfg, vb)?, map)
+        }
+        Mode::Lora | Mode::Rows => {
+            let lora = LoraConfig {
+                rank: opts.lora_rank,
+                alpha: opts.lora_alpha,
+                targets: if mode == Mode::Lora {
+                    llama::LORA_TARGETS.iter().map(|s| s.to_string()).collect()
+                } else {
+                    Vec::new()
+                },
+                train_new_rows_from: Some(n_old),
+            };
+            let init = llama::lora_init_tensors(cfg, &lora, opts.seed)?;
+            let map = llama::varmap_from_tensors(&init)?;
+            let base = VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            (Llama::new_with_lora(cfg, base, vb, &lora)?, map)
+        }
+    };
+    let params: Vec<(String, candle_core::Var)> = map
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("parameter map poisoned".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok((model, params))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_sid_tokens_only() {
+        assert_eq!(
+            strip_sid_tokens("watched <movie><a_1><b_2> Toy Story; a < b > c"),
+            "watched  Toy Story; a < b > c"
+        );
+    }
+}
