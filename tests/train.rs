@@ -1,0 +1,317 @@
+//! `sidrec train` end to end on a small catalog: a from-scratch model learns, the model
+//! directory is complete and reloads, and its SID map is checked.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use sidrec::catalog::LoadOptions;
+use sidrec::model::config::LlamaConfig;
+use sidrec::model::hfdir::{self, HfDir};
+use sidrec::model::llama::Llama;
+use sidrec::npy;
+use sidrec::progress::Progress;
+use sidrec::quantize::QuantizeConfig;
+use sidrec::template::Template;
+use sidrec::tokenize::{self, EmbeddingSource, TokenizeOptions};
+use sidrec::train::data::DataOptions;
+use sidrec::train::pipeline::{self, BaseModel, Mode, StageConfig, TrainOptions};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/train")
+        .join(name)
+}
+
+/// Tokenizes the 10-item fixture catalog with random (seeded) embeddings.
+fn artifacts(dir: &Path, seed: u64) -> PathBuf {
+    let n = 10;
+    let d = 8;
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let data: Vec<f32> = (0..n * d)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        })
+        .collect();
+    let emb = dir.join(format!("emb{seed}.npy"));
+    npy::write_f32_matrix(&emb, &data, n, d).unwrap();
+    let out = dir.join(format!("artifacts{seed}"));
+    let opts = TokenizeOptions {
+        catalog: Some(fixture("catalog.jsonl")),
+        load: LoadOptions {
+            format: None,
+            default_type: "item".into(),
+        },
+        template: Template::default(),
+        embeddings: EmbeddingSource::Precomputed(emb),
+        batch_size: 8,
+        max_tokens: 64,
+        quantize: QuantizeConfig {
+            levels: vec![4, 4],
+            iters: 5,
+            seed,
+            ..Default::default()
+        },
+        out: out.clone(),
+        force: false,
+        save_embeddings: false,
+    };
+    tokenize::run(&opts, Progress::new(true)).unwrap();
+    out
+}
+
+/// Users who watch the movies in order, and users who listen to the podcasts in order:
+/// a pattern a tiny model can pick up in a few steps.
+fn interactions(dir: &Path) -> PathBuf {
+    let movies = ["m1", "m2", "m3", "m4", "m5", "m6"];
+    let pods = ["p1", "p2", "p3", "p4"];
+    let mut lines = String::new();
+    for u in 0..24 {
+        let seq: Vec<&str> = if u % 2 == 0 {
+            movies.iter().cycle().skip(u % 6).take(5).copied().collect()
+        } else {
+            pods.iter().cycle().skip(u % 4).take(4).copied().collect()
+        };
+        lines.push_str(&serde_json::json!({"user": format!("u{u}"), "items": seq}).to_string());
+        lines.push('\n');
+    }
+    let p = dir.join("seqs.jsonl");
+    fs::write(&p, lines).unwrap();
+    p
+}
+
+fn tiny_config(dir: &Path) -> PathBuf {
+    let p = dir.join("tiny.json");
+    fs::write(
+        &p,
+        r#"{"vocab_size": 0, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+            "tie_word_embeddings": true}"#,
+    )
+    .unwrap();
+    p
+}
+
+fn options(artifacts: PathBuf, inter: PathBuf, base: BaseModel, out: PathBuf) -> TrainOptions {
+    TrainOptions {
+        artifacts,
+        interactions: inter,
+        base,
+        out,
+        force: false,
+        prompts: None,
+        stage1: Some(StageConfig {
+            mode: Mode::Full,
+            epochs: 2,
+            max_steps: 0,
+            lr: 3e-3,
+        }),
+        stage2: Some(StageConfig {
+            mode: Mode::Full,
+            epochs: 3,
+            max_steps: 0,
+            lr: 3e-3,
+        }),
+        batch_size: 8,
+        max_len: 128,
+        warmup: 2,
+        clip: 1.0,
+        weight_decay: 0.0,
+        lora_rank: 4,
+        lora_alpha: 8.0,
+        eval_every: 0,
+        checkpoint_every: 0,
+        resume: false,
+        seed: 1,
+        data: DataOptions {
+            seed: 1,
+            ..Default::default()
+        },
+    }
+}
+
+#[test]
+fn trains_from_scratch_and_writes_a_complete_model_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = artifacts(tmp.path(), 0);
+    let inter = interactions(tmp.path());
+    let out = tmp.path().join("model");
+    let base = BaseModel::Scratch {
+        config: tiny_config(tmp.path()),
+        vocab_size: 400,
+    };
+    let report = pipeline::run(
+        &options(art.clone(), inter, base, out.clone()),
+        Progress::new(true),
+    )
+    .unwrap();
+
+    // The loss falls in both stages, and validation loss is reported at the end of each.
+    assert_eq!(report.stages.len(), 2);
+    for s in &report.stages {
+        let first = s.report.train_loss.first().unwrap().loss;
+        let last = s.report.train_loss.last().unwrap().loss;
+        assert!(last < first, "stage {}: {first} -> {last}", s.name);
+        assert_eq!(s.report.valid_loss.len(), 1, "stage {}", s.name);
+        assert!(s.report.valid_loss[0].1.is_finite());
+    }
+    assert_eq!(report.users, 24);
+    assert!(report.examples["recommend"] > 0 && report.examples["align"] == 20);
+
+    // The directory: HF files, the SID map checksum, the report.
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "sidrec.json",
+        "train_report.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    hfdir::check_sid_map(&out, art.join("sids.jsonl")).unwrap();
+    let dir = HfDir::load(&out).unwrap();
+    let side = dir.sidecar.clone().unwrap();
+    assert_eq!(side.stage, "instruct");
+    let vocab = sidrec::artifacts::read_vocab(&art).unwrap();
+    assert_eq!(side.sid_tokens, vocab.len());
+    // SID tokens are single tokens with contiguous ids from the recorded offset.
+    for (i, t) in vocab.tokens().iter().enumerate() {
+        assert_eq!(
+            dir.tokenizer.token_to_id(t),
+            Some(side.sid_token_offset + i as u32),
+            "{t}"
+        );
+    }
+    let sid = "<movie><a_0><b_0>";
+    let enc = dir.tokenizer.encode(sid, false).unwrap();
+    assert_eq!(enc.get_ids().len(), 3, "{sid} must be three tokens");
+
+    // It reloads and runs: logits over the extended vocabulary.
+    let cfg = LlamaConfig::from_json_str(&dir.config.to_string(), "config.json").unwrap();
+    assert_eq!(cfg.vocab_size, side.sid_token_offset as usize + vocab.len());
+    let tensors: HashMap<String, Tensor> = dir.tensors;
+    let model = Llama::new(
+        &cfg,
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9]], &Device::Cpu).unwrap();
+    let logits = model.forward(&ids, None).unwrap();
+    assert_eq!(logits.dims(), &[1, 3, cfg.vocab_size]);
+
+    // A model is tied to its SID map: another tokenization is refused, naming both.
+    let other = artifacts(tmp.path(), 5);
+    let err = hfdir::check_sid_map(&out, other.join("sids.jsonl"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sha256") || err.contains("SID"), "{err}");
+
+    // The output directory is not overwritten without force.
+    let base = BaseModel::Scratch {
+        config: tiny_config(tmp.path()),
+        vocab_size: 400,
+    };
+    let again = pipeline::run(
+        &options(art, interactions(tmp.path()), base, out.clone()),
+        Progress::new(true),
+    );
+    assert!(again.unwrap_err().to_string().contains("--force"));
+}
+
+#[test]
+fn same_seed_gives_identical_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = artifacts(tmp.path(), 0);
+    let inter = interactions(tmp.path());
+    let run = |name: &str| {
+        let out = tmp.path().join(name);
+        let base = BaseModel::Scratch {
+            config: tiny_config(tmp.path()),
+            vocab_size: 400,
+        };
+        let mut o = options(art.clone(), inter.clone(), base, out.clone());
+        o.stage1 = None;
+        o.stage2 = Some(StageConfig {
+            mode: Mode::Full,
+            epochs: 1,
+            max_steps: 3,
+            lr: 3e-3,
+        });
+        pipeline::run(&o, Progress::new(true)).unwrap();
+        fs::read(out.join("model.safetensors")).unwrap()
+    };
+    assert_eq!(run("a"), run("b"));
+}
+
+/// A pretrained-style base without SID tokens: a BPE tokenizer and fresh weights, saved
+/// as a Hugging Face directory.
+fn plain_base(dir: &Path) -> PathBuf {
+    let texts = fs::read_to_string(fixture("catalog.jsonl")).unwrap();
+    let tok = sidrec::model::bpe::train_bpe(texts.lines().cycle().take(100), 350).unwrap();
+    let mut cfg = LlamaConfig::from_file(&tiny_config(dir)).unwrap();
+    cfg.vocab_size = tok.get_vocab_size(true);
+    let tensors = Llama::init_tensors(&cfg, 3).unwrap();
+    let out = dir.join("plain");
+    HfDir {
+        config: serde_json::from_str(&cfg.to_json_string()).unwrap(),
+        tensors,
+        tokenizer: tok,
+        tokenizer_config: None,
+        sidecar: None,
+    }
+    .save(&out, false)
+    .unwrap();
+    out
+}
+
+#[test]
+fn lora_and_rows_modes_train_only_their_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = artifacts(tmp.path(), 0);
+    let inter = interactions(tmp.path());
+    let mut o = options(
+        art.clone(),
+        inter.clone(),
+        BaseModel::HfDir(plain_base(tmp.path())),
+        tmp.path().join("ft"),
+    );
+    o.stage1 = Some(StageConfig {
+        mode: Mode::Rows,
+        epochs: 1,
+        max_steps: 2,
+        lr: 1e-3,
+    });
+    o.stage2 = Some(StageConfig {
+        mode: Mode::Lora,
+        epochs: 1,
+        max_steps: 2,
+        lr: 1e-3,
+    });
+    let report = pipeline::run(&o, Progress::new(true)).unwrap();
+    let hidden = 64;
+    let rows = &report.stages[0];
+    assert_eq!(rows.mode, Mode::Rows);
+    // Rows mode trains exactly the new (SID) rows: sid_tokens × hidden.
+    assert_eq!(rows.trainable_params, report.sid_tokens * hidden);
+    let lora = &report.stages[1];
+    assert!(lora.trainable_params > rows.trainable_params);
+    assert!(lora.trainable_params < report.params / 2);
+
+    // A directory that already speaks a SID map is refused as a base.
+    let o2 = options(
+        art,
+        inter,
+        BaseModel::HfDir(tmp.path().join("ft")),
+        tmp.path().join("ft2"),
+    );
+    let err = pipeline::run(&o2, Progress::new(true))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sidrec.json"), "{err}");
+}
