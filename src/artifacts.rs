@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -203,68 +203,39 @@ pub struct Artifacts<'a> {
     pub embeddings: Option<&'a crate::embed::Embeddings>,
 }
 
-/// Writes the artifact directory atomically: into a temporary sibling directory first,
-/// then renamed to `out`. With `overwrite`, an existing `out` is replaced (it is moved
-/// aside first and deleted only after the new directory is in place).
+/// Writes the artifact directory atomically ([`crate::atomic::write_dir`]); with
+/// `overwrite`, an existing `out` is replaced.
 pub fn write(out: &Path, a: &Artifacts<'_>, overwrite: bool) -> Result<()> {
-    if out.exists() && !overwrite {
-        return Err(Error::Invalid(format!(
-            "{} already exists: pass --force to replace it",
-            out.display()
-        )));
-    }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".sidrec-tmp-")
-        .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))?;
-    let dir = tmp.path();
-
-    write_with(&dir.join(CATALOG_FILE), |w| a.catalog.write_jsonl(w))?;
-    write_with(&dir.join(SIDS_FILE), |w| {
-        for r in a.records {
-            serde_json::to_writer(&mut *w, r)?;
-            w.write_all(b"\n")?;
-        }
-        Ok(())
-    })?;
-    write_codebooks(&dir.join(CODEBOOKS_FILE), a)?;
-    write_with(&dir.join(REPORT_FILE), |w| {
-        serde_json::to_writer_pretty(&mut *w, a.report)?;
-        w.write_all(b"\n")
-    })?;
-    if let Some(e) = a.embeddings {
-        crate::embed::save_npy(e, &dir.join(EMBEDDINGS_FILE))?;
-    }
-
-    // Swap into place.
-    let tmp_path = tmp.keep();
-    let old = if out.exists() {
-        let aside = parent.join(format!(
-            ".sidrec-old-{}",
-            out.file_name().and_then(|s| s.to_str()).unwrap_or("out")
-        ));
-        let _ = fs::remove_dir_all(&aside);
-        fs::rename(out, &aside).map_err(|e| Error::io(out, e))?;
-        Some(aside)
-    } else {
-        None
-    };
-    if let Err(e) = fs::rename(&tmp_path, out) {
-        if let Some(aside) = &old {
-            let _ = fs::rename(aside, out);
-        }
-        let _ = fs::remove_dir_all(&tmp_path);
-        return Err(Error::io(out, e));
-    }
-    if let Some(aside) = old {
-        let _ = fs::remove_dir_all(aside);
-    }
-    Ok(())
+    crate::atomic::write_dir(
+        out,
+        overwrite,
+        |p: &Path| {
+            Error::Invalid(format!(
+                "{} already exists: pass --force to replace it",
+                p.display()
+            ))
+        },
+        |p: &Path, e| Error::io(p, e),
+        |dir| {
+            write_with(&dir.join(CATALOG_FILE), |w| a.catalog.write_jsonl(w))?;
+            write_with(&dir.join(SIDS_FILE), |w| {
+                for r in a.records {
+                    serde_json::to_writer(&mut *w, r)?;
+                    w.write_all(b"\n")?;
+                }
+                Ok(())
+            })?;
+            write_codebooks(&dir.join(CODEBOOKS_FILE), a)?;
+            write_with(&dir.join(REPORT_FILE), |w| {
+                serde_json::to_writer_pretty(&mut *w, a.report)?;
+                w.write_all(b"\n")
+            })?;
+            if let Some(e) = a.embeddings {
+                crate::embed::save_npy(e, &dir.join(EMBEDDINGS_FILE))?;
+            }
+            Ok(())
+        },
+    )
 }
 
 fn write_with(

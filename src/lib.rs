@@ -12,6 +12,7 @@
 //! [`tokenize`] wires the first half together; it is what `sidrec tokenize` runs.
 
 pub mod artifacts;
+pub mod atomic;
 pub mod catalog;
 pub mod embed;
 pub mod error;

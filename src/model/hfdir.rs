@@ -491,53 +491,19 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
         .map_err(|e| ModelIoError::io(path, e))
 }
 
-/// Runs `fill` on a fresh temporary directory beside `out`, then renames it to `out`.
-/// On any error the temporary directory is removed and `out` is left as it was.
+/// [`crate::atomic::write_dir`] with this module's errors.
 fn write_atomically(
     out: &Path,
     overwrite: bool,
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    if out.exists() && !overwrite {
-        return Err(ModelIoError::Exists {
-            path: out.to_path_buf(),
-        });
-    }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&parent).map_err(|e| ModelIoError::io(&parent, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".sidrec-tmp-")
-        .tempdir_in(&parent)
-        .map_err(|e| ModelIoError::io(&parent, e))?;
-    fill(tmp.path())?;
-
-    let tmp_path = tmp.keep();
-    let old = if out.exists() {
-        let aside = parent.join(format!(
-            ".sidrec-old-{}",
-            out.file_name().and_then(|s| s.to_str()).unwrap_or("out")
-        ));
-        let _ = fs::remove_dir_all(&aside);
-        if let Err(e) = fs::rename(out, &aside) {
-            let _ = fs::remove_dir_all(&tmp_path);
-            return Err(ModelIoError::io(out, e));
-        }
-        Some(aside)
-    } else {
-        None
-    };
-    if let Err(e) = fs::rename(&tmp_path, out) {
-        if let Some(aside) = &old {
-            let _ = fs::rename(aside, out);
-        }
-        let _ = fs::remove_dir_all(&tmp_path);
-        return Err(ModelIoError::io(out, e));
-    }
-    if let Some(aside) = old {
-        let _ = fs::remove_dir_all(aside);
-    }
-    Ok(())
+    crate::atomic::write_dir(
+        out,
+        overwrite,
+        |p: &Path| ModelIoError::Exists {
+            path: p.to_path_buf(),
+        },
+        |p: &Path, e| ModelIoError::io(p, e),
+        fill,
+    )
 }

@@ -349,34 +349,33 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     }
 }
 
-/// Writes parameters, optimiser state and loop state into `dir` (atomically: a temporary
-/// directory renamed over the previous checkpoint).
+/// Writes parameters, optimiser state and loop state into `dir`, replacing the previous
+/// checkpoint atomically.
 fn save_checkpoint(dir: &Path, opt: &AdamW, step: usize, report: &LoopReport) -> Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".ckpt-")
-        .tempdir_in(parent)
-        .map_err(io(parent))?;
     let params: std::collections::HashMap<String, Tensor> = opt
         .params()
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    candle_core::safetensors::save(&params, tmp.path().join(PARAMS_FILE))?;
-    opt.save(&tmp.path().join(OPTIM_FILE))?;
     let state = LoopState {
         step,
         report: report.clone(),
     };
     let json = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    std::fs::write(tmp.path().join(STATE_FILE), json).map_err(io(dir))?;
-    let kept = tmp.keep();
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(io(dir))?;
-    }
-    std::fs::rename(&kept, dir).map_err(io(dir))?;
-    Ok(())
+    crate::atomic::write_dir(
+        dir,
+        true,
+        |p: &Path| TrainError::Invalid(format!("{} exists", p.display())),
+        |p: &Path, source| TrainError::Io {
+            path: p.to_path_buf(),
+            source,
+        },
+        |tmp| {
+            candle_core::safetensors::save(&params, tmp.join(PARAMS_FILE))?;
+            opt.save(&tmp.join(OPTIM_FILE))?;
+            std::fs::write(tmp.join(STATE_FILE), &json).map_err(io(tmp))
+        },
+    )
 }
 
 /// Restores parameters and optimiser state from `dir`.
