@@ -64,9 +64,9 @@ full (every weight), lora (adapters + SID rows), rows (SID embedding rows only).
 Output: config.json, model.safetensors, tokenizer.json (with SID tokens), sidrec.json \
 (sha256 of sids.jsonl, prompts version) and train_report.json (loss curves).\n\n\
 Examples:\n  \
-sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter -o models/ml100k-tiny\n  \
+sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter -o out/ml100k-tiny\n  \
 sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter \\\n    \
---base assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --stage1-mode rows --stage2 none -o models/ml100k-smol";
+--base assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --stage1-mode rows --stage2-mode none -o out/ml100k-smol";
 
 #[derive(Args)]
 struct TrainArgs {
@@ -500,8 +500,15 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
     use sidrec::train::pipeline::{self, BaseModel, Mode, StageConfig, TrainOptions};
     let scratch = a.base.extension().is_some_and(|e| e == "json");
     let base = if scratch {
+        // The shipped configs are found from any working directory.
+        let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(&a.base);
+        let config = if !a.base.exists() && shipped.exists() {
+            shipped
+        } else {
+            a.base.clone()
+        };
         BaseModel::Scratch {
-            config: a.base.clone(),
+            config,
             vocab_size: a.vocab_size,
         }
     } else if a.base.extension().is_some_and(|e| e == "gguf") {
