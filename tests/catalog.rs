@@ -199,7 +199,7 @@ fn recbole_latin1_lines_are_decoded() {
 
 #[test]
 fn amazon_layout() {
-    let c = load("amazon.json");
+    let c = load("keyed_items.json");
     let ids: Vec<&str> = c.items.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, vec!["0", "2", "10"], "numeric key order");
     let beakers = c.get("10").unwrap();
@@ -227,7 +227,7 @@ fn amazon_layout() {
 
 #[test]
 fn amazon_mixed_types_file_order_and_nested_categories() {
-    let c = Catalog::load(&fixture("amazon-mixed.json"), &opts("product")).unwrap();
+    let c = Catalog::load(&fixture("keyed_items_mixed.json"), &opts("product")).unwrap();
     let ids: Vec<&str> = c.items.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, vec!["a", "b"], "file order when keys are not numbers");
     assert_eq!(c.types(), vec!["product", "tool"]);
@@ -267,8 +267,8 @@ fn write_jsonl_round_trips_every_format() {
         "ml1m-style.item",
         "mixed.item",
         "latin1.item",
-        "amazon.json",
-        "amazon-mixed.json",
+        "keyed_items.json",
+        "keyed_items_mixed.json",
     ] {
         let c = load(name);
         let mut buf = Vec::new();
@@ -720,7 +720,7 @@ fn default_template_over_every_format() {
         t.render(&c.items[0]),
         "Toy Boat. 1995. Animation, Children's, Comedy."
     );
-    let c = load("amazon.json");
+    let c = load("keyed_items.json");
     assert_eq!(
         t.render(c.get("10").unwrap()),
         "Glass Beaker Set, 5 Sizes. Clearwell. Industrial & Scientific, Lab & Scientific \
