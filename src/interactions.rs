@@ -587,25 +587,7 @@ fn read_amazon(path: &Path, bytes: &[u8]) -> Result<Vec<RawUser>, InteractionsEr
                 ),
             ));
         };
-        let mut raw = Vec::with_capacity(items.len());
-        for (k, v) in items.iter().enumerate() {
-            let id = json_id(v).ok_or_else(|| {
-                syntax(
-                    path,
-                    line,
-                    format!(
-                        "user {name:?}, item {}: expected an item id (string or integer), found {}",
-                        k + 1,
-                        show(v)
-                    ),
-                )
-            })?;
-            raw.push(RawItem {
-                id,
-                line,
-                time: k as f64,
-            });
-        }
+        let raw = raw_items(&items, path, line, &format!("user {name:?}"))?;
         users.push(RawUser { name, items: raw });
     }
     Ok(users)
@@ -696,28 +678,42 @@ fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<RawUser>, InteractionsErr
             });
         }
         first_line.insert(name.clone(), line);
-        let mut raw = Vec::with_capacity(items.len());
-        for (k, v) in items.iter().enumerate() {
+        let raw = raw_items(items, path, line, "field \"items\"")?;
+        users.push(RawUser { name, items: raw });
+    }
+    Ok(users)
+}
+
+/// The items of one user's JSON array, in list order (the list is chronological), all on
+/// the user's `line`; `context` names the array in error messages.
+fn raw_items(
+    items: &[Value],
+    path: &Path,
+    line: usize,
+    context: &str,
+) -> Result<Vec<RawItem>, InteractionsError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(k, v)| {
             let id = json_id(v).ok_or_else(|| {
                 syntax(
                     path,
                     line,
                     format!(
-                        "field \"items\", item {}: expected an item id (string or integer), found {}",
+                        "{context}, item {}: expected an item id (string or integer), found {}",
                         k + 1,
                         show(v)
                     ),
                 )
             })?;
-            raw.push(RawItem {
+            Ok(RawItem {
                 id,
                 line,
                 time: k as f64,
-            });
-        }
-        users.push(RawUser { name, items: raw });
-    }
-    Ok(users)
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
