@@ -223,18 +223,13 @@ impl BertEncoder {
         revision: Option<&str>,
         max_tokens: usize,
     ) -> Result<Self, EmbedError> {
-        use hf_hub::{api::sync::Api, Repo, RepoType};
         let hub_err = |file: &str, reason: String| EmbedError::Hub {
             repo: repo_id.to_string(),
             file: file.to_string(),
             reason,
         };
-        let api = Api::new().map_err(|e| hub_err("(api)", e.to_string()))?;
-        let repo = api.repo(Repo::with_revision(
-            repo_id.to_string(),
-            RepoType::Model,
-            revision.unwrap_or("main").to_string(),
-        ));
+        let repo = crate::hub::model_repo(repo_id, revision)
+            .map_err(|e| hub_err("(api)", e.to_string()))?;
         let mut paths = Vec::with_capacity(3);
         for file in MODEL_FILES {
             paths.push(repo.get(file).map_err(|e| hub_err(file, e.to_string()))?);

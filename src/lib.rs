@@ -16,6 +16,7 @@ pub mod atomic;
 pub mod catalog;
 pub mod embed;
 pub mod error;
+pub mod hub;
 pub mod interactions;
 pub mod kmeans;
 pub mod model;

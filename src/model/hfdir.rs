@@ -96,18 +96,13 @@ impl HfDir {
     /// Downloads (or finds in the local Hugging Face cache) a model repository at
     /// `revision` (default `main`) and reads it like [`HfDir::load`].
     pub fn from_hub(repo_id: &str, revision: Option<&str>) -> Result<Self> {
-        use hf_hub::{api::sync::Api, Repo, RepoType};
         let hub_err = |file: &str, reason: String| ModelIoError::Hub {
             repo: repo_id.to_string(),
             file: file.to_string(),
             reason,
         };
-        let api = Api::new().map_err(|e| hub_err("(api)", e.to_string()))?;
-        let repo = api.repo(Repo::with_revision(
-            repo_id.to_string(),
-            RepoType::Model,
-            revision.unwrap_or("main").to_string(),
-        ));
+        let repo = crate::hub::model_repo(repo_id, revision)
+            .map_err(|e| hub_err("(api)", e.to_string()))?;
         let get = |file: &str| repo.get(file).map_err(|e| hub_err(file, e.to_string()));
         let config = get(CONFIG_FILE)?;
         let tokenizer = get(TOKENIZER_FILE)?;
