@@ -23,6 +23,7 @@ pub mod model;
 pub mod npy;
 pub mod progress;
 pub mod quantize;
+pub mod runtime;
 pub mod sid;
 pub mod template;
 pub mod tokenize;

@@ -3,6 +3,7 @@
 mod cli;
 
 fn main() {
+    sidrec::runtime::tune_allocator();
     if let Err(e) = cli::run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

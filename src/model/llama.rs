@@ -1095,21 +1095,22 @@ pub fn masked_cross_entropy(
             found: format!("{:?}", targets.dtype()),
         });
     }
-    let n = b * t;
-    let targets = targets.reshape((n, 1))?;
-    let max = targets.flatten_all()?.max(0)?.to_scalar::<u32>()?;
-    if max as usize >= v {
-        return Err(ModelError::TokenOutOfRange {
-            id: max,
-            vocab_size: v,
-        });
+    let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+    if let Some(&id) = targets.iter().find(|&&id| id as usize >= v) {
+        return Err(ModelError::TokenOutOfRange { id, vocab_size: v });
     }
-    let mask = loss_mask.to_dtype(DType::F32)?.reshape(n)?.detach();
-    let count = mask.sum_all()?.to_scalar::<f32>()?;
-    let logp = ops::log_softmax_last_dim(&logits.reshape((n, v))?)?;
-    let picked = logp.gather(&targets, 1)?.reshape(n)?;
-    let total = (picked * mask)?.sum_all()?;
-    Ok(total.affine(-1.0 / f64::from(count.max(1.0)), 0.0)?)
+    let mask = loss_mask
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let count: f32 = mask.iter().sum();
+    let scale = 1.0 / count.max(1.0);
+    let weights: Vec<f32> = mask.iter().map(|m| m * scale).collect();
+    Ok(ops::weighted_nll(
+        &logits.reshape((b * t, v))?,
+        &targets,
+        &weights,
+    )?)
 }
 
 /// `[max_position_embeddings, head_dim / 2]` cos and sin tables (f32), frequencies as in
