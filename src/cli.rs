@@ -50,6 +50,93 @@ enum Command {
     /// Convert a GGUF Llama checkpoint (e.g. SmolLM2-135M-Instruct) into a Hugging Face
     /// directory (f32 safetensors, tokenizer.json rebuilt from the GGUF metadata).
     Convert(ConvertArgs),
+    /// Ask a trained model for items: from a history, a text request, or both. Every
+    /// item returned exists in the catalog (decoding is constrained by the SID trie).
+    #[command(long_about = RECOMMEND_HELP)]
+    Recommend(RecommendArgs),
+    /// An interactive session with a trained model: build a history, set limits, ask.
+    #[command(long_about = crate::repl::HELP)]
+    Repl(ReplArgs),
+}
+
+const RECOMMEND_HELP: &str = "Ask a trained model for items.\n\n\
+The request chooses the prompt: with --history the model recommends what comes next \
+(the text, if any, is added to the prompt); with text alone it searches; --mode describe \
+writes a profile of the history's user, --mode chat answers the text freely. Items are \
+decoded by beam search over the catalog's SID trie, so every item exists, and the limits \
+(--type, --filter, --exclude-seen) are applied inside the search, never after it.\n\n\
+History items are catalog ids or titles (\"Toy Story\", \"toy story 1995\"), separated by \
+commas.\n\n\
+Examples:\n  \
+sidrec recommend --model out/ml100k-tiny --history 1,50,181 -k 5\n  \
+sidrec recommend --model out/ml100k-tiny \"a 90s comedy\" --filter 'year>=1990, genre=Comedy'\n  \
+sidrec recommend --model out/ml100k-tiny --history \"Toy Story,Star Wars\" --exclude-seen --json\n  \
+sidrec recommend --model out/ml100k-tiny --history 1,50 --mode describe";
+
+/// What a request is made of; shared by `recommend` and `repl`.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct RequestArgs {
+    /// Model directory written by `sidrec train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Items the user interacted with, oldest first: ids or titles, comma-separated
+    /// (the flag may repeat).
+    #[arg(long, value_name = "ID,ID...")]
+    pub history: Vec<String>,
+    /// Only items of this entity type (repeat or comma-separate for several).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub types: Vec<String>,
+    /// Attribute filter: `year>=1990`, `genre=Comedy`, `category~Lab`; clauses joined
+    /// by `,` or ` and ` must all hold.
+    #[arg(long, value_name = "EXPR")]
+    pub filter: Option<String>,
+    /// Number of items.
+    #[arg(short, long, default_value_t = 10)]
+    pub k: usize,
+    /// Beam width (default: 2k, at least 10).
+    #[arg(long)]
+    pub beams: Option<usize>,
+    /// Leave the history's items out of the answer.
+    #[arg(long)]
+    pub exclude_seen: bool,
+    /// auto (recommend with a history, else search), recommend, search, describe, chat.
+    #[arg(long, default_value = "auto")]
+    pub mode: sidrec::decode::Mode,
+    /// Sampling temperature for text (describe, chat; 0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling threshold for text.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most tokens of generated text (describe, chat).
+    #[arg(long, default_value_t = 96)]
+    pub max_tokens: usize,
+}
+
+#[derive(Args)]
+struct RecommendArgs {
+    /// The request in words, e.g. "a 90s comedy like Toy Story".
+    query: Option<String>,
+    #[command(flatten)]
+    req: RequestArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ReplArgs {
+    #[command(flatten)]
+    req: RequestArgs,
+    /// Start with JSON output.
+    #[arg(long)]
+    json: bool,
+    /// History file of the line editor (default: ~/.sidrec_history; "" for none).
+    #[arg(long)]
+    history_file: Option<PathBuf>,
 }
 
 const TRAIN_HELP: &str = "Trains a decoder that speaks the catalog's semantic IDs.\n\n\
@@ -274,6 +361,8 @@ pub fn run() -> Result<()> {
         Command::Tokenize(a) => cmd_tokenize(a, progress),
         Command::Inspect(a) => cmd_inspect(a),
         Command::Train(a) => cmd_train(a, progress),
+        Command::Recommend(a) => cmd_recommend(a),
+        Command::Repl(a) => crate::repl::run(a.req, a.json, a.history_file),
         Command::Convert(a) => {
             let cfg = sidrec::model::hfdir::convert(&a.gguf, &a.out, a.force)?;
             println!(
@@ -588,5 +677,159 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
         );
     }
     println!("  wrote {}", a.out.display());
+    Ok(())
+}
+
+/// Splits `--history`/`--type` values on commas and trims them.
+pub(crate) fn split_list(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Resolves one history entry (an id or a title) to a catalog item; ambiguous or unknown
+/// titles are errors that list the candidates.
+pub(crate) fn resolve_item(engine: &sidrec::decode::Engine, entry: &str) -> Result<u32> {
+    let found = engine.find_items(entry, 6);
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => bail!("no item matches {entry:?} (by id or title)"),
+        many => {
+            let items = &engine.catalog().items;
+            let exact: Vec<u32> = many
+                .iter()
+                .copied()
+                .filter(|&i| items[i as usize].title.eq_ignore_ascii_case(entry.trim()))
+                .collect();
+            if exact.len() == 1 {
+                return Ok(exact[0]);
+            }
+            let list: Vec<String> = many
+                .iter()
+                .map(|&i| {
+                    let it = &items[i as usize];
+                    format!("{} ({})", it.title, it.id)
+                })
+                .collect();
+            bail!(
+                "{entry:?} matches several items: {}; use an id",
+                list.join(", ")
+            )
+        }
+    }
+}
+
+/// A request from flags (history resolved against the engine's catalog).
+pub(crate) fn build_request(
+    engine: &sidrec::decode::Engine,
+    a: &RequestArgs,
+    query: &str,
+) -> Result<sidrec::decode::Request> {
+    let history = split_list(&a.history)
+        .iter()
+        .map(|e| resolve_item(engine, e))
+        .collect::<Result<Vec<u32>>>()?;
+    Ok(sidrec::decode::Request {
+        mode: a.mode,
+        query: query.to_string(),
+        history,
+        types: split_list(&a.types),
+        filter: a.filter.clone(),
+        exclude_seen: a.exclude_seen,
+        k: a.k,
+        beams: a.beams,
+    })
+}
+
+pub(crate) fn gen_config(a: &RequestArgs) -> sidrec::decode::GenConfig {
+    sidrec::decode::GenConfig {
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        stop: Vec::new(),
+    }
+}
+
+/// Runs a request: ranked items (recommend, search) or a mixed answer (describe, chat),
+/// as text or JSON.
+pub(crate) fn answer(
+    engine: &sidrec::decode::Engine,
+    req: &sidrec::decode::Request,
+    gen: &sidrec::decode::GenConfig,
+    json: bool,
+) -> Result<String> {
+    use sidrec::decode::{engine::Output, Mode};
+    use std::fmt::Write;
+    let t0 = std::time::Instant::now();
+    let generative = matches!(req.mode, Mode::Describe | Mode::Chat);
+    let prompt = engine.prompt_text(req)?;
+    let mut out = String::new();
+    if generative {
+        let segs = engine.generate(req, gen)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if json {
+            let v = serde_json::json!({
+                "mode": req.mode.to_string(), "prompt": prompt,
+                "segments": segs, "ms": ms,
+            });
+            writeln!(out, "{v}")?;
+        } else {
+            for s in &segs {
+                match s {
+                    Output::Text { text } => write!(out, "{text}")?,
+                    Output::Item(r) => write!(out, "[{} ({})]", r.title, r.id)?,
+                }
+            }
+            writeln!(out)?;
+        }
+        return Ok(out);
+    }
+    let items = engine.recommend(req)?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    if json {
+        let v = serde_json::json!({
+            "mode": req.mode.to_string(), "prompt": prompt, "items": items, "ms": ms,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        let width = items
+            .iter()
+            .map(|r| r.title.chars().count())
+            .max()
+            .unwrap_or(5)
+            .min(48);
+        for r in &items {
+            let title: String = r.title.chars().take(48).collect();
+            let year = engine.catalog().items[engine.index_of(&r.id).unwrap_or(0) as usize]
+                .attrs
+                .get("year")
+                .map(|y| format!(" ({y})"))
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "{:>3}. {:<width$} {:<7} {:>8.3}  {:<8} {}",
+                r.rank,
+                format!("{title}{year}"),
+                r.item_type,
+                r.score,
+                r.id,
+                r.sid,
+                width = width + 7
+            )?;
+        }
+    }
+    Ok(out)
+}
+
+fn cmd_recommend(a: RecommendArgs) -> Result<()> {
+    let engine = sidrec::decode::Engine::load(&a.req.model)
+        .with_context(|| format!("loading model {}", a.req.model.display()))?;
+    let query = a.query.clone().unwrap_or_default();
+    let req = build_request(&engine, &a.req, &query)?;
+    print!("{}", answer(&engine, &req, &gen_config(&a.req), a.json)?);
     Ok(())
 }

@@ -33,6 +33,9 @@ pub enum Error {
     Model(#[from] crate::model::llama::ModelError),
     #[error(transparent)]
     Bpe(#[from] crate::model::bpe::BpeError),
+    /// Boxed: decoding errors carry model and I/O errors and would bloat every `Result`.
+    #[error(transparent)]
+    Decode(Box<crate::decode::DecodeError>),
     #[error(transparent)]
     ModelIo(#[from] crate::model::gguf::ModelIoError),
     #[error("{path}: {source}")]
@@ -52,5 +55,11 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+impl From<crate::decode::DecodeError> for Error {
+    fn from(e: crate::decode::DecodeError) -> Self {
+        Error::Decode(Box::new(e))
     }
 }

@@ -14,6 +14,7 @@
 pub mod artifacts;
 pub mod atomic;
 pub mod catalog;
+pub mod decode;
 pub mod embed;
 pub mod error;
 pub mod hub;

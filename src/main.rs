@@ -1,6 +1,7 @@
 //! The `sidrec` command line. Thin: parses flags, calls the library, prints results.
 
 mod cli;
+mod repl;
 
 fn main() {
     sidrec::runtime::tune_allocator();

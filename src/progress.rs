@@ -31,6 +31,20 @@ impl Progress {
         pb
     }
 
+    /// A line of news beside a bar (e.g. a validation loss): above the bar on a terminal,
+    /// a plain stderr line in logs and pipes (where indicatif hides bars and their
+    /// lines), nothing when quiet.
+    pub fn println(&self, bar: &ProgressBar, line: &str) {
+        if self.quiet {
+            return;
+        }
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    }
+
     /// A spinner for work without a known length.
     pub fn spinner(&self, msg: &str) -> ProgressBar {
         if self.quiet {

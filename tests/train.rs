@@ -7,134 +7,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use sidrec::catalog::LoadOptions;
 use sidrec::model::config::LlamaConfig;
 use sidrec::model::hfdir::{self, HfDir};
 use sidrec::model::llama::Llama;
-use sidrec::npy;
 use sidrec::progress::Progress;
-use sidrec::quantize::QuantizeConfig;
-use sidrec::template::Template;
-use sidrec::tokenize::{self, EmbeddingSource, TokenizeOptions};
-use sidrec::train::data::DataOptions;
-use sidrec::train::pipeline::{self, BaseModel, Mode, StageConfig, TrainOptions};
+use sidrec::train::pipeline::{self, BaseModel, Mode, StageConfig};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/train")
-        .join(name)
-}
-
-/// Tokenizes the 10-item fixture catalog with random (seeded) embeddings.
-fn artifacts(dir: &Path, seed: u64) -> PathBuf {
-    let n = 10;
-    let d = 8;
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    let data: Vec<f32> = (0..n * d)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        })
-        .collect();
-    let emb = dir.join(format!("emb{seed}.npy"));
-    npy::write_f32_matrix(&emb, &data, n, d).unwrap();
-    let out = dir.join(format!("artifacts{seed}"));
-    let opts = TokenizeOptions {
-        catalog: Some(fixture("catalog.jsonl")),
-        load: LoadOptions {
-            format: None,
-            default_type: "item".into(),
-        },
-        template: Template::default(),
-        embeddings: EmbeddingSource::Precomputed(emb),
-        batch_size: 8,
-        max_tokens: 64,
-        quantize: QuantizeConfig {
-            levels: vec![4, 4],
-            iters: 5,
-            seed,
-            ..Default::default()
-        },
-        out: out.clone(),
-        force: false,
-        save_embeddings: false,
-    };
-    tokenize::run(&opts, Progress::new(true)).unwrap();
-    out
-}
-
-/// Users who watch the movies in order, and users who listen to the podcasts in order:
-/// a pattern a tiny model can pick up in a few steps.
-fn interactions(dir: &Path) -> PathBuf {
-    let movies = ["m1", "m2", "m3", "m4", "m5", "m6"];
-    let pods = ["p1", "p2", "p3", "p4"];
-    let mut lines = String::new();
-    for u in 0..24 {
-        let seq: Vec<&str> = if u % 2 == 0 {
-            movies.iter().cycle().skip(u % 6).take(5).copied().collect()
-        } else {
-            pods.iter().cycle().skip(u % 4).take(4).copied().collect()
-        };
-        lines.push_str(&serde_json::json!({"user": format!("u{u}"), "items": seq}).to_string());
-        lines.push('\n');
-    }
-    let p = dir.join("seqs.jsonl");
-    fs::write(&p, lines).unwrap();
-    p
-}
-
-fn tiny_config(dir: &Path) -> PathBuf {
-    let p = dir.join("tiny.json");
-    fs::write(
-        &p,
-        r#"{"vocab_size": 0, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-            "tie_word_embeddings": true}"#,
-    )
-    .unwrap();
-    p
-}
-
-fn options(artifacts: PathBuf, inter: PathBuf, base: BaseModel, out: PathBuf) -> TrainOptions {
-    TrainOptions {
-        artifacts,
-        interactions: inter,
-        base,
-        out,
-        force: false,
-        prompts: None,
-        stage1: Some(StageConfig {
-            mode: Mode::Full,
-            epochs: 2,
-            max_steps: 0,
-            lr: 3e-3,
-        }),
-        stage2: Some(StageConfig {
-            mode: Mode::Full,
-            epochs: 3,
-            max_steps: 0,
-            lr: 3e-3,
-        }),
-        batch_size: 8,
-        max_len: 128,
-        warmup: 2,
-        clip: 1.0,
-        weight_decay: 0.0,
-        lora_rank: 4,
-        lora_alpha: 8.0,
-        eval_every: 0,
-        checkpoint_every: 0,
-        resume: false,
-        seed: 1,
-        data: DataOptions {
-            seed: 1,
-            ..Default::default()
-        },
-    }
-}
+mod common;
+use common::{artifacts, fixture, interactions, options, tiny_config};
 
 #[test]
 fn trains_from_scratch_and_writes_a_complete_model_dir() {

@@ -225,8 +225,26 @@ impl HfDir {
     /// new directory is complete. Weights are written in f32; a tied model's
     /// `lm_head.weight` is left out.
     pub fn save(&self, out: impl AsRef<Path>, overwrite: bool) -> Result<()> {
+        self.save_with_files(out, overwrite, &[])
+    }
+
+    /// [`HfDir::save`], also copying `extra` files (`name`, source path) into the
+    /// directory before it is renamed into place: a fine-tuned model carries its catalog
+    /// and SID map this way, all or nothing.
+    pub fn save_with_files(
+        &self,
+        out: impl AsRef<Path>,
+        overwrite: bool,
+        extra: &[(&str, &Path)],
+    ) -> Result<()> {
         let out = out.as_ref();
-        write_atomically(out, overwrite, |dir| self.write_files(dir))
+        write_atomically(out, overwrite, |dir| {
+            self.write_files(dir)?;
+            for (name, src) in extra {
+                fs::copy(src, dir.join(name)).map_err(|e| ModelIoError::io(src, e))?;
+            }
+            Ok(())
+        })
     }
 
     fn write_files(&self, dir: &Path) -> Result<()> {

@@ -301,7 +301,10 @@ pub fn run(
             if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == total {
                 if let Some(v) = eval_loss(valid, loss_fn, cfg)? {
                     report.valid_loss.push((step, v));
-                    bar.println(format!("step {step}: train {loss_v:.4}, valid {v:.4}"));
+                    progress.println(
+                        &bar,
+                        &format!("step {step}: train {loss_v:.4}, valid {v:.4}"),
+                    );
                 }
             }
             if ckpt.every > 0 && step % ckpt.every == 0 && step < total {

@@ -1,0 +1,523 @@
+//! A trained model with its catalog, ready for requests.
+//!
+//! [`Engine::load`] reads a model directory written by `sidrec train` (weights, tokenizer
+//! with SID tokens, `sidrec.json`) and the catalog and SID map it carries (or, for older
+//! directories, the artifact directory its `sidrec.json` names), checks that they belong
+//! together (sha256 of `sids.jsonl`), and builds the trie once. Requests are rendered
+//! with the same prompt templates and chat format the model was trained with, so it is
+//! asked exactly as it was taught.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use tokenizers::Tokenizer;
+
+use super::beam::{beam_search, BeamConfig, Hit};
+use super::filter::Filter;
+use super::generate::{generate, GenConfig, Segment};
+use super::{DecodeError, LogitSource};
+use crate::artifacts::{self, SidMap};
+use crate::catalog::{Catalog, Item};
+use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
+use crate::model::hfdir::{self, HfDir, Sidecar};
+use crate::model::llama::{KvCache, Llama};
+use crate::train::data::{self, DataOptions, PromptKind, Prompts, Slot};
+use crate::train::trainer::ChatFormat;
+use crate::trie::{ItemIdx, Mask};
+
+/// What a request asks for; the prompt template follows from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Recommend from the history when there is one, else search with the query.
+    #[default]
+    Auto,
+    /// Next items after the history (the query, if any, is appended to the prompt).
+    Recommend,
+    /// Items matching the text query.
+    Search,
+    /// A text profile of the user from the history.
+    Describe,
+    /// The query as a free chat message; the answer mixes text and items.
+    Chat,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Mode::Auto),
+            "recommend" => Ok(Mode::Recommend),
+            "search" => Ok(Mode::Search),
+            "describe" => Ok(Mode::Describe),
+            "chat" => Ok(Mode::Chat),
+            other => Err(format!(
+                "unknown mode {other:?} (auto, recommend, search, describe, chat)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Auto => "auto",
+            Mode::Recommend => "recommend",
+            Mode::Search => "search",
+            Mode::Describe => "describe",
+            Mode::Chat => "chat",
+        })
+    }
+}
+
+/// One request.
+#[derive(Clone, Debug, Default)]
+pub struct Request {
+    pub mode: Mode,
+    /// Natural-language text: a search query, or an addition to a recommend prompt.
+    pub query: String,
+    /// The user's items, oldest first (catalog indices).
+    pub history: Vec<ItemIdx>,
+    /// Allowed entity types (empty: all).
+    pub types: Vec<String>,
+    /// Attribute filter, e.g. `year>=1990, genre=Comedy`.
+    pub filter: Option<String>,
+    /// Leave the history's items out of the answer.
+    pub exclude_seen: bool,
+    /// Items to return.
+    pub k: usize,
+    /// Beam width (default `2k`, at least 10).
+    pub beams: Option<usize>,
+}
+
+/// A ranked item.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Recommendation {
+    pub rank: usize,
+    pub id: String,
+    pub title: String,
+    #[serde(rename = "type")]
+    pub item_type: String,
+    /// `log p(SID | prompt)`.
+    pub score: f32,
+    pub sid: String,
+}
+
+/// A piece of a generated answer.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Output {
+    Text { text: String },
+    Item(Recommendation),
+}
+
+/// A model, its tokenizer, its catalog and SID trie.
+pub struct Engine {
+    model: Llama,
+    tokenizer: Tokenizer,
+    catalog: Catalog,
+    sids: SidMap,
+    sidecar: Sidecar,
+    prompts: Prompts,
+    chat: ChatFormat,
+    data: DataOptions,
+    stop: Vec<u32>,
+    dir: PathBuf,
+}
+
+impl Engine {
+    /// Loads a model directory written by `sidrec train`.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Engine> {
+        let dir = dir.as_ref();
+        let hf = HfDir::load(dir)?;
+        let sidecar = hf.sidecar.clone().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: no sidrec.json: not a model trained by `sidrec train`",
+                dir.display()
+            ))
+        })?;
+        let artifacts_dir = if dir.join(artifacts::SIDS_FILE).is_file() {
+            dir.to_path_buf()
+        } else {
+            PathBuf::from(&sidecar.artifacts)
+        };
+        hfdir::check_sid_map(dir, artifacts_dir.join(artifacts::SIDS_FILE))?;
+        let catalog = artifacts::read_catalog(&artifacts_dir)?;
+        let sids = SidMap::load(&artifacts_dir)?;
+        if catalog.items.len() != sids.len()
+            || catalog
+                .items
+                .iter()
+                .zip(&sids.records)
+                .any(|(i, r)| i.id != r.id)
+        {
+            return Err(Error::Invalid(format!(
+                "{}: catalog.jsonl and sids.jsonl list different items",
+                artifacts_dir.display()
+            )));
+        }
+        if sidecar.sid_tokens != sids.vocab.len() {
+            return Err(Error::Invalid(format!(
+                "{}: the model has {} SID tokens, the SID map {}",
+                dir.display(),
+                sidecar.sid_tokens,
+                sids.vocab.len()
+            )));
+        }
+        let cfg = LlamaConfig::from_json_str(&hf.config.to_string(), &dir.display().to_string())?;
+        if sidecar.sid_token_offset as usize + sidecar.sid_tokens > cfg.vocab_size {
+            return Err(Error::Invalid(format!(
+                "{}: SID tokens end past the vocabulary ({} + {} > {})",
+                dir.display(),
+                sidecar.sid_token_offset,
+                sidecar.sid_tokens,
+                cfg.vocab_size
+            )));
+        }
+        let vb = VarBuilder::from_tensors(hf.tensors, DType::F32, &Device::Cpu);
+        let model = Llama::new(&cfg, vb)?;
+        let chat = ChatFormat::default();
+        let stop: Vec<u32> = [chat.end.as_str(), "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| hf.tokenizer.token_to_id(t))
+            .chain(cfg.eos_token_id)
+            .collect();
+        Ok(Engine {
+            model,
+            tokenizer: hf.tokenizer,
+            catalog,
+            sids,
+            sidecar,
+            prompts: Prompts::builtin(),
+            chat,
+            data: DataOptions::default(),
+            stop,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn sids(&self) -> &SidMap {
+        &self.sids
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// Catalog index of an item id.
+    pub fn index_of(&self, id: &str) -> Option<ItemIdx> {
+        self.sids.index_of(id).map(|i| i as ItemIdx)
+    }
+
+    /// The prompt text (before the chat wrapping) a request renders to.
+    pub fn prompt_text(&self, req: &Request) -> std::result::Result<String, DecodeError> {
+        let mode = self.resolve_mode(req)?;
+        let noun = match req.types.as_slice() {
+            [one] => one.replace('_', " "),
+            _ => data::catalog_noun(&self.catalog),
+        };
+        let history =
+            || data::format_history(&self.catalog, &self.sids.records, &req.history, &self.data);
+        let render = |kind, values: &[(Slot, &str)]| {
+            self.prompts
+                .render(kind, 0, values)
+                .map_err(|e| DecodeError::Invalid(e.to_string()))
+        };
+        let text = match mode {
+            Mode::Recommend => {
+                let h = history();
+                let steer = req.types.len() == 1 && self.catalog.types().len() > 1;
+                let kind = if steer {
+                    PromptKind::Steer
+                } else {
+                    PromptKind::Recommend
+                };
+                let mut p = render(kind, &[(Slot::History, &h), (Slot::Type, &noun)])?;
+                if !req.query.trim().is_empty() {
+                    p.push(' ');
+                    p.push_str(req.query.trim());
+                }
+                p
+            }
+            Mode::Search => render(
+                PromptKind::Search,
+                &[(Slot::Query, req.query.trim()), (Slot::Type, &noun)],
+            )?,
+            Mode::Describe => render(PromptKind::Describe, &[(Slot::History, &history())])?,
+            Mode::Chat | Mode::Auto => req.query.trim().to_string(),
+        };
+        Ok(text)
+    }
+
+    fn resolve_mode(&self, req: &Request) -> std::result::Result<Mode, DecodeError> {
+        let has_query = !req.query.trim().is_empty();
+        let has_history = !req.history.is_empty();
+        let mode = match req.mode {
+            Mode::Auto if has_history => Mode::Recommend,
+            Mode::Auto => Mode::Search,
+            m => m,
+        };
+        match mode {
+            Mode::Recommend | Mode::Describe if !has_history => Err(DecodeError::Invalid(format!(
+                "{mode} needs a history (item ids or titles)"
+            ))),
+            Mode::Search | Mode::Chat if !has_query => {
+                Err(DecodeError::Invalid(format!("{mode} needs a text query")))
+            }
+            m => Ok(m),
+        }
+    }
+
+    /// Token ids of the full prompt (chat-wrapped), as the model was trained to see it.
+    fn prompt_ids(&self, req: &Request) -> std::result::Result<Vec<u32>, DecodeError> {
+        let text = self.chat.prompt(&self.prompt_text(req)?);
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| DecodeError::Tokenizer(e.to_string()))?;
+        let ids = enc.get_ids().to_vec();
+        let max = self.model.config().max_position_embeddings;
+        if ids.len() + 16 > max {
+            return Err(DecodeError::Invalid(format!(
+                "the prompt has {} tokens; this model reads at most {max}",
+                ids.len()
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// The request's limits as a trie mask: types, attribute filter, seen items.
+    pub fn mask(&self, req: &Request) -> std::result::Result<Mask, DecodeError> {
+        let trie = &self.sids.trie;
+        let mut mask = if req.types.is_empty() {
+            Mask::all(trie)
+        } else {
+            let mut toks = Vec::new();
+            for t in &req.types {
+                let id = self.sids.vocab.type_id(t).ok_or_else(|| {
+                    DecodeError::Invalid(format!(
+                        "unknown type {t:?} (the catalog has: {})",
+                        self.catalog.types().join(", ")
+                    ))
+                })?;
+                toks.push(id);
+            }
+            Mask::from_types(trie, &toks)
+        };
+        if let Some(expr) = req.filter.as_deref().filter(|e| !e.trim().is_empty()) {
+            let f = Filter::parse(expr, &self.catalog)?;
+            mask = mask.intersect(trie, &f.mask(trie, &self.catalog));
+        }
+        if req.exclude_seen {
+            mask = mask.exclude(trie, &req.history);
+        }
+        if mask.allowed_items() == 0 {
+            return Err(DecodeError::NothingAllowed(describe_limits(req)));
+        }
+        Ok(mask)
+    }
+
+    /// The top `req.k` items for a request, best first.
+    pub fn recommend(
+        &self,
+        req: &Request,
+    ) -> std::result::Result<Vec<Recommendation>, DecodeError> {
+        let mask = self.mask(req)?;
+        let prompt = self.prompt_ids(req)?;
+        let k = req.k.max(1);
+        let beams = req.beams.unwrap_or((2 * k).max(10));
+        let mut src = ModelSource::new(&self.model);
+        let hits = beam_search(
+            &mut src,
+            &self.sids.trie,
+            &mask,
+            self.sidecar.sid_token_offset,
+            &prompt,
+            BeamConfig { k, beams },
+        )?;
+        Ok(hits
+            .iter()
+            .enumerate()
+            .map(|(r, h)| self.recommendation(r + 1, h))
+            .collect())
+    }
+
+    fn recommendation(&self, rank: usize, h: &Hit) -> Recommendation {
+        self.item_output(rank, h.item, h.score)
+    }
+
+    fn item_output(&self, rank: usize, item: ItemIdx, score: f32) -> Recommendation {
+        let it: &Item = &self.catalog.items[item as usize];
+        Recommendation {
+            rank,
+            id: it.id.clone(),
+            title: it.title.clone(),
+            item_type: it.item_type.clone(),
+            score,
+            sid: self.sids.records[item as usize].sid.clone(),
+        }
+    }
+
+    /// A free answer mixing text and items (describe and chat modes, or any request).
+    pub fn generate(
+        &self,
+        req: &Request,
+        cfg: &GenConfig,
+    ) -> std::result::Result<Vec<Output>, DecodeError> {
+        let mask = self.mask(req)?;
+        let prompt = self.prompt_ids(req)?;
+        let mut cfg = cfg.clone();
+        if cfg.stop.is_empty() {
+            cfg.stop = self.stop.clone();
+        }
+        let mut src = ModelSource::new(&self.model);
+        let segs = generate(
+            &mut src,
+            &self.sids.trie,
+            &mask,
+            self.sidecar.sid_token_offset,
+            self.sidecar.sid_tokens as u32,
+            &prompt,
+            &cfg,
+        )?;
+        let mut out = Vec::new();
+        let mut rank = 0;
+        for s in segs {
+            match s {
+                Segment::Text(ids) => {
+                    let text = self
+                        .tokenizer
+                        .decode(&ids, true)
+                        .map_err(|e| DecodeError::Tokenizer(e.to_string()))?;
+                    if !text.is_empty() {
+                        out.push(Output::Text { text });
+                    }
+                }
+                Segment::Item { item, score } => {
+                    rank += 1;
+                    out.push(Output::Item(self.item_output(rank, item, score)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finds catalog items by id or title: an exact id first, then an exact title
+    /// (case-insensitive, with or without the year), then the titles containing every
+    /// word of `query`, shortest first. At most `limit` results.
+    pub fn find_items(&self, query: &str, limit: usize) -> Vec<ItemIdx> {
+        let q = query.trim();
+        if let Some(i) = self.index_of(q) {
+            return vec![i];
+        }
+        let norm = |s: &str| -> String {
+            s.to_lowercase()
+                .chars()
+                .map(|c| if c.is_alphanumeric() { c } else { ' ' })
+                .collect::<String>()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let nq = norm(q);
+        if nq.is_empty() {
+            return Vec::new();
+        }
+        let with_year = |it: &Item| match it.attrs.get("year") {
+            Some(y) => norm(&format!("{} {}", it.title, y)),
+            None => norm(&it.title),
+        };
+        let exact: Vec<ItemIdx> = (0..self.catalog.items.len() as ItemIdx)
+            .filter(|&i| {
+                let it = &self.catalog.items[i as usize];
+                norm(&it.title) == nq || with_year(it) == nq
+            })
+            .collect();
+        if !exact.is_empty() {
+            return exact.into_iter().take(limit).collect();
+        }
+        let words: Vec<&str> = nq.split(' ').collect();
+        let mut partial: Vec<(usize, ItemIdx)> = (0..self.catalog.items.len() as ItemIdx)
+            .filter_map(|i| {
+                let t = with_year(&self.catalog.items[i as usize]);
+                let tw: Vec<&str> = t.split(' ').collect();
+                words
+                    .iter()
+                    .all(|w| tw.iter().any(|x| x.starts_with(w)))
+                    .then_some((t.len(), i))
+            })
+            .collect();
+        partial.sort();
+        partial.into_iter().take(limit).map(|(_, i)| i).collect()
+    }
+}
+
+fn describe_limits(req: &Request) -> String {
+    let mut parts = Vec::new();
+    if !req.types.is_empty() {
+        parts.push(format!("types {}", req.types.join(",")));
+    }
+    if let Some(f) = &req.filter {
+        parts.push(format!("filter {f:?}"));
+    }
+    if req.exclude_seen {
+        parts.push(format!("{} seen items excluded", req.history.len()));
+    }
+    parts.join("; ")
+}
+
+/// [`LogitSource`] over the decoder with a KV cache: the prompt is prefilled once, and
+/// the cache is reordered (forked, dropped) per step as beams move.
+pub struct ModelSource<'a> {
+    model: &'a Llama,
+    cache: KvCache,
+}
+
+impl<'a> ModelSource<'a> {
+    pub fn new(model: &'a Llama) -> Self {
+        ModelSource {
+            model,
+            cache: KvCache::new(model.config()),
+        }
+    }
+}
+
+impl LogitSource for ModelSource<'_> {
+    fn prefill(&mut self, prompt: &[u32]) -> std::result::Result<Vec<f32>, DecodeError> {
+        if prompt.is_empty() {
+            return Err(DecodeError::Invalid("empty prompt".into()));
+        }
+        self.cache = KvCache::new(self.model.config());
+        let ids = Tensor::from_slice(prompt, (1, prompt.len()), &Device::Cpu)?;
+        let logits = self.model.forward_cached_last(&ids, &mut self.cache)?;
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn extend(
+        &mut self,
+        parents: &[u32],
+        tokens: &[u32],
+    ) -> std::result::Result<Vec<f32>, DecodeError> {
+        let identity = self.cache.batch_size() == Some(parents.len())
+            && parents.iter().enumerate().all(|(i, &p)| p as usize == i);
+        if !identity {
+            self.cache = self.cache.select(parents)?;
+        }
+        let ids = Tensor::from_slice(tokens, (tokens.len(), 1), &Device::Cpu)?;
+        let logits = self.model.forward_cached_last(&ids, &mut self.cache)?;
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+}

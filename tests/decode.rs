@@ -1,0 +1,355 @@
+//! Constrained decoding: property tests of the trie beam search on random catalogs and
+//! random logits, and the real decoder through [`Engine`] with a model trained here.
+
+use std::collections::HashSet;
+
+use proptest::prelude::*;
+use sidrec::decode::engine::Output;
+use sidrec::decode::{
+    beam_search, beam_search_from, logsumexp, BeamConfig, DecodeError, Engine, GenConfig,
+    LogitSource, Mode, Request,
+};
+use sidrec::trie::{ItemIdx, Mask, TokenId, Trie};
+
+mod common;
+
+/// Logits that depend only on the token sequence so far (a hash of it), so any search
+/// order sees one consistent "model".
+struct HashModel {
+    vocab: usize,
+    rows: Vec<Vec<u32>>,
+    seed: u64,
+}
+
+impl HashModel {
+    fn new(vocab: usize, seed: u64) -> Self {
+        HashModel {
+            vocab,
+            rows: Vec::new(),
+            seed,
+        }
+    }
+
+    fn row(&self, seq: &[u32]) -> Vec<f32> {
+        let mut h: u64 = 1469598103934665603 ^ self.seed;
+        for &t in seq {
+            h = (h ^ u64::from(t)).wrapping_mul(1099511628211);
+        }
+        (0..self.vocab as u64)
+            .map(|j| {
+                let x =
+                    (h ^ j.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 10.0 - 5.0
+            })
+            .collect()
+    }
+
+    /// Exact `log p(path | prompt)` of a trie path.
+    fn path_logprob(&self, prompt: &[u32], path: &[TokenId], offset: u32) -> f32 {
+        let mut seq = prompt.to_vec();
+        let mut s = 0.0;
+        for &t in path {
+            let row = self.row(&seq);
+            s += row[(t + offset) as usize] - logsumexp(&row);
+            seq.push(t + offset);
+        }
+        s
+    }
+}
+
+impl LogitSource for HashModel {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>, DecodeError> {
+        self.rows = vec![prompt.to_vec()];
+        Ok(self.row(prompt))
+    }
+
+    fn extend(&mut self, parents: &[u32], tokens: &[u32]) -> Result<Vec<f32>, DecodeError> {
+        self.rows = parents
+            .iter()
+            .zip(tokens)
+            .map(|(&p, &t)| {
+                let mut r = self.rows[p as usize].clone();
+                r.push(t);
+                r
+            })
+            .collect();
+        Ok(self.rows.iter().flat_map(|r| self.row(r)).collect())
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+}
+
+/// A random catalog: `types` type tokens, then levels of `codes` codes each, distinct
+/// tuples, colliding tuples told apart by a dedup token (paths of two lengths).
+fn catalog(types: u32, levels: usize, codes: u32, tuples: &[Vec<u32>]) -> (Trie, u32) {
+    let mut seen = std::collections::HashMap::<Vec<u32>, u32>::new();
+    let mut entries = Vec::new();
+    let dedup_base = types + levels as u32 * codes;
+    for (i, t) in tuples.iter().enumerate() {
+        let ty = t[0] % types;
+        let mut path = vec![ty];
+        for (l, &c) in t[1..=levels].iter().enumerate() {
+            path.push(types + l as u32 * codes + c % codes);
+        }
+        let n = seen.entry(path.clone()).or_insert(0);
+        *n += 1;
+        entries.push((path, i as ItemIdx));
+    }
+    // Every path of a colliding tuple gets a dedup token, so none is a prefix of another.
+    let colliding: HashSet<Vec<u32>> = seen
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(p, _)| p)
+        .collect();
+    let mut counters = std::collections::HashMap::<Vec<u32>, u32>::new();
+    for (path, _) in entries.iter_mut() {
+        if colliding.contains(path) {
+            let c = counters.entry(path.clone()).or_insert(0);
+            path.push(dedup_base + *c);
+            *c += 1;
+        }
+    }
+    let max_dedup = counters.values().copied().max().unwrap_or(0);
+    (Trie::build(entries).unwrap(), dedup_base + max_dedup + 1)
+}
+
+fn tuples_strategy() -> impl Strategy<Value = (u32, usize, u32, Vec<Vec<u32>>)> {
+    (1u32..4, 1usize..4, 2u32..6).prop_flat_map(|(types, levels, codes)| {
+        (
+            Just(types),
+            Just(levels),
+            Just(codes),
+            prop::collection::vec(prop::collection::vec(0u32..100, levels + 1), 1..60),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Every returned item is valid, distinct, allowed by the limits, sorted by score, as
+    /// many as asked (or as allowed); a beam as wide as the catalog is exact.
+    #[test]
+    fn beam_search_returns_valid_distinct_sorted_allowed_items(
+        (types, levels, codes, tuples) in tuples_strategy(),
+        k in 1usize..12,
+        beams in 1usize..16,
+        seed in any::<u64>(),
+        allowed_types in prop::collection::vec(any::<bool>(), 3),
+        excluded in prop::collection::vec(0u32..60, 0..10),
+        filter_mod in 1u32..4,
+    ) {
+        let (trie, n_tokens) = catalog(types, levels, codes, &tuples);
+        let offset = 7;
+        let vocab = (offset + n_tokens) as usize + 3;
+        let prompt = [1u32, 2, 3];
+        let type_toks: Vec<u32> = (0..types).filter(|&t| allowed_types[t as usize]).collect();
+        let mask = Mask::from_types(&trie, &type_toks)
+            .exclude(&trie, &excluded)
+            .intersect(&trie, &Mask::from_fn(&trie, |i| i % filter_mod == 0));
+        let allowed: Vec<ItemIdx> = trie.items().iter().copied()
+            .filter(|&i| mask.allows_item(&trie, i)).collect();
+        let mut m = HashModel::new(vocab, seed);
+        let res = beam_search(&mut m, &trie, &mask, offset, &prompt, BeamConfig { k, beams });
+        if allowed.is_empty() {
+            prop_assert!(matches!(res, Err(DecodeError::NothingAllowed(_))), "expected NothingAllowed");
+            return Ok(());
+        }
+        let hits = res.unwrap();
+        prop_assert_eq!(hits.len(), k.min(allowed.len()));
+        let mut seen = HashSet::new();
+        for h in &hits {
+            prop_assert!(seen.insert(h.item), "item {} twice", h.item);
+            prop_assert_eq!(trie.path(h.item).unwrap(), h.path.as_slice());
+            prop_assert!(mask.allows_item(&trie, h.item));
+            prop_assert!(!excluded.contains(&h.item));
+            prop_assert!(type_toks.contains(&h.path[0]));
+            prop_assert!(h.item % filter_mod == 0);
+            // The score is the exact log-probability of the item's path.
+            let exact = m.path_logprob(&prompt, &h.path, offset);
+            prop_assert!((h.score - exact).abs() < 1e-3, "{} vs {}", h.score, exact);
+        }
+        prop_assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+
+        // As wide as the catalog: the exact top-k.
+        let wide = beam_search(&mut m, &trie, &mask, offset, &prompt,
+            BeamConfig { k, beams: trie.len() }).unwrap();
+        let mut exact: Vec<(f32, ItemIdx)> = allowed.iter()
+            .map(|&i| (m.path_logprob(&prompt, trie.path(i).unwrap(), offset), i))
+            .collect();
+        exact.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for (h, e) in wide.iter().zip(&exact) {
+            prop_assert!((h.score - e.0).abs() < 1e-3);
+        }
+    }
+
+    /// Under a prefix: only items below it, and a prefix with nothing allowed below it is
+    /// a dead end (an error, never a fallback to other items).
+    #[test]
+    fn prefixes_constrain_or_fail(
+        (types, levels, codes, tuples) in tuples_strategy(),
+        pick in any::<prop::sample::Index>(),
+        seed in any::<u64>(),
+    ) {
+        let (trie, n_tokens) = catalog(types, levels, codes, &tuples);
+        let vocab = n_tokens as usize + 2;
+        let item = trie.items()[pick.index(trie.len())];
+        let path = trie.path(item).unwrap().to_vec();
+        let prefix = &path[..1];
+        let mut m = HashModel::new(vocab, seed);
+        let all = Mask::all(&trie);
+        if path.len() > 1 {
+            let hits = beam_search_from(&mut m, &trie, &all, 0, &[1], prefix,
+                BeamConfig { k: 100, beams: 100 }).unwrap();
+            prop_assert!(hits.iter().all(|h| h.path.starts_with(prefix)));
+            prop_assert!(hits.iter().any(|h| h.item == item));
+            // Everything under the prefix excluded: dead end.
+            let under: Vec<ItemIdx> = hits.iter().map(|h| h.item).collect();
+            let none_under = Mask::all(&trie).exclude(&trie, &under);
+            if none_under.allowed_items() > 0 {
+                let r = beam_search_from(&mut m, &trie, &none_under, 0, &[1], prefix,
+                    BeamConfig::default());
+                prop_assert!(matches!(r, Err(DecodeError::DeadEnd { .. })), "{:?}", r.map(|h| h.len()));
+            }
+        }
+        // A prefix that is not in the trie.
+        let r = beam_search_from(&mut m, &trie, &all, 0, &[1], &[n_tokens + 1],
+            BeamConfig::default());
+        prop_assert!(matches!(r, Err(DecodeError::DeadEnd { .. })), "expected a dead end");
+    }
+}
+
+/// The fixture model, trained once per test binary run.
+fn engine() -> &'static Engine {
+    static ENGINE: std::sync::OnceLock<(tempfile::TempDir, Engine)> = std::sync::OnceLock::new();
+    &ENGINE
+        .get_or_init(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = common::trained_model(tmp.path());
+            let engine = Engine::load(&dir).unwrap();
+            (tmp, engine)
+        })
+        .1
+}
+
+fn req(history: &[&str], k: usize) -> Request {
+    let e = engine();
+    Request {
+        history: history.iter().map(|id| e.index_of(id).unwrap()).collect(),
+        k,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn engine_recommends_valid_items_under_limits() {
+    let e = engine();
+    let n = e.catalog().items.len();
+    let all = e.recommend(&req(&["m1", "m2"], n)).unwrap();
+    assert_eq!(all.len(), n, "k = catalog size returns every item");
+    let ids: HashSet<&str> = all.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), n);
+    assert!(all.windows(2).all(|w| w[0].score >= w[1].score));
+
+    // Types, exclusions and filters hold.
+    let mut r = req(&["m1", "m2"], 10);
+    r.types = vec!["podcast".into()];
+    let pods = e.recommend(&r).unwrap();
+    assert_eq!(pods.len(), 4);
+    assert!(pods.iter().all(|p| p.item_type == "podcast"));
+    let mut r = req(&["m1", "m2"], 10);
+    r.exclude_seen = true;
+    assert!(e
+        .recommend(&r)
+        .unwrap()
+        .iter()
+        .all(|p| p.id != "m1" && p.id != "m2"));
+    let mut r = req(&["m1"], 10);
+    r.filter = Some("year>=1990".into());
+    for p in e.recommend(&r).unwrap() {
+        let it = &e.catalog().items[e.index_of(&p.id).unwrap() as usize];
+        assert!(it.attrs["year"].as_i64().unwrap() >= 1990, "{p:?}");
+    }
+    let mut r = req(&["m1"], 10);
+    r.filter = Some("year>=3000".into());
+    assert!(matches!(
+        e.recommend(&r),
+        Err(DecodeError::NothingAllowed(_))
+    ));
+    let mut r = req(&["m1"], 10);
+    r.types = vec!["song".into()];
+    assert!(e.recommend(&r).unwrap_err().to_string().contains("song"));
+    // A request needs what its mode reads.
+    let r = Request {
+        mode: Mode::Recommend,
+        k: 3,
+        ..Default::default()
+    };
+    assert!(e.recommend(&r).unwrap_err().to_string().contains("history"));
+}
+
+/// The KV-cached beam search over the real decoder scores each item exactly as a full
+/// forward pass over prompt + SID does.
+#[test]
+fn engine_scores_match_a_full_forward_pass() {
+    use candle_core::{Device, Tensor};
+    let e = engine();
+    let r = req(&["m3", "m4"], 5);
+    let hits = e.recommend(&r).unwrap();
+    let text = sidrec::train::trainer::ChatFormat::default().prompt(&e.prompt_text(&r).unwrap());
+    let tok = tokenizers::Tokenizer::from_file(e.dir().join("tokenizer.json")).unwrap();
+    let prompt = tok.encode(text, false).unwrap().get_ids().to_vec();
+    for h in &hits {
+        let sid_ids = tok
+            .encode(h.sid.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        let ids: Vec<u32> = prompt.iter().chain(&sid_ids).copied().collect();
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = e.model().forward(&x, None).unwrap().squeeze(0).unwrap();
+        let rows = logits.to_vec2::<f32>().unwrap();
+        let mut s = 0.0;
+        for (j, &t) in sid_ids.iter().enumerate() {
+            let row = &rows[prompt.len() - 1 + j];
+            s += row[t as usize] - logsumexp(row);
+        }
+        assert!((s - h.score).abs() < 1e-3, "{}: {s} vs {}", h.sid, h.score);
+    }
+}
+
+#[test]
+fn engine_generates_text_and_only_catalog_items() {
+    let e = engine();
+    let mut r = req(&["m1", "m2", "m3"], 5);
+    r.mode = Mode::Describe;
+    for seed in 0..3 {
+        let cfg = GenConfig {
+            max_tokens: 40,
+            temperature: if seed == 0 { 0.0 } else { 1.0 },
+            seed,
+            ..Default::default()
+        };
+        let out = e.generate(&r, &cfg).unwrap();
+        for o in &out {
+            if let Output::Item(it) = o {
+                let i = e.index_of(&it.id).expect("a catalog item");
+                assert_eq!(e.sids().records[i as usize].sid, it.sid);
+            }
+        }
+        // Same seed, same answer.
+        assert_eq!(out, e.generate(&r, &cfg).unwrap());
+    }
+    // Titles resolve to items.
+    assert_eq!(
+        e.find_items("toy story", 5),
+        vec![e.index_of("m1").unwrap()]
+    );
+    assert_eq!(e.find_items("m2", 5), vec![e.index_of("m2").unwrap()]);
+    assert!(e.find_items("no such film", 5).is_empty());
+}
