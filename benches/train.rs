@@ -150,10 +150,7 @@ fn main() {
     let threads = env_usize("SIDREC_BENCH_THREADS", 2);
     let steps = env_usize("SIDREC_BENCH_STEPS", 5);
     let (batch, seq) = (8, 64);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .ok();
+    sidrec::runtime::set_threads(Some(threads)).expect("threads");
 
     // Tiny config, from scratch (vocabulary of a catalog-trained BPE plus SID tokens).
     let mut tiny = LlamaConfig::from_file(&manifest("models/tiny.json")).expect("tiny.json");

@@ -24,7 +24,7 @@ into a tuple of codes (similar items share prefixes), and a final dedup code mak
 SID unique.\n\nStart with `sidrec tokenize CATALOG -o DIR`, then `sidrec inspect DIR`."
 )]
 struct Cli {
-    /// Worker threads for embedding and k-means (default: all cores).
+    /// Worker threads for embedding, k-means, training and decoding (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
     /// No progress bars.
@@ -102,6 +102,10 @@ pub(crate) struct RequestArgs {
     /// auto (recommend with a history, else search), recommend, search, describe, chat.
     #[arg(long, default_value = "auto")]
     pub mode: sidrec::decode::Mode,
+    /// Answer format: items (a ranked list), text, both (text with items in it), or auto
+    /// (items for recommend/search, text for describe, both for chat).
+    #[arg(long, default_value = "auto")]
+    pub format: sidrec::decode::Format,
     /// Sampling temperature for text (describe, chat; 0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -134,9 +138,12 @@ struct ReplArgs {
     /// Start with JSON output.
     #[arg(long)]
     json: bool,
-    /// History file of the line editor (default: ~/.sidrec_history; "" for none).
-    #[arg(long)]
+    /// History file of the line editor (default: ~/.sidrec_history).
+    #[arg(long, conflicts_with = "no_history_file")]
     history_file: Option<PathBuf>,
+    /// Keep no line history on disk.
+    #[arg(long)]
+    no_history_file: bool,
 }
 
 const TRAIN_HELP: &str = "Trains a decoder that speaks the catalog's semantic IDs.\n\n\
@@ -218,6 +225,11 @@ struct TrainArgs {
     /// Validation loss every N steps (0: only at the end of each stage).
     #[arg(long, default_value_t = 200)]
     eval_every: usize,
+    /// Validation examples (held-out next items of sampled users; 0: every user). The
+    /// loss over them is computed every --eval-every steps, so keep it small for big
+    /// models.
+    #[arg(long, default_value_t = 256)]
+    valid_examples: usize,
     #[arg(long, default_value_t = 500)]
     checkpoint_every: usize,
     /// Recommendation examples per user (default: every position of the training part).
@@ -347,22 +359,23 @@ fn parse_format(s: &str) -> Result<Format, String> {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(t) = cli.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .context("setting up the thread pool")?;
-    }
+    sidrec::runtime::set_threads(cli.threads).map_err(anyhow::Error::msg)?;
     let progress = Progress::new(cli.quiet);
     match cli.command {
         Command::Tokenize(a) => cmd_tokenize(a, progress),
         Command::Inspect(a) => cmd_inspect(a),
         Command::Train(a) => cmd_train(a, progress),
         Command::Recommend(a) => cmd_recommend(a),
-        Command::Repl(a) => crate::repl::run(a.req, a.json, a.history_file),
+        Command::Repl(a) => {
+            let file = if a.no_history_file {
+                None
+            } else {
+                a.history_file.or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".sidrec_history"))
+                })
+            };
+            crate::repl::run(a.req, a.json, file)
+        }
         Command::Convert(a) => {
             let cfg = sidrec::model::hfdir::convert(&a.gguf, &a.out, a.force)?;
             println!(
@@ -647,6 +660,7 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
         lora_alpha: a.lora_alpha,
         eval_every: a.eval_every,
         checkpoint_every: a.checkpoint_every,
+        valid_examples: a.valid_examples,
         resume: a.resume,
         seed: a.seed,
         data: sidrec::train::data::DataOptions {
@@ -734,6 +748,7 @@ pub(crate) fn build_request(
         .collect::<Result<Vec<u32>>>()?;
     Ok(sidrec::decode::Request {
         mode: a.mode,
+        format: a.format,
         query: query.to_string(),
         history,
         types: split_list(&a.types),
@@ -751,6 +766,7 @@ pub(crate) fn gen_config(a: &RequestArgs) -> sidrec::decode::GenConfig {
         top_p: a.top_p,
         seed: a.seed,
         stop: Vec::new(),
+        items: true,
     }
 }
 
@@ -762,10 +778,10 @@ pub(crate) fn answer(
     gen: &sidrec::decode::GenConfig,
     json: bool,
 ) -> Result<String> {
-    use sidrec::decode::{engine::Output, Mode};
+    use sidrec::decode::{engine::Output, Format};
     use std::fmt::Write;
     let t0 = std::time::Instant::now();
-    let generative = matches!(req.mode, Mode::Describe | Mode::Chat);
+    let generative = engine.resolve_format(req) != Format::Items;
     let prompt = engine.prompt_text(req)?;
     let mut out = String::new();
     if generative {

@@ -305,35 +305,7 @@ fn top2(row: &[f32]) -> (u32, f32, f32) {
     (b, bv, sv)
 }
 
-/// Defines `$name` running the `#[inline(always)]` function `$kernel`, compiled for the
-/// widest vector extension the CPU has. Rust never contracts a multiply and an add into
-/// one instruction, so the result does not depend on which version runs.
-macro_rules! multiversion {
-    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $kernel:ident) => {
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    $kernel($($arg),*)
-                }
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    $kernel($($arg),*)
-                }
-                if is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports the extension.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports the extension.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $kernel($($arg),*)
-        }
-    };
-}
+use crate::simd::multiversion;
 
 /// A row in doubt is compared directly against at most this many moved centroids; beyond
 /// that it goes through the blocked product against all of them.

@@ -26,6 +26,7 @@ pub mod progress;
 pub mod quantize;
 pub mod runtime;
 pub mod sid;
+mod simd;
 pub mod template;
 pub mod tokenize;
 pub mod train;

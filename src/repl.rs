@@ -26,6 +26,7 @@ what comes next. Commands:\n  \
 :history clear             empty it\n  \
 :go                        run the request with no text (e.g. recommend from the history)\n  \
 :mode auto|recommend|search|describe|chat\n  \
+:format auto|items|text|both\n  \
 :type TYPE[,TYPE]|all      limit the entity types\n  \
 :filter EXPR|off           attribute filter, e.g. year>=1990, genre=Comedy\n  \
 :k N                       number of items\n  \
@@ -139,6 +140,12 @@ impl Session {
                 self.args.mode = rest.parse::<Mode>().map_err(anyhow::Error::msg)?;
                 format!("mode {}", self.args.mode)
             }
+            ":format" => {
+                self.args.format = rest
+                    .parse::<sidrec::decode::Format>()
+                    .map_err(anyhow::Error::msg)?;
+                format!("format {rest}")
+            }
             ":type" => {
                 if rest.is_empty() || rest == "all" {
                     self.args.types.clear();
@@ -199,6 +206,7 @@ impl Session {
     }
 }
 
+/// Runs the session; `history_file` keeps the line history (none when `None`).
 pub fn run(args: RequestArgs, json: bool, history_file: Option<PathBuf>) -> Result<()> {
     let engine = Engine::load(&args.model)
         .with_context(|| format!("loading model {}", args.model.display()))?;
@@ -212,11 +220,7 @@ pub fn run(args: RequestArgs, json: bool, history_file: Option<PathBuf>) -> Resu
         json,
     };
     let mut rl: Editor<(), DefaultHistory> = Editor::new()?;
-    let history_path = match history_file {
-        Some(p) if p.as_os_str().is_empty() => None,
-        Some(p) => Some(p),
-        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".sidrec_history")),
-    };
+    let history_path = history_file;
     if let Some(p) = &history_path {
         let _ = rl.load_history(p);
     }

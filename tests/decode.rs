@@ -221,17 +221,146 @@ proptest! {
     }
 }
 
-/// The fixture model, trained once per test binary run.
+/// The fixture model, trained once per test binary run, and its directory.
+fn fixture_model() -> &'static (tempfile::TempDir, std::path::PathBuf, Engine) {
+    static MODEL: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf, Engine)> =
+        std::sync::OnceLock::new();
+    MODEL.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = common::trained_model(tmp.path());
+        let engine = Engine::load(&dir).unwrap();
+        (tmp, dir, engine)
+    })
+}
+
 fn engine() -> &'static Engine {
-    static ENGINE: std::sync::OnceLock<(tempfile::TempDir, Engine)> = std::sync::OnceLock::new();
-    &ENGINE
-        .get_or_init(|| {
-            let tmp = tempfile::tempdir().unwrap();
-            let dir = common::trained_model(tmp.path());
-            let engine = Engine::load(&dir).unwrap();
-            (tmp, engine)
-        })
-        .1
+    &fixture_model().2
+}
+
+fn sidrec() -> assert_cmd::Command {
+    assert_cmd::Command::cargo_bin("sidrec").unwrap()
+}
+
+#[test]
+fn recommend_command_prints_items_or_json_and_explains_bad_input() {
+    let dir = &fixture_model().1;
+    let out = sidrec()
+        .args(["recommend", "--model"])
+        .arg(dir)
+        .args(["--history", "m1,Heat", "-k", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    for it in items {
+        assert!(engine().index_of(it["id"].as_str().unwrap()).is_some());
+        assert!(it["score"].as_f64().unwrap() <= 0.0);
+        assert!(it["sid"].as_str().unwrap().starts_with('<'));
+    }
+    assert!(v["prompt"].as_str().unwrap().contains("Heat"));
+
+    // A table, limited to a type.
+    let out = sidrec()
+        .args(["recommend", "--model"])
+        .arg(dir)
+        .args(["--history", "m1", "--type", "podcast", "-k", "2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.lines().all(|l| l.contains("podcast")), "{text}");
+
+    // Bad input: an unknown filter field, an unknown title, a mode without its input.
+    for (args, needle) in [
+        (vec!["--history", "m1", "--filter", "yeer>=1990"], "yeer"),
+        (vec!["--history", "Nonexistent Film"], "Nonexistent Film"),
+        (vec!["--mode", "describe"], "history"),
+    ] {
+        let out = sidrec()
+            .args(["recommend", "--model"])
+            .arg(dir)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+/// A scripted session, as a person would type it: commands change the session, a bad
+/// command is reported and the session goes on, requests answer.
+#[test]
+fn repl_session() {
+    let dir = &fixture_model().1;
+    let script = "\
+:help
+:history add Toy Story
+:history add m2
+:history
+:k 2
+:type podcast
+:go
+:type all
+:filter year>=1990
+:exclude-seen on
+:json on
+:go
+:json off
+:bogus
+:history add No Such Title
+:history rm 1
+:history clear
+:mode describe
+:go
+:quit
+";
+    let out = sidrec()
+        .args(["repl", "--no-history-file", "--model"])
+        .arg(dir)
+        .write_stdin(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(":history add ID|TITLE"), "help: {text}");
+    assert!(text.contains("added Toy Story (m1)"), "{text}");
+    assert!(
+        text.contains("1. Toy Story (m1)") && text.contains("2. Heat (m2)"),
+        "{text}"
+    );
+    // Two podcasts for `:type podcast`.
+    let pods = text.lines().filter(|l| l.contains(" podcast ")).count();
+    assert_eq!(pods, 2, "{text}");
+    // The JSON answer: 2 items, filtered and unseen.
+    let json_line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON answer");
+    let v: serde_json::Value = serde_json::from_str(json_line).unwrap();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    for it in items {
+        let id = it["id"].as_str().unwrap();
+        assert!(id != "m1" && id != "m2");
+        let item = &engine().catalog().items[engine().index_of(id).unwrap() as usize];
+        assert!(item.attrs["year"].as_i64().unwrap() >= 1990);
+    }
+    assert!(text.contains("error: unknown command \":bogus\""), "{text}");
+    assert!(text.contains("no item matches \"No Such Title\""), "{text}");
+    assert!(text.contains("removed Toy Story") && text.contains("history cleared"));
+    // describe without a history is explained, not a crash.
+    assert!(text.contains("describe needs a history"), "{text}");
 }
 
 fn req(history: &[&str], k: usize) -> Request {

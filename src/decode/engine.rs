@@ -71,10 +71,40 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// What an answer is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Format {
+    /// The mode's own: items for recommend and search, text for describe, both for chat.
+    #[default]
+    Auto,
+    /// A ranked list of items (beam search over the trie).
+    Items,
+    /// Free text only: no SID token may be generated.
+    Text,
+    /// Free text with items wherever the model names one.
+    Both,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Format::Auto),
+            "items" => Ok(Format::Items),
+            "text" => Ok(Format::Text),
+            "both" => Ok(Format::Both),
+            other => Err(format!(
+                "unknown format {other:?} (auto, items, text, both)"
+            )),
+        }
+    }
+}
+
 /// One request.
 #[derive(Clone, Debug, Default)]
 pub struct Request {
     pub mode: Mode,
+    pub format: Format,
     /// Natural-language text: a search query, or an addition to a recommend prompt.
     pub query: String,
     /// The user's items, oldest first (catalog indices).
@@ -258,6 +288,18 @@ impl Engine {
         Ok(text)
     }
 
+    /// The answer format a request gets (its own, or its mode's).
+    pub fn resolve_format(&self, req: &Request) -> Format {
+        match req.format {
+            Format::Auto => match req.mode {
+                Mode::Describe => Format::Text,
+                Mode::Chat => Format::Both,
+                _ => Format::Items,
+            },
+            f => f,
+        }
+    }
+
     fn resolve_mode(&self, req: &Request) -> std::result::Result<Mode, DecodeError> {
         let has_query = !req.query.trim().is_empty();
         let has_history = !req.history.is_empty();
@@ -379,6 +421,7 @@ impl Engine {
         if cfg.stop.is_empty() {
             cfg.stop = self.stop.clone();
         }
+        cfg.items = self.resolve_format(req) != Format::Text;
         let mut src = ModelSource::new(&self.model);
         let segs = generate(
             &mut src,

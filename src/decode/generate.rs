@@ -26,6 +26,8 @@ pub struct GenConfig {
     pub seed: u64,
     /// Tokens that end the answer (e.g. `<|im_end|>`).
     pub stop: Vec<u32>,
+    /// Whether the answer may name items; `false` bans every SID token (text only).
+    pub items: bool,
 }
 
 impl Default for GenConfig {
@@ -36,6 +38,7 @@ impl Default for GenConfig {
             top_p: 0.9,
             seed: 0,
             stop: Vec::new(),
+            items: true,
         }
     }
 }
@@ -86,7 +89,11 @@ pub fn generate(
                 let mut row = logits.clone();
                 let sid = token_offset as usize..(token_offset + sid_tokens) as usize;
                 row[sid].fill(f32::NEG_INFINITY);
-                trie.allowed_children(trie.root(), &mask, &mut children);
+                if cfg.items {
+                    trie.allowed_children(trie.root(), &mask, &mut children);
+                } else {
+                    children.clear();
+                }
                 for &(tok, _) in &children {
                     let i = (tok + token_offset) as usize;
                     row[i] = logits[i];

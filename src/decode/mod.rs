@@ -21,7 +21,7 @@ pub mod filter;
 pub mod generate;
 
 pub use beam::{beam_search, beam_search_from, BeamConfig, Hit};
-pub use engine::{Engine, Mode, Request};
+pub use engine::{Engine, Format, Mode, Request};
 pub use filter::Filter;
 pub use generate::{GenConfig, Segment};
 

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{LlamaConfig, RopeScaling};
 use super::ops;
+use super::skinny;
 
 /// Errors of the model module.
 #[derive(Debug, thiserror::Error)]
@@ -172,10 +173,25 @@ struct Linear {
 }
 
 impl Linear {
+    fn detached(&self) -> Linear {
+        Linear {
+            name: self.name.clone(),
+            weight: self.weight.detach(),
+            lora: self.lora.as_ref().map(|l| Lora {
+                a: l.a.detach(),
+                b: l.b.detach(),
+                scale: l.scale,
+            }),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, i) = x.dims3()?;
         let x2 = x.reshape((b * t, i))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = match skinny::matmul_t(&x2, &self.weight)? {
+            Some(y) => y,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
         if let Some(l) = &self.lora {
             let low = x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
             y = (y + low.affine(l.scale, 0.0)?)?;
@@ -204,6 +220,14 @@ struct TokenMatrix {
 }
 
 impl TokenMatrix {
+    fn detached(&self) -> TokenMatrix {
+        TokenMatrix {
+            name: self.name.clone(),
+            weight: self.weight.detach(),
+            new_rows: self.new_rows.as_ref().map(|(n, d)| (*n, d.detach())),
+        }
+    }
+
     /// Rows for `ids` (`[n]` u32, already range-checked) → `[n, hidden]`.
     fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         let base = self.weight.embedding(ids)?;
@@ -228,7 +252,10 @@ impl TokenMatrix {
     /// Output logits for `x` (`[n, hidden]`) → `[n, vocab]`.
     fn project(&self, x: &Tensor) -> Result<Tensor> {
         match &self.new_rows {
-            None => Ok(x.matmul(&self.weight.t()?)?),
+            None => match skinny::matmul_t(x, &self.weight)? {
+                Some(y) => Ok(y),
+                None => Ok(x.matmul(&self.weight.t()?)?),
+            },
             Some((n_old, delta)) => {
                 let old = self.weight.narrow(0, 0, *n_old)?;
                 let new = (self.weight.narrow(0, *n_old, delta.dim(0)?)? + delta)?;
@@ -260,6 +287,14 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
+    fn detached(&self) -> RmsNorm {
+        RmsNorm {
+            name: self.name.clone(),
+            weight: self.weight.detach(),
+            eps: self.eps,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::rms_norm(x, &self.weight, self.eps)?)
     }
@@ -720,6 +755,44 @@ impl Llama {
             .embed
             .lookup(&input_ids.flatten_all()?)?
             .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// The same model with every weight detached from autograd: an inference view for
+    /// validation and decoding during training. It shares storage with the trained
+    /// parameters (no copy), so it sees every optimiser update, while its forward pass
+    /// records no graph: intermediate tensors are freed as soon as they are used instead of
+    /// being kept for a backward pass that never comes (for SmolLM2 on 8 × 256-token
+    /// validation batches, that was 7 GB of peak memory).
+    pub fn detached(&self) -> Llama {
+        let lin = |l: &Linear| l.detached();
+        Llama {
+            cfg: self.cfg.clone(),
+            embed: self.embed.detached(),
+            lm_head: self.lm_head.as_ref().map(TokenMatrix::detached),
+            layers: self
+                .layers
+                .iter()
+                .map(|b| Block {
+                    input_norm: b.input_norm.detached(),
+                    attn: Attention {
+                        q: lin(&b.attn.q),
+                        k: lin(&b.attn.k),
+                        v: lin(&b.attn.v),
+                        o: lin(&b.attn.o),
+                        ..b.attn.clone()
+                    },
+                    post_norm: b.post_norm.detached(),
+                    mlp: Mlp {
+                        gate: lin(&b.mlp.gate),
+                        up: lin(&b.mlp.up),
+                        down: lin(&b.mlp.down),
+                    },
+                })
+                .collect(),
+            norm: self.norm.detached(),
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+        }
     }
 
     /// Logits at every position, `[b, t, vocab]` f32, for training.

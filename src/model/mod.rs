@@ -15,3 +15,4 @@ pub mod gguf;
 pub mod hfdir;
 pub mod llama;
 pub mod ops;
+pub mod skinny;

@@ -93,6 +93,8 @@ pub struct TrainOptions {
     pub lora_alpha: f64,
     pub eval_every: usize,
     pub checkpoint_every: usize,
+    /// At most this many validation examples (a seeded sample; 0: all).
+    pub valid_examples: usize,
     pub resume: bool,
     pub seed: u64,
     pub data: DataOptions,
@@ -145,7 +147,16 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         None => Prompts::builtin(),
     };
     let examples = data::build(&catalog, &sids.records, &split, &prompts, &opts.data)?;
-    let valid = data::build_validation(&catalog, &sids.records, &split, &prompts, &opts.data)?;
+    let mut valid = data::build_validation(&catalog, &sids.records, &split, &prompts, &opts.data)?;
+    if opts.valid_examples > 0 && valid.len() > opts.valid_examples {
+        // A seeded sample, kept in user order: the same examples at every evaluation.
+        use rand::seq::index::sample;
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed ^ 0x5eed_7a11d);
+        let mut keep = sample(&mut rng, valid.len(), opts.valid_examples).into_vec();
+        keep.sort_unstable();
+        valid = keep.into_iter().map(|i| valid[i].clone()).collect();
+    }
     let counts: BTreeMap<String, usize> = data::count_by_task(&examples)
         .into_iter()
         .map(|(t, n)| (t.to_string(), n))
@@ -250,12 +261,14 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         };
         let (model, params) = build_model(&cfg, &tensors, stage.mode, n_old, opts)?;
         let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-        let loss_fn = |b: &trainer::Batch| -> candle_core::Result<Tensor> {
-            let logits = model
-                .forward(&b.input, Some(&b.attention))
-                .map_err(to_candle)?;
+        let loss_with = |m: &Llama, b: &trainer::Batch| -> candle_core::Result<Tensor> {
+            let logits = m.forward(&b.input, Some(&b.attention)).map_err(to_candle)?;
             llama::masked_cross_entropy(&logits, &b.targets, &b.loss_mask).map_err(to_candle)
         };
+        let loss_fn = |b: &trainer::Batch| loss_with(&model, b);
+        // Validation runs on a detached view of the same weights: no graph, little memory.
+        let inference = model.detached();
+        let eval_fn = |b: &trainer::Batch| loss_with(&inference, b);
         if !progress.quiet {
             eprintln!(
                 "stage {name}: {} examples, mode {:?}, {trainable} trainable parameters",
@@ -264,7 +277,16 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
             );
         }
         let rep = trainer::run(
-            params, &enc, &valid_enc, &loss_fn, &loop_cfg, &ckpt, progress,
+            params,
+            &enc,
+            &valid_enc,
+            trainer::Losses {
+                train: &loss_fn,
+                eval: &eval_fn,
+            },
+            &loop_cfg,
+            &ckpt,
+            progress,
         )?;
         tensors = model.merged_weights()?;
         report.stages.push(StageReport {

@@ -214,8 +214,26 @@ struct LoopState {
     report: LoopReport,
 }
 
-/// Trains `params` with AdamW on `train`, reporting validation loss on `valid` every
-/// `eval_every` steps and writing a checkpoint to `ckpt.dir` every `ckpt.every` steps
+/// A loss closure: batch → scalar loss.
+pub type LossFn<'a> = &'a dyn Fn(&Batch) -> candle_core::Result<Tensor>;
+
+/// The training loss (differentiable in the parameters) and the validation loss (the same
+/// function, ideally on a detached view of the model so that it records no graph).
+#[derive(Clone, Copy)]
+pub struct Losses<'a> {
+    pub train: LossFn<'a>,
+    pub eval: LossFn<'a>,
+}
+
+impl<'a> Losses<'a> {
+    /// One function for both.
+    pub fn same(f: LossFn<'a>) -> Self {
+        Losses { train: f, eval: f }
+    }
+}
+
+/// Trains `params` with AdamW on `train`, reporting validation loss on `valid` (computed
+/// by `losses.eval`) every `eval_every` steps and writing a checkpoint to `ckpt.dir` every `ckpt.every` steps
 /// (parameters, optimiser moments, loop state). With `ckpt.resume`, continues from the
 /// checkpoint in `ckpt.dir`; the batch order depends only on the seed and the epoch, so a
 /// resumed run sees the same batches the uninterrupted run would have.
@@ -223,7 +241,7 @@ pub fn run(
     params: Vec<(String, Var)>,
     train: &[Encoded],
     valid: &[Encoded],
-    loss_fn: &dyn Fn(&Batch) -> candle_core::Result<Tensor>,
+    losses: Losses<'_>,
     cfg: &LoopConfig,
     ckpt: &Checkpointing,
     progress: Progress,
@@ -262,11 +280,8 @@ pub fn run(
     let mut tokens_this_run = 0usize;
     let mut step = start;
     'outer: for epoch in 0..cfg.epochs.max(1) {
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(
-            cfg.seed.wrapping_add(epoch as u64),
-        ));
-        for (b, chunk) in order.chunks(cfg.batch_size).enumerate() {
+        let order = epoch_batches(train, cfg.batch_size, cfg.seed.wrapping_add(epoch as u64));
+        for (b, chunk) in order.iter().enumerate() {
             let global = epoch * per_epoch + b;
             if global < start {
                 continue;
@@ -277,7 +292,7 @@ pub fn run(
             let ts = Instant::now();
             let examples: Vec<&Encoded> = chunk.iter().map(|&i| &train[i]).collect();
             let batch = collate(&examples, cfg.pad_id)?;
-            let loss = loss_fn(&batch)?;
+            let loss = (losses.train)(&batch)?;
             let loss_v = loss.to_scalar::<f32>()?;
             if !loss_v.is_finite() {
                 return Err(TrainError::Diverged { step, loss: loss_v });
@@ -299,7 +314,7 @@ pub fn run(
             bar.set_position(step as u64);
             bar.set_message(format!("loss {loss_v:.3} {rate:.0} tok/s"));
             if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == total {
-                if let Some(v) = eval_loss(valid, loss_fn, cfg)? {
+                if let Some(v) = eval_loss(valid, losses.eval, cfg)? {
                     report.valid_loss.push((step, v));
                     progress.println(
                         &bar,
@@ -320,6 +335,28 @@ pub fn run(
     Ok(report)
 }
 
+/// Examples per length-sorted pool in [`epoch_batches`].
+const POOL_BATCHES: usize = 32;
+
+/// The batches of one epoch: examples shuffled, then, within pools of
+/// [`POOL_BATCHES`] batches, sorted by length and cut into batches, and the batches
+/// shuffled. Batches hold examples of similar length, so little of a batch is padding
+/// (on MovieLens instruction data, padding was about 40% of the positions with plain
+/// shuffled batches), while every epoch still sees a fresh random order. Depends only on
+/// the examples and `seed`, so `--resume` sees the same batches.
+fn epoch_batches(train: &[Encoded], batch_size: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    order.shuffle(&mut rng);
+    let mut batches: Vec<Vec<usize>> = Vec::with_capacity(train.len().div_ceil(batch_size));
+    for pool in order.chunks_mut(batch_size * POOL_BATCHES) {
+        pool.sort_by_key(|&i| train[i].ids.len());
+        batches.extend(pool.chunks(batch_size).map(|c| c.to_vec()));
+    }
+    batches.shuffle(&mut rng);
+    batches
+}
+
 /// Mean loss over the validation examples (batched, no gradient kept).
 pub fn eval_loss(
     valid: &[Encoded],
@@ -331,8 +368,11 @@ pub fn eval_loss(
     }
     let mut sum = 0f64;
     let mut n = 0usize;
-    for chunk in valid.chunks(cfg.batch_size.max(1)) {
-        let refs: Vec<&Encoded> = chunk.iter().collect();
+    // Length-sorted batches: little padding, same examples every time.
+    let mut order: Vec<&Encoded> = valid.iter().collect();
+    order.sort_by_key(|e| e.ids.len());
+    for chunk in order.chunks(cfg.batch_size.max(1)) {
+        let refs: Vec<&Encoded> = chunk.to_vec();
         let batch = collate(&refs, cfg.pad_id)?;
         let l = loss_fn(&batch)?.detach().to_scalar::<f32>()?;
         sum += l as f64 * chunk.len() as f64;
@@ -499,7 +539,7 @@ mod tests {
             vec![("w".into(), w.clone())],
             &data,
             &data,
-            &f,
+            Losses::same(&f),
             &cfg,
             &ck,
             quiet,
@@ -519,7 +559,7 @@ mod tests {
             vec![("w".into(), w2.clone())],
             &data,
             &data,
-            &f2,
+            Losses::same(&f2),
             &cfg,
             &resume,
             quiet,
@@ -537,7 +577,7 @@ mod tests {
             vec![("w".into(), make())],
             &data,
             &data,
-            &f,
+            Losses::same(&f),
             &cfg,
             &missing,
             quiet,

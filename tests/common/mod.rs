@@ -123,6 +123,7 @@ pub fn options(artifacts: PathBuf, inter: PathBuf, base: BaseModel, out: PathBuf
         lora_alpha: 8.0,
         eval_every: 0,
         checkpoint_every: 0,
+        valid_examples: 0,
         resume: false,
         seed: 1,
         data: DataOptions {

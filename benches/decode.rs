@@ -1,0 +1,350 @@
+//! Constrained decoding benchmark: sidrec's trie beam search beside Hugging Face
+//! `generate` + `prefix_allowed_tokens_fn` (`hf_constrained_beam.py`) on the same weights,
+//! the same catalog shape and the same prompt, in the same run. Not a test: it prints a
+//! table and one JSON line of figures and ratios.
+//!
+//!   cargo bench --bench decode
+//!
+//! Workload (the peer's): SmolLM2-135M in f32 (converted once from the fetched GGUF into
+//! `target/bench-data/`), SID tokens `<a_*> <b_*> <c_*>` added to the vocabulary (new rows
+//! random: latency does not depend on training), 10,000 random distinct 3 × 256 code
+//! tuples, 10 beams, top-10 items, the peer's default prompt. Latency of one query,
+//! median and p90 over 20 after one warm-up.
+//!
+//! Also: the tiny from-scratch config (`models/tiny.json`) on the same catalog shape, with
+//! the short prompt and with a 20-item history prompt (the p50 target is 10 ms), and the
+//! search's own cost per step (trie, masks, normalisation, selection) with the model
+//! taken out (fixed logits).
+//!
+//! Environment: `SIDREC_PYTHON` (a Python with torch and transformers; the peer is skipped
+//! with a note when it cannot run), `SIDREC_PEERS`, `SIDREC_BENCH_THREADS` (default 2),
+//! `SIDREC_BENCH_QUERIES` (default 20).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use sidrec::decode::engine::ModelSource;
+use sidrec::decode::{beam_search, BeamConfig, DecodeError, LogitSource};
+use sidrec::model::config::LlamaConfig;
+use sidrec::model::hfdir::{self, HfDir};
+use sidrec::model::llama::{self, Llama};
+use sidrec::trie::{Mask, Trie};
+use tokenizers::{AddedToken, Tokenizer};
+
+const PROMPT: &str =
+    "Recommend movies for a user who watched <a_1><b_2><c_3>, <a_4><b_5><c_6>. Answer:";
+const ITEMS: usize = 10_000;
+const LEVELS: usize = 3;
+const CODES: usize = 256;
+const BEAMS: usize = 10;
+
+fn manifest(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+fn env_usize(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// SID tokens in the peer's order: `<a_0>..<a_255>`, `<b_0>..`, `<c_0>..`.
+fn sid_tokens() -> Vec<String> {
+    let letters = ['a', 'b', 'c'];
+    (0..LEVELS)
+        .flat_map(|l| (0..CODES).map(move |c| format!("<{}_{c}>", letters[l])))
+        .collect()
+}
+
+/// 10k random distinct tuples as trie paths (trie token = level · CODES + code).
+fn catalog(seed: u64) -> Trie {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut seen = HashSet::new();
+    while seen.len() < ITEMS {
+        let t: Vec<u32> = (0..LEVELS)
+            .map(|l| (l * CODES) as u32 + rng.gen_range(0..CODES as u32))
+            .collect();
+        seen.insert(t);
+    }
+    let mut paths: Vec<Vec<u32>> = seen.into_iter().collect();
+    paths.sort();
+    Trie::build(paths.into_iter().enumerate().map(|(i, p)| (p, i as u32))).expect("trie")
+}
+
+struct Model {
+    llama: Llama,
+    tok: Tokenizer,
+    offset: u32,
+}
+
+/// A model with the SID tokens added (tokenizer and rows).
+fn with_sid_tokens(
+    mut cfg: LlamaConfig,
+    mut tensors: std::collections::HashMap<String, candle_core::Tensor>,
+    mut tok: Tokenizer,
+) -> Model {
+    let offset = cfg.vocab_size as u32;
+    let new = sid_tokens();
+    let added: Vec<AddedToken> = new
+        .iter()
+        .map(|t| AddedToken::from(t.as_str(), true))
+        .collect();
+    tok.add_special_tokens(&added);
+    assert_eq!(
+        tok.token_to_id("<a_0>"),
+        Some(offset),
+        "SID tokens must follow the vocabulary"
+    );
+    llama::extend_vocab(&mut tensors, &mut cfg, new.len(), 0).expect("extend");
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    Model {
+        llama: Llama::new(&cfg, vb).expect("model"),
+        tok,
+        offset,
+    }
+}
+
+fn encode(tok: &Tokenizer, text: &str) -> Vec<u32> {
+    tok.encode(text, false).expect("encode").get_ids().to_vec()
+}
+
+/// Median and p90 seconds of `queries` searches after one warm-up.
+fn time_queries(m: &Model, trie: &Trie, prompt: &[u32], queries: usize) -> (f64, f64) {
+    let mask = Mask::all(trie);
+    let mut lat = Vec::new();
+    for q in 0..=queries {
+        let t0 = Instant::now();
+        let mut src = ModelSource::new(&m.llama);
+        let hits = beam_search(
+            &mut src,
+            trie,
+            &mask,
+            m.offset,
+            prompt,
+            BeamConfig {
+                k: BEAMS,
+                beams: BEAMS,
+            },
+        )
+        .expect("search");
+        assert_eq!(hits.len(), BEAMS);
+        if q > 0 {
+            lat.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    (lat[lat.len() / 2], lat[(9 * (lat.len() - 1)) / 10])
+}
+
+/// The model taken out: every row is the same fixed logits, so what is timed is the
+/// search itself (trie children under the mask, normalisation, gather, top-k, beams).
+struct Fixed {
+    row: Vec<f32>,
+    rows: usize,
+    steps: usize,
+}
+
+impl LogitSource for Fixed {
+    fn prefill(&mut self, _: &[u32]) -> Result<Vec<f32>, DecodeError> {
+        self.rows = 1;
+        Ok(self.row.clone())
+    }
+    fn extend(&mut self, parents: &[u32], _: &[u32]) -> Result<Vec<f32>, DecodeError> {
+        self.steps += 1;
+        self.rows = parents.len();
+        Ok(self.row.repeat(parents.len()))
+    }
+    fn vocab_size(&self) -> usize {
+        self.row.len()
+    }
+}
+
+fn search_cost_per_step(trie: &Trie, vocab: usize, offset: u32) -> f64 {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let row: Vec<f32> = (0..vocab).map(|_| rng.gen_range(-5.0..5.0)).collect();
+    let mut src = Fixed {
+        row,
+        rows: 0,
+        steps: 0,
+    };
+    let mask = Mask::all(trie);
+    let t0 = Instant::now();
+    let n = 200;
+    for _ in 0..n {
+        beam_search(
+            &mut src,
+            trie,
+            &mask,
+            offset,
+            &[1],
+            BeamConfig { k: 10, beams: 10 },
+        )
+        .expect("search");
+    }
+    // Steps: the prefill row plus each extension, per query.
+    let steps = src.steps + n;
+    // Copying the fixed rows is the stand-in model's cost, not the search's: subtract it.
+    let copy = {
+        let t = Instant::now();
+        for _ in 0..src.steps {
+            std::hint::black_box(src.row.repeat(BEAMS));
+        }
+        t.elapsed().as_secs_f64()
+    };
+    (t0.elapsed().as_secs_f64() - copy).max(0.0) / steps as f64
+}
+
+fn peer(model_dir: &Path, threads: usize, queries: usize) -> Value {
+    let python = std::env::var("SIDREC_PYTHON").unwrap_or_else(|_| "python3".into());
+    let peers = std::env::var_os("SIDREC_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest("../shared/peers"));
+    let out = Command::new(&python)
+        .arg(peers.join("hf_constrained_beam.py"))
+        .arg(model_dir)
+        .args([
+            "--items",
+            &ITEMS.to_string(),
+            "--levels",
+            &LEVELS.to_string(),
+        ])
+        .args(["--codes", &CODES.to_string(), "--beams", &BEAMS.to_string()])
+        .args([
+            "--queries",
+            &queries.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let s = String::from_utf8_lossy(&o.stdout);
+            serde_json::from_str(s.lines().last().unwrap_or_default()).unwrap_or(Value::Null)
+        }
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            eprintln!(
+                "HF peer failed (set SIDREC_PYTHON to a Python with torch and transformers): {}",
+                err.lines().last().unwrap_or_default()
+            );
+            Value::Null
+        }
+        Err(e) => {
+            eprintln!("HF peer could not start ({python}): {e}");
+            Value::Null
+        }
+    }
+}
+
+fn main() {
+    sidrec::runtime::tune_allocator();
+    let threads = env_usize("SIDREC_BENCH_THREADS", 2);
+    let queries = env_usize("SIDREC_BENCH_QUERIES", 20);
+    sidrec::runtime::set_threads(Some(threads)).expect("threads");
+    let trie = catalog(0);
+
+    // Tiny config, random weights, a BPE trained on a little text plus the SID tokens.
+    let mut tiny_cfg = LlamaConfig::from_file(&manifest("models/tiny.json")).expect("tiny.json");
+    let texts: Vec<String> = (0..200)
+        .map(|i| {
+            format!("Recommend movies for a user who watched item {i}. Answer: The user enjoyed")
+        })
+        .collect();
+    let tiny_tok = sidrec::model::bpe::train_bpe(texts.iter(), 4096).expect("bpe");
+    tiny_cfg.vocab_size = tiny_tok.get_vocab_size(true);
+    let tiny_tensors = Llama::init_tensors(&tiny_cfg, 0).expect("init");
+    let tiny = with_sid_tokens(tiny_cfg, tiny_tensors, tiny_tok);
+    let short = encode(&tiny.tok, PROMPT);
+    let history: Vec<String> = (0..20)
+        .map(|i| {
+            format!(
+                "<a_{}><b_{}><c_{}> Movie number {i} (199{})",
+                i * 7 % 256,
+                i * 13 % 256,
+                i * 29 % 256,
+                i % 10
+            )
+        })
+        .collect();
+    let long_text = format!(
+        "<|im_start|>user\nA user's history, oldest first: {}. Which movie will they choose next?<|im_end|>\n<|im_start|>assistant\n",
+        history.join("; ")
+    );
+    let long = encode(&tiny.tok, &long_text);
+    let (tiny_p50, tiny_p90) = time_queries(&tiny, &trie, &short, queries.max(50));
+    let (tiny_long_p50, tiny_long_p90) = time_queries(&tiny, &trie, &long, queries.max(50));
+    let per_step = search_cost_per_step(&trie, tiny.llama.config().vocab_size, tiny.offset);
+    println!("tiny (4 layers, d=256), 10k items, 3 x 256, 10 beams, top-10:");
+    println!(
+        "  prompt {:>3} tokens: p50 {:.2} ms, p90 {:.2} ms",
+        short.len(),
+        tiny_p50 * 1e3,
+        tiny_p90 * 1e3
+    );
+    println!(
+        "  prompt {:>3} tokens: p50 {:.2} ms, p90 {:.2} ms",
+        long.len(),
+        tiny_long_p50 * 1e3,
+        tiny_long_p90 * 1e3
+    );
+    println!(
+        "  search cost without the model: {:.1} us per step",
+        per_step * 1e6
+    );
+
+    let gguf = manifest("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        eprintln!("{} missing: run scripts/fetch-assets.sh", gguf.display());
+        return;
+    }
+    let dir = manifest("target/bench-data/smollm2-135m-f32");
+    if !dir.join(hfdir::WEIGHTS_FILE).is_file() {
+        std::fs::create_dir_all(dir.parent().expect("parent")).expect("mkdir");
+        hfdir::convert(&gguf, &dir, true).expect("convert");
+    }
+    let hf = HfDir::load(&dir).expect("load");
+    let cfg = LlamaConfig::from_json_str(&hf.config.to_string(), "smollm2").expect("config");
+    let smol = with_sid_tokens(cfg, hf.tensors, hf.tokenizer);
+    let prompt = encode(&smol.tok, PROMPT);
+    let (ours, ours_p90) = time_queries(&smol, &trie, &prompt, queries);
+    drop(smol);
+    let theirs = peer(&dir, threads, queries);
+    let their_median = theirs.get("median_s").and_then(Value::as_f64);
+    println!(
+        "SmolLM2-135M f32, same shape, {} prompt tokens, {threads} threads:",
+        prompt.len()
+    );
+    println!(
+        "  sidrec  median {:.1} ms, p90 {:.1} ms",
+        ours * 1e3,
+        ours_p90 * 1e3
+    );
+    match their_median {
+        Some(t) => println!(
+            "  hf      median {:.1} ms          speed-up {:.2}x",
+            t * 1e3,
+            t / ours
+        ),
+        None => println!("  hf      (not run)"),
+    }
+    println!(
+        "{}",
+        json!({
+            "bench": "decode", "threads": threads, "items": ITEMS, "levels": LEVELS,
+            "codes": CODES, "beams": BEAMS,
+            "tiny": {"prompt_tokens": short.len(), "p50_ms": tiny_p50 * 1e3, "p90_ms": tiny_p90 * 1e3,
+                     "long_prompt_tokens": long.len(), "long_p50_ms": tiny_long_p50 * 1e3,
+                     "long_p90_ms": tiny_long_p90 * 1e3, "search_us_per_step": per_step * 1e6},
+            "smollm2": {"prompt_tokens": prompt.len(), "median_ms": ours * 1e3, "p90_ms": ours_p90 * 1e3},
+            "hf": theirs,
+            "speedup": their_median.map(|t| t / ours),
+        })
+    );
+}
