@@ -21,8 +21,6 @@
 //! `SIDREC_BENCH_QUERIES` (default 20).
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
@@ -32,10 +30,13 @@ use serde_json::{json, Value};
 use sidrec::decode::engine::ModelSource;
 use sidrec::decode::{beam_search, BeamConfig, DecodeError, LogitSource};
 use sidrec::model::config::LlamaConfig;
-use sidrec::model::hfdir::{self, HfDir};
+use sidrec::model::hfdir::HfDir;
 use sidrec::model::llama::{self, Llama};
 use sidrec::trie::{Mask, Trie};
 use tokenizers::{AddedToken, Tokenizer};
+
+mod support;
+use support::{env_usize, manifest, run_peer, smollm2_dir};
 
 const PROMPT: &str =
     "Recommend movies for a user who watched <a_1><b_2><c_3>, <a_4><b_5><c_6>. Answer:";
@@ -43,17 +44,6 @@ const ITEMS: usize = 10_000;
 const LEVELS: usize = 3;
 const CODES: usize = 256;
 const BEAMS: usize = 10;
-
-fn manifest(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn env_usize(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// SID tokens in the peer's order: `<a_0>..<a_255>`, `<b_0>..`, `<c_0>..`.
 fn sid_tokens() -> Vec<String> {
@@ -201,48 +191,6 @@ fn search_cost_per_step(trie: &Trie, vocab: usize, offset: u32) -> f64 {
     (t0.elapsed().as_secs_f64() - copy).max(0.0) / steps as f64
 }
 
-fn peer(model_dir: &Path, threads: usize, queries: usize) -> Value {
-    let python = std::env::var("SIDREC_PYTHON").unwrap_or_else(|_| "python3".into());
-    let peers = std::env::var_os("SIDREC_PEERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest("../shared/peers"));
-    let out = Command::new(&python)
-        .arg(peers.join("hf_constrained_beam.py"))
-        .arg(model_dir)
-        .args([
-            "--items",
-            &ITEMS.to_string(),
-            "--levels",
-            &LEVELS.to_string(),
-        ])
-        .args(["--codes", &CODES.to_string(), "--beams", &BEAMS.to_string()])
-        .args([
-            "--queries",
-            &queries.to_string(),
-            "--threads",
-            &threads.to_string(),
-        ])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            let s = String::from_utf8_lossy(&o.stdout);
-            serde_json::from_str(s.lines().last().unwrap_or_default()).unwrap_or(Value::Null)
-        }
-        Ok(o) => {
-            let err = String::from_utf8_lossy(&o.stderr);
-            eprintln!(
-                "HF peer failed (set SIDREC_PYTHON to a Python with torch and transformers): {}",
-                err.lines().last().unwrap_or_default()
-            );
-            Value::Null
-        }
-        Err(e) => {
-            eprintln!("HF peer could not start ({python}): {e}");
-            Value::Null
-        }
-    }
-}
-
 fn main() {
     sidrec::runtime::tune_allocator();
     let threads = env_usize("SIDREC_BENCH_THREADS", 2);
@@ -299,23 +247,30 @@ fn main() {
         per_step * 1e6
     );
 
-    let gguf = manifest("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.is_file() {
-        eprintln!("{} missing: run scripts/fetch-assets.sh", gguf.display());
-        return;
-    }
-    let dir = manifest("target/bench-data/smollm2-135m-f32");
-    if !dir.join(hfdir::WEIGHTS_FILE).is_file() {
-        std::fs::create_dir_all(dir.parent().expect("parent")).expect("mkdir");
-        hfdir::convert(&gguf, &dir, true).expect("convert");
-    }
+    let Some(dir) = smollm2_dir() else { return };
     let hf = HfDir::load(&dir).expect("load");
     let cfg = LlamaConfig::from_json_str(&hf.config.to_string(), "smollm2").expect("config");
     let smol = with_sid_tokens(cfg, hf.tensors, hf.tokenizer);
     let prompt = encode(&smol.tok, PROMPT);
     let (ours, ours_p90) = time_queries(&smol, &trie, &prompt, queries);
     drop(smol);
-    let theirs = peer(&dir, threads, queries);
+    let args: Vec<String> = [
+        dir.display().to_string(),
+        "--items".into(),
+        ITEMS.to_string(),
+        "--levels".into(),
+        LEVELS.to_string(),
+        "--codes".into(),
+        CODES.to_string(),
+        "--beams".into(),
+        BEAMS.to_string(),
+        "--queries".into(),
+        queries.to_string(),
+        "--threads".into(),
+        threads.to_string(),
+    ]
+    .into();
+    let theirs = run_peer("hf_constrained_beam.py", &args);
     let their_median = theirs.get("median_s").and_then(Value::as_f64);
     println!(
         "SmolLM2-135M f32, same shape, {} prompt tokens, {threads} threads:",

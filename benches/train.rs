@@ -19,8 +19,6 @@
 //! - `SIDREC_BENCH_STEPS`: counted steps (default 5).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -28,20 +26,12 @@ use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use sidrec::model::config::LlamaConfig;
-use sidrec::model::hfdir::{self, HfDir};
+use sidrec::model::hfdir::HfDir;
 use sidrec::model::llama::{self, Llama};
 use sidrec::train::optim::{AdamW, AdamWConfig};
 
-fn manifest(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn env_usize(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod support;
+use support::{env_usize, manifest, run_peer, smollm2_dir};
 
 /// Median tokens/s of full fine-tuning steps on random `[batch, seq]` tokens.
 fn sidrec_rate(
@@ -111,40 +101,6 @@ fn sidrec_rate(
     rates[rates.len() / 2]
 }
 
-fn torch_rate(model_dir: &Path, batch: usize, seq: usize, steps: usize, threads: usize) -> Value {
-    let python = std::env::var("SIDREC_PYTHON").unwrap_or_else(|_| "python3".into());
-    let peers = std::env::var_os("SIDREC_PEERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest("../shared/peers"));
-    let out = Command::new(&python)
-        .arg(peers.join("torch_train_throughput.py"))
-        .arg(model_dir)
-        .args(["--batch", &batch.to_string(), "--seq", &seq.to_string()])
-        .args(["--steps", &steps.to_string()])
-        .args(["--threads", &threads.to_string()])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            let s = String::from_utf8_lossy(&o.stdout);
-            serde_json::from_str(s.lines().last().unwrap_or_default()).unwrap_or(Value::Null)
-        }
-        Ok(o) => {
-            eprintln!(
-                "PyTorch peer failed (set SIDREC_PYTHON to a Python with torch and transformers):\n{}",
-                String::from_utf8_lossy(&o.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or_default()
-            );
-            Value::Null
-        }
-        Err(e) => {
-            eprintln!("PyTorch peer could not start ({python}): {e}");
-            Value::Null
-        }
-    }
-}
-
 fn main() {
     sidrec::runtime::tune_allocator();
     let threads = env_usize("SIDREC_BENCH_THREADS", 2);
@@ -159,21 +115,25 @@ fn main() {
     let tiny_rate = sidrec_rate(&tiny, &tiny_tensors, batch, seq, steps);
     println!("tiny (4 layers, d=256, vocab 4096): sidrec {tiny_rate:.0} tokens/s");
 
-    let gguf = manifest("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.is_file() {
-        eprintln!("{} missing: run scripts/fetch-assets.sh", gguf.display());
-        return;
-    }
-    let dir = manifest("target/bench-data/smollm2-135m-f32");
-    if !dir.join(hfdir::WEIGHTS_FILE).is_file() {
-        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-        hfdir::convert(&gguf, &dir, true).expect("convert");
-    }
+    let Some(dir) = smollm2_dir() else { return };
     let hf = HfDir::load(&dir).expect("load");
     let cfg = LlamaConfig::from_json_str(&hf.config.to_string(), "smollm2").expect("config");
     let ours = sidrec_rate(&cfg, &hf.tensors, batch, seq, steps);
     drop(hf);
-    let peer = torch_rate(&dir, batch, seq, steps, threads);
+    let peer = run_peer(
+        "torch_train_throughput.py",
+        &[
+            dir.display().to_string(),
+            "--batch".into(),
+            batch.to_string(),
+            "--seq".into(),
+            seq.to_string(),
+            "--steps".into(),
+            steps.to_string(),
+            "--threads".into(),
+            threads.to_string(),
+        ],
+    );
     let theirs = peer.get("tokens_per_s").and_then(Value::as_f64);
 
     println!("SmolLM2-135M f32, full fine-tuning, batch {batch} x {seq}, {threads} threads:");
