@@ -21,7 +21,10 @@ use sidrec::tokenize::{self, EmbeddingSource, Report, TokenizeOptions};
     long_about = "sidrec gives every catalog item a short semantic ID (SID) such as \
 <movie><a_17><b_203><c_5>: item text is embedded, residual k-means turns each embedding \
 into a tuple of codes (similar items share prefixes), and a final dedup code makes every \
-SID unique.\n\nStart with `sidrec tokenize CATALOG -o DIR`, then `sidrec inspect DIR`."
+SID unique. A Llama-family decoder learns to speak those IDs, and decoding is constrained \
+by a trie of them, so every item it names exists.\n\nStart with `sidrec tokenize CATALOG -o \
+DIR` and `sidrec inspect DIR`; then `sidrec train --artifacts DIR --interactions FILE -o MODEL`; \
+then `sidrec recommend --model MODEL ...` or `sidrec repl --model MODEL`."
 )]
 struct Cli {
     /// Worker threads for embedding, k-means, training and decoding (default: all cores).
