@@ -80,6 +80,8 @@ pub fn generate(
     // Inside an item: the node reached, its log-probability, its path.
     let mut inside: Option<(NodeId, f32, Vec<TokenId>)> = None;
     let mut children = Vec::new();
+    // Free text chooses among the whole vocabulary (banned tokens are at -inf).
+    let all: Vec<u32> = (0..vocab as u32).collect();
     for _ in 0..cfg.max_tokens {
         let lse = super::logsumexp(&logits);
         let token = match &mut inside {
@@ -98,7 +100,6 @@ pub fn generate(
                     let i = (tok + token_offset) as usize;
                     row[i] = logits[i];
                 }
-                let all: Vec<u32> = (0..vocab as u32).collect();
                 let t = choose(&row, &all, cfg, &mut rng);
                 if cfg.stop.contains(&t) {
                     break;
