@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use tokenizers::Tokenizer;
 
-use super::beam::{beam_search, BeamConfig, Hit};
+use super::beam::{beam_search, BeamConfig};
 use super::filter::Filter;
 use super::generate::{generate, GenConfig, Segment};
 use super::{DecodeError, LogitSource};
@@ -389,12 +389,8 @@ impl Engine {
         Ok(hits
             .iter()
             .enumerate()
-            .map(|(r, h)| self.recommendation(r + 1, h))
+            .map(|(r, h)| self.item_output(r + 1, h.item, h.score))
             .collect())
-    }
-
-    fn recommendation(&self, rank: usize, h: &Hit) -> Recommendation {
-        self.item_output(rank, h.item, h.score)
     }
 
     fn item_output(&self, rank: usize, item: ItemIdx, score: f32) -> Recommendation {

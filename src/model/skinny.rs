@@ -232,16 +232,12 @@ mod timing {
     fn skinny_bandwidth() {
         let dev = Device::Cpu;
         let w = Tensor::ones((234_000, 576), DType::F32, &dev).unwrap();
-        for m in [1, 4, 10, 19, 32, 64] {
+        for m in [1, 4, 10, 19, MAX_ROWS] {
             let x = Tensor::ones((m, 576), DType::F32, &dev).unwrap();
             let mut best = f64::MAX;
             for _ in 0..5 {
                 let t = std::time::Instant::now();
-                let _ = if m <= MAX_ROWS {
-                    matmul_t(&x, &w).unwrap().unwrap()
-                } else {
-                    Tensor::zeros(1, DType::F32, &dev).unwrap()
-                };
+                let _ = matmul_t(&x, &w).unwrap().unwrap();
                 best = best.min(t.elapsed().as_secs_f64());
             }
             let gb = 234_000.0 * 576.0 * 4.0 / 1e9;

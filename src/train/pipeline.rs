@@ -320,16 +320,13 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
     };
     // The model carries the catalog and SID map it speaks, so it can be used (and moved)
     // without the artifact directory.
-    let carried: Vec<(&str, PathBuf)> = [
+    let files = [
         artifacts::CATALOG_FILE,
         artifacts::SIDS_FILE,
         artifacts::CODEBOOKS_FILE,
     ]
-    .into_iter()
-    .map(|f| (f, opts.artifacts.join(f)))
-    .collect();
-    let extra: Vec<(&str, &std::path::Path)> =
-        carried.iter().map(|(f, p)| (*f, p.as_path())).collect();
+    .map(|f| (f, opts.artifacts.join(f)));
+    let extra = files.each_ref().map(|(f, p)| (*f, p.as_path()));
     dir.save_with_files(&opts.out, opts.force || opts.resume, &extra)?;
     let report_path = opts.out.join(REPORT_FILE);
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(e.to_string()))?;
