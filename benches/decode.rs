@@ -105,13 +105,56 @@ fn encode(tok: &Tokenizer, text: &str) -> Vec<u32> {
     tok.encode(text, false).expect("encode").get_ids().to_vec()
 }
 
-/// Median and p90 seconds of `queries` searches after one warm-up.
-fn time_queries(m: &Model, trie: &Trie, prompt: &[u32], queries: usize) -> (f64, f64) {
+/// A source that times its model: where a query's latency goes (prompt or steps).
+struct Timed<S> {
+    inner: S,
+    prefill: f64,
+    steps: Vec<f64>,
+}
+
+impl<S: LogitSource> LogitSource for Timed<S> {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>, DecodeError> {
+        let t = Instant::now();
+        let out = self.inner.prefill(prompt);
+        self.prefill = t.elapsed().as_secs_f64();
+        out
+    }
+    fn extend(&mut self, parents: &[u32], tokens: &[u32]) -> Result<Vec<f32>, DecodeError> {
+        let t = Instant::now();
+        let out = self.inner.extend(parents, tokens);
+        self.steps.push(t.elapsed().as_secs_f64());
+        out
+    }
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+}
+
+/// Latencies of `queries` searches after one warm-up, in seconds.
+struct Timing {
+    p50: f64,
+    p90: f64,
+    /// Median time of the prompt's forward pass.
+    prefill: f64,
+    /// Median time of one beam step's forward pass.
+    step: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time_queries(m: &Model, trie: &Trie, prompt: &[u32], queries: usize) -> Timing {
     let mask = Mask::all(trie);
-    let mut lat = Vec::new();
+    let (mut lat, mut prefill, mut steps) = (Vec::new(), Vec::new(), Vec::new());
     for q in 0..=queries {
         let t0 = Instant::now();
-        let mut src = ModelSource::new(&m.llama);
+        let mut src = Timed {
+            inner: ModelSource::new(&m.llama),
+            prefill: 0.0,
+            steps: Vec::new(),
+        };
         let hits = beam_search(
             &mut src,
             trie,
@@ -127,10 +170,17 @@ fn time_queries(m: &Model, trie: &Trie, prompt: &[u32], queries: usize) -> (f64,
         assert_eq!(hits.len(), BEAMS);
         if q > 0 {
             lat.push(t0.elapsed().as_secs_f64());
+            prefill.push(src.prefill);
+            steps.extend(src.steps);
         }
     }
     lat.sort_by(f64::total_cmp);
-    (lat[lat.len() / 2], lat[(9 * (lat.len() - 1)) / 10])
+    Timing {
+        p50: lat[lat.len() / 2],
+        p90: lat[(9 * (lat.len() - 1)) / 10],
+        prefill: median(prefill),
+        step: median(steps),
+    }
 }
 
 /// The model taken out: every row is the same fixed logits, so what is timed is the
@@ -226,8 +276,10 @@ fn main() {
         history.join("; ")
     );
     let long = encode(&tiny.tok, &long_text);
-    let (tiny_p50, tiny_p90) = time_queries(&tiny, &trie, &short, queries.max(50));
-    let (tiny_long_p50, tiny_long_p90) = time_queries(&tiny, &trie, &long, queries.max(50));
+    let tiny_short = time_queries(&tiny, &trie, &short, queries.max(50));
+    let tiny_long = time_queries(&tiny, &trie, &long, queries.max(50));
+    let (tiny_p50, tiny_p90) = (tiny_short.p50, tiny_short.p90);
+    let (tiny_long_p50, tiny_long_p90) = (tiny_long.p50, tiny_long.p90);
     let per_step = search_cost_per_step(&trie, tiny.llama.config().vocab_size, tiny.offset);
     println!("tiny (4 layers, d=256), 10k items, 3 x 256, 10 beams, top-10:");
     println!(
@@ -252,7 +304,8 @@ fn main() {
     let cfg = LlamaConfig::from_json_str(&hf.config.to_string(), "smollm2").expect("config");
     let smol = with_sid_tokens(cfg, hf.tensors, hf.tokenizer);
     let prompt = encode(&smol.tok, PROMPT);
-    let (ours, ours_p90) = time_queries(&smol, &trie, &prompt, queries);
+    let smol_timing = time_queries(&smol, &trie, &prompt, queries);
+    let (ours, ours_p90) = (smol_timing.p50, smol_timing.p90);
     drop(smol);
     let args: Vec<String> = [
         dir.display().to_string(),
@@ -277,9 +330,11 @@ fn main() {
         prompt.len()
     );
     println!(
-        "  sidrec  median {:.1} ms, p90 {:.1} ms",
+        "  sidrec  median {:.1} ms, p90 {:.1} ms (prompt pass {:.1} ms, beam step {:.1} ms)",
         ours * 1e3,
-        ours_p90 * 1e3
+        ours_p90 * 1e3,
+        smol_timing.prefill * 1e3,
+        smol_timing.step * 1e3
     );
     match their_median {
         Some(t) => println!(
@@ -297,7 +352,8 @@ fn main() {
             "tiny": {"prompt_tokens": short.len(), "p50_ms": tiny_p50 * 1e3, "p90_ms": tiny_p90 * 1e3,
                      "long_prompt_tokens": long.len(), "long_p50_ms": tiny_long_p50 * 1e3,
                      "long_p90_ms": tiny_long_p90 * 1e3, "search_us_per_step": per_step * 1e6},
-            "smollm2": {"prompt_tokens": prompt.len(), "median_ms": ours * 1e3, "p90_ms": ours_p90 * 1e3},
+            "smollm2": {"prompt_tokens": prompt.len(), "median_ms": ours * 1e3, "p90_ms": ours_p90 * 1e3,
+                        "prefill_ms": smol_timing.prefill * 1e3, "step_ms": smol_timing.step * 1e3},
             "hf": theirs,
             "speedup": their_median.map(|t| t / ours),
         })

@@ -158,8 +158,11 @@ fn kv_cache_fork_and_reorder_match_the_uncached_forward() {
     let d = max_abs_diff(&step.squeeze(1).unwrap(), &full.i((.., 5, ..)).unwrap());
     assert!(d < 1e-4, "forked cache differs by {d}");
 
-    // Reorder (beam 2 twice, beam 0 once) and take another step.
-    let mut beams = beams.select(&[2, 2, 0]).unwrap();
+    // Reorder (beam 2 twice, beam 0 once) and take another step. Selections are lazy
+    // and compose: [1, 2, 0] then [1, 1, 2] is [2, 2, 0].
+    let beams = beams.select(&[1, 2, 0]).unwrap();
+    let mut beams = beams.select(&[1, 1, 2]).unwrap();
+    assert_eq!(beams.batch_size(), Some(3));
     seqs = vec![seqs[2].clone(), seqs[2].clone(), seqs[0].clone()];
     let next = [1u32, 2, 3];
     for (s, &n) in seqs.iter_mut().zip(&next) {

@@ -320,7 +320,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         bias: Option<&Tensor>,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Option<KvSlot<'_>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
@@ -344,10 +344,10 @@ impl Attention {
         let k = ops::rope(&k, cos, sin)?.contiguous()?;
         let (k, v) = match kv {
             None => (k, v),
-            Some(slot) => {
+            Some(KvSlot { slot, rows }) => {
                 let (k, v) = match slot.take() {
                     None => (k, v),
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    Some((pk, pv)) => (append_rows(&pk, rows, &k)?, append_rows(&pv, rows, &v)?),
                 };
                 // The cache outlives this step: keep values, not the autograd graph.
                 *slot = Some((k.detach(), v.detach()));
@@ -356,12 +356,23 @@ impl Attention {
         };
         let s = k.dim(2)?;
         let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        if bias.is_none() {
+            let qg = q.reshape((b, nkv, rep * t, hd))?;
+            if let Some(y) = skinny::attention(&qg, &k, &v, scale as f32)? {
+                let y = y
+                    .reshape((b, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((b, t, nh * hd))?;
+                return self.o.forward(&y);
+            }
+        }
         // Heads h = g·rep + r share key/value head g (Hugging Face's `repeat_kv` order):
         // stack their queries along the sequence axis instead of copying k and v `rep` times.
         let att = q
             .reshape((b, nkv, rep * t, hd))?
             .matmul(&k.t()?)?
-            .affine(1.0 / (hd as f64).sqrt(), 0.0)?
+            .affine(scale, 0.0)?
             .reshape((b, nh, t, s))?;
         let att = match bias {
             Some(bias) => att.broadcast_add(bias)?,
@@ -407,7 +418,7 @@ impl Block {
         cos: &Tensor,
         sin: &Tensor,
         bias: Option<&Tensor>,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Option<KvSlot<'_>>,
     ) -> Result<Tensor> {
         let h = (x + self
             .attn
@@ -417,14 +428,107 @@ impl Block {
     }
 }
 
+/// One layer's cache slot as a forward pass sees it: the stored keys and values, and the
+/// rows of them the batch continues (see [`KvCache::select`]).
+struct KvSlot<'a> {
+    slot: &'a mut Option<(Tensor, Tensor)>,
+    rows: Option<&'a [u32]>,
+}
+
+/// `cat([cache[rows], new], 2)` for `cache` `[b0, h, len, d]` and `new` `[b, h, t, d]`
+/// (`rows` of length `b`, or all rows of `cache` in order when `None`).
+///
+/// One copy of the cache per step: gathering the rows and then appending were two, and
+/// they were the largest cost of a beam step after the weights (profiled on SmolLM2).
+fn append_rows(cache: &Tensor, rows: Option<&[u32]>, new: &Tensor) -> Result<Tensor> {
+    let (b0, h, _, d) = cache.dims4()?;
+    let (b, h2, _, d2) = new.dims4()?;
+    let identity: Vec<u32>;
+    let rows = match rows {
+        Some(r) => r,
+        None => {
+            identity = (0..b0 as u32).collect();
+            &identity
+        }
+    };
+    if rows.len() != b || h2 != h || d2 != d {
+        return Err(ModelError::Shape {
+            what: "KV cache append",
+            expected: format!("[{}, {h}, _, {d}]", rows.len()),
+            found: format!("{:?}", new.shape()),
+        });
+    }
+    if let Some(&row) = rows.iter().find(|&&r| r as usize >= b0) {
+        return Err(ModelError::RowOutOfRange { row, batch: b0 });
+    }
+    if let Some(out) = append_rows_f32(cache, rows, new)? {
+        return Ok(out);
+    }
+    let gathered = match rows.iter().enumerate().all(|(i, &r)| i == r as usize) && b == b0 {
+        true => cache.clone(),
+        false => cache.index_select(&Tensor::new(rows, cache.device())?, 0)?,
+    };
+    Ok(Tensor::cat(&[&gathered, new], 2)?)
+}
+
+/// [`append_rows`] as one copy into a fresh buffer, where no gradient is recorded and the
+/// data is f32 on the CPU; `None` otherwise (the caller falls back to tensor ops).
+fn append_rows_f32(
+    cache: &Tensor,
+    rows: &[u32],
+    new: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    use candle_core::{DType, Storage};
+    if cache.dtype() != DType::F32
+        || new.dtype() != DType::F32
+        || cache.track_op()
+        || new.track_op()
+        || !matches!(cache.device(), candle_core::Device::Cpu)
+    {
+        return Ok(None);
+    }
+    let (_, h, len, d) = cache.dims4()?;
+    let (b, _, t, _) = new.dims4()?;
+    let (cache, new) = (cache.contiguous()?, new.contiguous()?);
+    let (cs, cl) = cache.storage_and_layout();
+    let (ns, nl) = new.storage_and_layout();
+    let (Storage::Cpu(cs), Storage::Cpu(ns)) = (&*cs, &*ns) else {
+        return Ok(None);
+    };
+    let (Some((ca, cb)), Some((na, nb))) = (cl.contiguous_offsets(), nl.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let (cv, nv) = (
+        &cs.as_slice::<f32>()?[ca..cb],
+        &ns.as_slice::<f32>()?[na..nb],
+    );
+    let mut out = Vec::with_capacity(b * h * (len + t) * d);
+    for (i, &r) in rows.iter().enumerate() {
+        for head in 0..h {
+            out.extend_from_slice(&cv[(r as usize * h + head) * len * d..][..len * d]);
+            out.extend_from_slice(&nv[(i * h + head) * t * d..][..t * d]);
+        }
+    }
+    Ok(Some(Tensor::from_vec(
+        out,
+        (b, h, len + t, d),
+        cache.device(),
+    )?))
+}
+
 /// Per-layer keys and values of the positions decoded so far, for [`Llama::forward_cached`].
 ///
 /// Tensors are `[batch, kv_heads, len, head_dim]`, after RoPE. Cloning is cheap (tensors
-/// are shared), which is what lets beam search keep and fork caches freely.
+/// are shared), which is what lets beam search keep and fork caches freely. Reordering
+/// rows ([`KvCache::select`]) is lazy: it records which stored rows each sequence
+/// continues, and the next forward pass gathers them while it appends the new positions.
 #[derive(Clone, Debug)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// Row `i` of the batch continues stored row `rows[i]`; `None`: row `i` is row `i`.
+    rows: Option<std::sync::Arc<[u32]>>,
 }
 
 impl KvCache {
@@ -433,6 +537,7 @@ impl KvCache {
         KvCache {
             layers: vec![None; cfg.num_hidden_layers],
             len: 0,
+            rows: None,
         }
     }
 
@@ -447,6 +552,14 @@ impl KvCache {
 
     /// Rows (sequences) in the cache, `None` while it is empty.
     pub fn batch_size(&self) -> Option<usize> {
+        if let Some(rows) = &self.rows {
+            return Some(rows.len());
+        }
+        self.stored_rows()
+    }
+
+    /// Rows of the stored tensors (before a pending [`KvCache::select`]).
+    fn stored_rows(&self) -> Option<usize> {
         self.layers
             .iter()
             .flatten()
@@ -472,27 +585,15 @@ impl KvCache {
         if let Some(&row) = rows.iter().find(|&&r| r as usize >= batch) {
             return Err(ModelError::RowOutOfRange { row, batch });
         }
-        let mut layers = Vec::with_capacity(self.layers.len());
-        let mut index: Option<Tensor> = None;
-        for layer in &self.layers {
-            layers.push(match layer {
-                None => None,
-                Some((k, v)) => {
-                    let idx = match &index {
-                        Some(i) => i.clone(),
-                        None => {
-                            let i = Tensor::new(rows, k.device())?;
-                            index = Some(i.clone());
-                            i
-                        }
-                    };
-                    Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
-                }
-            });
-        }
+        // Compose with a selection still pending: nothing is copied until the next pass.
+        let rows: std::sync::Arc<[u32]> = match &self.rows {
+            Some(prev) => rows.iter().map(|&r| prev[r as usize]).collect(),
+            None => rows.into(),
+        };
         Ok(KvCache {
-            layers,
+            layers: self.layers.clone(),
             len: self.len,
+            rows: Some(rows),
         })
     }
 }
@@ -875,12 +976,18 @@ impl Llama {
         let sin = self.sin.narrow(0, offset, t)?;
         let mut layers = cache.layers.clone();
         let mut x = self.embed_ids(input_ids, b, t)?;
+        let rows = cache.rows.clone();
         for (layer, slot) in self.layers.iter().zip(layers.iter_mut()) {
-            x = layer.forward(&x, &cos, &sin, bias.as_ref(), Some(slot))?;
+            let kv = KvSlot {
+                slot,
+                rows: rows.as_deref(),
+            };
+            x = layer.forward(&x, &cos, &sin, bias.as_ref(), Some(kv))?;
         }
         let h = self.norm.forward(&x)?;
         cache.layers = layers;
         cache.len = offset + t;
+        cache.rows = None;
         Ok(h)
     }
 
