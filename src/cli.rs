@@ -60,6 +60,77 @@ enum Command {
     /// An interactive session with a trained model: build a history, set limits, ask.
     #[command(long_about = crate::repl::HELP)]
     Repl(ReplArgs),
+    /// Measure a trained model on the leave-one-out protocol (Recall/NDCG@5/10 over the
+    /// whole catalog) beside baselines run on the same split, plus steerability; writes
+    /// eval.json, eval.md and plots.
+    #[command(long_about = EVAL_HELP)]
+    Eval(EvalArgs),
+}
+
+const EVAL_HELP: &str = "Measure a trained model on the standard protocol.\n\n\
+Leave-one-out per user: the last item is the test target, the second to last the \
+validation target, the rest is what `sidrec train` saw. The model ranks the whole catalog \
+for each user's history (beam search over the SID trie; --exact also scores every item's \
+SID exactly, to show what the beam loses). Metrics: Recall@5/10 and NDCG@5/10; also the \
+share of catalog-valid items, the top-10 coverage of the catalog and the latency per user.\n\n\
+Baselines on the same sequences, in the same run: most popular (computed here), and the \
+peers' first-order Markov and SASRec (cross-entropy) scripts, run with --python on \
+interactions.json written in their layout (--peers DIR holds the scripts; --no-peers \
+skips them).\n\n\
+Steerability: for a sample of users, requests that state a genre, decade, category or \
+brand in words, scored by the share of top-10 items that have it, beside the same \
+history alone (the base rate), the words alone (a search) and the constraint as a filter.\n\n\
+Output (-o, default MODEL/eval): eval.json, eval.md (the tables), metrics.svg, loss.svg.\n\n\
+Examples:\n  \
+sidrec eval --model out/ml100k-tiny --interactions assets/ml-100k/ml-100k.inter\n  \
+sidrec eval --model out/amazon --interactions ../shared/data/amazon-scientific/interactions.json \\\n    \
+--users 2000 --peers ../shared/peers --python venv/bin/python";
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Trained model directory (from `sidrec train`).
+    #[arg(long)]
+    model: PathBuf,
+    /// The interactions the model was trained on (same file, same split).
+    #[arg(long)]
+    interactions: PathBuf,
+    /// Output directory [default: MODEL/eval].
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Dataset name for the report [default: the interactions file's stem].
+    #[arg(long)]
+    name: Option<String>,
+    /// Evaluate a seeded sample of this many users [default: all].
+    #[arg(long)]
+    users: Option<usize>,
+    /// Beam width (at least 10).
+    #[arg(long, default_value_t = 20)]
+    beams: usize,
+    /// Also rank every item by its exact SID log-probability (small catalogs).
+    #[arg(long)]
+    exact: bool,
+    /// Users asked the steering requests (0: skip steerability).
+    #[arg(long, default_value_t = 200)]
+    steer_users: usize,
+    /// Directory with the peer scripts (markov_next_item.py, sasrec_ce.py)
+    /// [default: $SIDREC_PEERS, else ../shared/peers].
+    #[arg(long)]
+    peers: Option<PathBuf>,
+    /// Python for the peers [default: $SIDREC_PYTHON, else python3].
+    #[arg(long)]
+    python: Option<String>,
+    /// Skip the peer baselines.
+    #[arg(long)]
+    no_peers: bool,
+    /// Skip SASRec (the slowest peer: minutes).
+    #[arg(long)]
+    no_sasrec: bool,
+    /// Seed of the user samples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 const RECOMMEND_HELP: &str = "Ask a trained model for items.\n\n\
@@ -369,6 +440,7 @@ pub fn run() -> Result<()> {
         Command::Inspect(a) => cmd_inspect(a),
         Command::Train(a) => cmd_train(a, progress),
         Command::Recommend(a) => cmd_recommend(a),
+        Command::Eval(a) => cmd_eval(a, progress, cli.threads),
         Command::Repl(a) => {
             let file = if a.no_history_file {
                 None
@@ -842,6 +914,159 @@ pub(crate) fn answer(
         }
     }
     Ok(out)
+}
+
+fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<()> {
+    use sidrec::eval::{self, report, ModelOptions};
+    use sidrec::interactions::{ReadOptions, Sequences};
+    let t0 = std::time::Instant::now();
+    let engine = sidrec::decode::Engine::load(&a.model)
+        .with_context(|| format!("loading model {}", a.model.display()))?;
+    let out = a.out.clone().unwrap_or_else(|| a.model.join("eval"));
+    if out.exists() && !a.force {
+        bail!("{} exists (pass --force to replace it)", out.display());
+    }
+    let (seqs, _) = Sequences::load(&a.interactions, engine.catalog(), &ReadOptions::default())?;
+    let split = seqs.split();
+    if split.test.is_empty() {
+        return Err(eval::EvalError::NoUsers.into());
+    }
+    let users = eval::sample_users(split.test.len(), a.users, a.seed);
+    let cases: Vec<_> = users.iter().map(|&u| split.test[u].clone()).collect();
+    let name = a.name.clone().unwrap_or_else(|| {
+        a.interactions
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "dataset".into())
+    });
+    let mut notes = Vec::new();
+    let opts = ModelOptions {
+        beams: a.beams,
+        exact: a.exact,
+        ..ModelOptions::default()
+    };
+    let sidrec = eval::evaluate_model(&engine, &cases, &opts, &progress)?;
+    let mut rows = vec![report::Row {
+        name: "sidrec".into(),
+        metrics: sidrec.metrics.clone(),
+        note: format!("beam search, {} beams", sidrec.beams),
+    }];
+    if let Some(m) = &sidrec.exact {
+        rows.push(report::Row {
+            name: "sidrec (exact)".into(),
+            metrics: m.clone(),
+            note: "every item's SID log-probability".into(),
+        });
+    }
+    let popular = eval::most_popular(&split, engine.catalog().items.len());
+    let mut acc = eval::Accumulator::default();
+    for (_, target) in &cases {
+        acc.add(&popular, *target);
+    }
+    rows.push(report::Row {
+        name: "most popular".into(),
+        metrics: acc.finish(),
+        note: "training counts".into(),
+    });
+    let all_users = if users.len() < split.test.len() {
+        format!("all {} users", split.test.len())
+    } else {
+        String::new()
+    };
+    if !a.no_peers {
+        let peers = a
+            .peers
+            .clone()
+            .or_else(|| std::env::var_os("SIDREC_PEERS").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("../shared/peers"));
+        let python = a
+            .python
+            .clone()
+            .or_else(|| std::env::var("SIDREC_PYTHON").ok())
+            .unwrap_or_else(|| "python3".into());
+        let dir = tempfile::tempdir().context("temporary directory")?;
+        let inter = dir.path().join("interactions.json");
+        seqs.write_json(&inter)?;
+        let threads = threads.unwrap_or(2).to_string();
+        let mut scripts = vec![("markov", "markov_next_item.py", Vec::new())];
+        if !a.no_sasrec {
+            scripts.push((
+                "SASRec-CE",
+                "sasrec_ce.py",
+                vec!["--threads".to_string(), threads],
+            ));
+        }
+        for (label, script, args) in scripts {
+            let path = peers.join(script);
+            if !path.is_file() {
+                notes.push(format!("{label} skipped: {} not found", path.display()));
+                continue;
+            }
+            let bar = progress.spinner(&format!("{label} ({script})"));
+            let res = eval::run_peer(&python, &path, &inter, &args);
+            bar.finish_and_clear();
+            match res {
+                Ok((m, _)) => rows.push(report::Row {
+                    name: label.into(),
+                    metrics: m,
+                    note: if all_users.is_empty() {
+                        format!("peer {script}")
+                    } else {
+                        format!("peer {script}, {all_users}")
+                    },
+                }),
+                Err(e) => notes.push(format!("{label} skipped: {e}")),
+            }
+        }
+    }
+    if !all_users.is_empty() {
+        notes.push(format!(
+            "sidrec and most popular on a seeded sample of {} of {} users (--users, --seed {}); \
+             the peers always evaluate every user.",
+            users.len(),
+            split.test.len(),
+            a.seed
+        ));
+    }
+    let constraints = eval::constraints(engine.catalog(), 4);
+    let steer_users = eval::sample_users(
+        split.test.len(),
+        Some(a.steer_users),
+        a.seed.wrapping_add(1),
+    );
+    let histories: Vec<_> = if a.steer_users == 0 {
+        Vec::new()
+    } else {
+        steer_users
+            .iter()
+            .map(|&u| split.test[u].0.clone())
+            .collect()
+    };
+    let steering = eval::evaluate_steering(&engine, &histories, &constraints, a.beams, &progress)?;
+    let report = report::Report {
+        dataset: name,
+        model: a.model.display().to_string(),
+        interactions: a.interactions.display().to_string(),
+        protocol: report::PROTOCOL.into(),
+        items: engine.catalog().items.len(),
+        total_users: split.test.len(),
+        users: users.len(),
+        rows,
+        sidrec,
+        constraints,
+        steering,
+        notes,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    let train_report = std::fs::read_to_string(a.model.join("train_report.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    let files = report::write(&report, train_report.as_ref(), &out, a.force)?;
+    print!("{}", report.markdown());
+    for f in files {
+        eprintln!("wrote {}", f.display());
+    }
+    Ok(())
 }
 
 fn cmd_recommend(a: RecommendArgs) -> Result<()> {

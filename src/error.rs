@@ -38,6 +38,8 @@ pub enum Error {
     Decode(Box<crate::decode::DecodeError>),
     #[error(transparent)]
     ModelIo(#[from] crate::model::gguf::ModelIoError),
+    #[error(transparent)]
+    Eval(#[from] crate::eval::EvalError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

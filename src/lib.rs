@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod decode;
 pub mod embed;
 pub mod error;
+pub mod eval;
 pub mod hub;
 pub mod interactions;
 pub mod kmeans;

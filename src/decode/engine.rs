@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use tokenizers::Tokenizer;
 
-use super::beam::{beam_search, BeamConfig};
+use super::beam::{beam_search, BeamConfig, Hit};
 use super::filter::Filter;
 use super::generate::{generate, GenConfig, Segment};
 use super::{DecodeError, LogitSource};
@@ -373,24 +373,79 @@ impl Engine {
         &self,
         req: &Request,
     ) -> std::result::Result<Vec<Recommendation>, DecodeError> {
+        Ok(self
+            .rank(req)?
+            .iter()
+            .enumerate()
+            .map(|(r, h)| self.item_output(r + 1, h.item, h.score))
+            .collect())
+    }
+
+    /// [`Engine::recommend`] as search hits (catalog indices, scores, SID paths).
+    pub fn rank(&self, req: &Request) -> std::result::Result<Vec<Hit>, DecodeError> {
         let mask = self.mask(req)?;
         let prompt = self.prompt_ids(req)?;
         let k = req.k.max(1);
         let beams = req.beams.unwrap_or((2 * k).max(10));
         let mut src = ModelSource::new(&self.model);
-        let hits = beam_search(
+        beam_search(
             &mut src,
             &self.sids.trie,
             &mask,
             self.sidecar.sid_token_offset,
             &prompt,
             BeamConfig { k, beams },
-        )?;
-        Ok(hits
-            .iter()
-            .enumerate()
-            .map(|(r, h)| self.item_output(r + 1, h.item, h.score))
-            .collect())
+        )
+    }
+
+    /// Every item the request allows, scored by its exact SID log-probability and sorted
+    /// best first: the ranking beam search approximates.
+    ///
+    /// The items are taken in groups that share a first code, about `group_items` at a
+    /// time; within a group a beam as wide as the group is exact (the property tests
+    /// check it), and the groups' scores are merged. Memory is bounded by the group
+    /// (its rows of KV cache), time by the catalog: one prompt pass per group and one
+    /// decoder row per trie node.
+    pub fn rank_exact(
+        &self,
+        req: &Request,
+        group_items: usize,
+    ) -> std::result::Result<Vec<Hit>, DecodeError> {
+        let mask = self.mask(req)?;
+        let prompt = self.prompt_ids(req)?;
+        let trie = &self.sids.trie;
+        // Items by their first two trie tokens (type and first code), in trie order.
+        let mut groups: Vec<Vec<ItemIdx>> = Vec::new();
+        let mut last: Option<Vec<u32>> = None;
+        for &item in trie.items() {
+            if !mask.allows_item(trie, item) {
+                continue;
+            }
+            let path = trie.path(item).unwrap_or_default();
+            let key = path[..path.len().min(2)].to_vec();
+            let same = last.as_ref() == Some(&key);
+            match groups.last_mut() {
+                Some(g) if same || g.len() < group_items.max(1) => g.push(item),
+                _ => groups.push(vec![item]),
+            }
+            last = Some(key);
+        }
+        let mut hits = Vec::with_capacity(mask.allowed_items());
+        for group in groups {
+            let gmask = Mask::from_items(trie, &group);
+            let mut src = ModelSource::new(&self.model);
+            let n = group.len();
+            hits.extend(beam_search(
+                &mut src,
+                trie,
+                &gmask,
+                self.sidecar.sid_token_offset,
+                &prompt,
+                BeamConfig { k: n, beams: n },
+            )?);
+        }
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item)));
+        Ok(hits)
     }
 
     fn item_output(&self, rank: usize, item: ItemIdx, score: f32) -> Recommendation {

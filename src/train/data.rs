@@ -690,7 +690,7 @@ fn words(s: &str, max: usize) -> String {
     }
 }
 
-fn year(item: &Item) -> Option<i64> {
+pub(crate) fn year(item: &Item) -> Option<i64> {
     match item.attrs.get("year")? {
         Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
         Value::String(s) => s.trim().parse().ok(),
@@ -711,17 +711,17 @@ fn strings(v: Option<&Value>) -> Vec<String> {
     }
 }
 
-fn genres(item: &Item) -> Vec<String> {
+pub(crate) fn genres(item: &Item) -> Vec<String> {
     let mut g = strings(item.attrs.get("genre"));
     g.retain(|s| !s.eq_ignore_ascii_case("unknown"));
     g
 }
 
-fn categories(item: &Item) -> Vec<String> {
+pub(crate) fn categories(item: &Item) -> Vec<String> {
     strings(item.attrs.get("categories"))
 }
 
-fn brand(item: &Item) -> Option<String> {
+pub(crate) fn brand(item: &Item) -> Option<String> {
     strings(item.attrs.get("brand")).into_iter().next()
 }
 

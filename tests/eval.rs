@@ -1,0 +1,256 @@
+//! `sidrec eval` end to end on a model trained here: the report's files and shapes, beam
+//! search equal to exact ranking when the beam is as wide as the catalog, steerability
+//! with the filter at 100%, the peer runner, and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use sidrec::decode::Engine;
+use sidrec::eval::{self, Accumulator, ModelOptions};
+use sidrec::interactions::{ReadOptions, Sequences};
+use sidrec::progress::Progress;
+
+/// (temporary directory, model directory, interactions file), trained once.
+fn fixture() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
+    static F: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
+    F.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = common::trained_model(tmp.path());
+        let inter = tmp.path().join("seqs.jsonl");
+        assert!(inter.is_file());
+        (tmp, model, inter)
+    })
+}
+
+fn sidrec() -> assert_cmd::Command {
+    assert_cmd::Command::cargo_bin("sidrec").unwrap()
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn eval_writes_the_report_and_a_full_beam_equals_exact_ranking() {
+    let (tmp, model, inter) = fixture();
+    let out = tmp.path().join("eval-full");
+    let empty_peers = tmp.path().join("no-peers-here");
+    std::fs::create_dir_all(&empty_peers).unwrap();
+    let res = sidrec()
+        .args(["-q", "eval", "--model"])
+        .arg(model)
+        .arg("--interactions")
+        .arg(inter)
+        .arg("-o")
+        .arg(&out)
+        .args([
+            "--exact",
+            "--beams",
+            "10",
+            "--steer-users",
+            "8",
+            "--name",
+            "fixture",
+        ])
+        .arg("--peers")
+        .arg(&empty_peers)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for f in ["eval.json", "eval.md", "metrics.svg", "loss.svg"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let v = read_json(&out.join("eval.json"));
+    assert_eq!(v["dataset"], "fixture");
+    assert_eq!(v["items"], 10);
+    assert_eq!(v["users"], 24);
+    let rows = v["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["sidrec", "sidrec (exact)", "most popular"]);
+    for r in rows {
+        for k in ["recall@5", "recall@10", "ndcg@5", "ndcg@10"] {
+            let x = r[k].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&x), "{k} = {x}");
+        }
+        assert!(r["ndcg@10"].as_f64() <= r["recall@10"].as_f64());
+        assert!(r["recall@5"].as_f64() <= r["recall@10"].as_f64());
+    }
+    // Ten beams over a ten-item catalog search exhaustively: the same ranking as exact.
+    for k in ["recall@5", "recall@10", "ndcg@5", "ndcg@10"] {
+        let (b, e) = (rows[0][k].as_f64().unwrap(), rows[1][k].as_f64().unwrap());
+        assert!((b - e).abs() < 1e-9, "{k}: beam {b} vs exact {e}");
+    }
+    // Ten items fill a top-10 list: recall@10 is 1 for everyone, NDCG@10 is not.
+    assert_eq!(rows[0]["recall@10"], 1.0);
+    // The users follow fixed orders the model learns: it ranks better than popularity.
+    let ndcg = |r: usize| rows[r]["ndcg@5"].as_f64().unwrap();
+    assert!(
+        ndcg(0) > ndcg(2),
+        "sidrec {} vs most popular {}",
+        ndcg(0),
+        ndcg(2)
+    );
+    assert_eq!(v["sidrec"]["valid_share"], 1.0);
+    let cov = v["sidrec"]["coverage_at_10"].as_f64().unwrap();
+    assert!(cov > 0.0 && cov <= 1.0);
+    assert!(v["sidrec"]["latency"]["p50_ms"].as_f64().unwrap() > 0.0);
+    // Steering: genre and decade constraints from the movies; the filter always holds.
+    let steer = v["steering"].as_array().unwrap();
+    assert!(!steer.is_empty());
+    for s in steer {
+        assert_eq!(s["filter"], 1.0, "{s}");
+        let base = s["base_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&base));
+    }
+    // The peers were looked for and their absence said.
+    let md = std::fs::read_to_string(out.join("eval.md")).unwrap();
+    assert!(
+        md.contains("| model | R@5 | R@10 | N@5 | N@10 | note |"),
+        "{md}"
+    );
+    assert!(md.contains("markov skipped"), "{md}");
+    assert!(md.contains("SASRec-CE skipped"), "{md}");
+    let svg = std::fs::read_to_string(out.join("metrics.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("most popular"));
+
+    // The report is not overwritten without --force, and stays as it was.
+    let before = std::fs::read(out.join("eval.json")).unwrap();
+    let res = sidrec()
+        .args(["-q", "eval", "--no-peers", "--steer-users", "0", "--model"])
+        .arg(model)
+        .arg("--interactions")
+        .arg(inter)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("--force"));
+    assert_eq!(std::fs::read(out.join("eval.json")).unwrap(), before);
+}
+
+#[test]
+fn the_library_scores_the_split_test_targets() {
+    let (_tmp, model, inter) = fixture();
+    let engine = Engine::load(model).unwrap();
+    let (seqs, _) = Sequences::load(inter, engine.catalog(), &ReadOptions::default()).unwrap();
+    let split = seqs.split();
+    // The test target is each sequence's last item and is never in the training part.
+    for (u, seq) in seqs.seqs.iter().enumerate() {
+        assert_eq!(split.test[u].1, *seq.last().unwrap());
+        assert_eq!(split.test[u].0, seq[..seq.len() - 1]);
+        assert_eq!(split.train[u], seq[..seq.len() - 2]);
+    }
+    let cases: Vec<_> = split.test.clone();
+    let r = eval::evaluate_model(
+        &engine,
+        &cases,
+        &ModelOptions {
+            beams: 10,
+            exact: false,
+            exact_group: 4,
+        },
+        &Progress::new(true),
+    )
+    .unwrap();
+    // The same ranking, scored by hand.
+    let mut acc = Accumulator::default();
+    for (history, target) in &cases {
+        let req = sidrec::decode::Request {
+            mode: sidrec::decode::Mode::Recommend,
+            history: history.clone(),
+            k: 10,
+            beams: Some(10),
+            ..Default::default()
+        };
+        let ranked: Vec<u32> = engine.rank(&req).unwrap().iter().map(|h| h.item).collect();
+        acc.add(&ranked, *target);
+    }
+    assert_eq!(r.metrics, acc.finish());
+
+    // Exact ranking in small groups gives every item once, sorted, with the scores the
+    // full beam gives.
+    let req = sidrec::decode::Request {
+        mode: sidrec::decode::Mode::Recommend,
+        history: cases[0].0.clone(),
+        k: 10,
+        beams: Some(10),
+        ..Default::default()
+    };
+    let exact = engine.rank_exact(&req, 3).unwrap();
+    let beam = engine.rank(&req).unwrap();
+    assert_eq!(exact.len(), 10);
+    assert!(exact.windows(2).all(|w| w[0].score >= w[1].score));
+    for (e, b) in exact.iter().zip(&beam) {
+        assert_eq!(e.item, b.item);
+        assert!(
+            (e.score - b.score).abs() < 1e-4,
+            "{} vs {}",
+            e.score,
+            b.score
+        );
+    }
+}
+
+#[test]
+fn peers_are_run_and_their_failures_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let inter = dir.path().join("interactions.json");
+    std::fs::write(&inter, r#"{"0": [1, 2, 3]}"#).unwrap();
+    let good = dir.path().join("good.py");
+    std::fs::write(
+        &good,
+        "import json, sys\nd = json.load(open(sys.argv[1]))\nprint('log line')\n\
+         print(json.dumps({'peer': 'x', 'users': len(d), 'recall@5': 0.5, 'recall@10': 1.0, \
+         'ndcg@5': 0.25, 'ndcg@10': 0.5, 'extra': sys.argv[2:]}))\n",
+    )
+    .unwrap();
+    let (m, v) =
+        eval::run_peer("python3", &good, &inter, &["--threads".into(), "2".into()]).unwrap();
+    assert_eq!((m.users, m.recall_10, m.ndcg_5), (1, 1.0, 0.25));
+    assert_eq!(v["extra"], serde_json::json!(["--threads", "2"]));
+
+    let bad = dir.path().join("bad.py");
+    std::fs::write(&bad, "import sys\nsys.exit('no torch here')\n").unwrap();
+    let err = eval::run_peer("python3", &bad, &inter, &[]).unwrap_err();
+    assert!(err.to_string().contains("no torch here"), "{err}");
+    let silent = dir.path().join("silent.py");
+    std::fs::write(&silent, "print('nothing')\n").unwrap();
+    let err = eval::run_peer("python3", &silent, &inter, &[]).unwrap_err();
+    assert!(err.to_string().contains("no JSON"), "{err}");
+    let err = eval::run_peer("no-such-python-here", &good, &inter, &[]).unwrap_err();
+    assert!(err.to_string().contains("cannot start"), "{err}");
+}
+
+#[test]
+fn bad_input_is_an_error_that_names_it() {
+    let (tmp, model, _) = fixture();
+    let missing = tmp.path().join("missing.jsonl");
+    let res = sidrec()
+        .args(["-q", "eval", "--no-peers", "--model"])
+        .arg(model)
+        .arg("--interactions")
+        .arg(&missing)
+        .arg("-o")
+        .arg(tmp.path().join("never"))
+        .output()
+        .unwrap();
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("missing.jsonl"));
+    assert!(!tmp.path().join("never").exists());
+    let res = sidrec()
+        .args(["-q", "eval", "--model"])
+        .arg(tmp.path().join("no-model"))
+        .arg("--interactions")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("no-model"));
+}
