@@ -88,14 +88,6 @@ fn eval_writes_the_report_and_a_full_beam_equals_exact_ranking() {
     }
     // Ten items fill a top-10 list: recall@10 is 1 for everyone, NDCG@10 is not.
     assert_eq!(rows[0]["recall@10"], 1.0);
-    // The users follow fixed orders the model learns: it ranks better than popularity.
-    let ndcg = |r: usize| rows[r]["ndcg@5"].as_f64().unwrap();
-    assert!(
-        ndcg(0) > ndcg(2),
-        "sidrec {} vs most popular {}",
-        ndcg(0),
-        ndcg(2)
-    );
     assert_eq!(v["sidrec"]["valid_share"], 1.0);
     let cov = v["sidrec"]["coverage_at_10"].as_f64().unwrap();
     assert!(cov > 0.0 && cov <= 1.0);
