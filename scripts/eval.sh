@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Reproduces one dataset's evaluation table in the README: tokenize the catalog, train the
+# tiny model from scratch, evaluate it beside the baselines. One command per dataset:
+#
+#   scripts/eval.sh ml-100k            # about 35 min on 2 cores
+#   scripts/eval.sh amazon-scientific  # about 1.5 h on 2 cores (needs ../shared/data)
+#   scripts/eval.sh ml-1m              # several hours on 2 cores
+#
+# Output under out/eval-DATASET/ (artifacts/, model/, eval/ with eval.md, eval.json and
+# the plots). Environment: SIDREC_PYTHON (a Python with numpy and torch for the peers;
+# without torch the SASRec row is skipped with a note), SIDREC_PEERS (default
+# ../shared/peers), SIDREC_SHARED (default ../shared), SIDREC_EVAL_USERS (evaluate a
+# seeded sample of users instead of all), SIDREC_THREADS (default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ds=${1:?usage: scripts/eval.sh ml-100k|ml-1m|amazon-scientific}
+out=out/eval-$ds
+shared=${SIDREC_SHARED:-../shared}
+threads=${SIDREC_THREADS:-2}
+
+case "$ds" in
+ml-100k)
+    items=assets/ml-100k/ml-100k.item
+    inter=assets/ml-100k/ml-100k.inter
+    tok=(--type movie)
+    train=(--recommend-per-user 10 --stage1-epochs 2)
+    ;;
+ml-1m)
+    items=assets/ml-1m/ml-1m.item
+    inter=assets/ml-1m/ml-1m.inter
+    tok=(--type movie)
+    train=(--recommend-per-user 10)
+    ;;
+amazon-scientific)
+    items=$shared/data/amazon-scientific/items.json
+    inter=$shared/data/amazon-scientific/interactions.json
+    tok=(--type product)
+    train=(--stage1-epochs 2)
+    ;;
+*)
+    echo "unknown dataset $ds (ml-100k, ml-1m, amazon-scientific)" >&2
+    exit 2
+    ;;
+esac
+for f in "$items" "$inter"; do
+    if [[ ! -f $f ]]; then
+        echo "$f is missing (scripts/fetch-assets.sh fetches MovieLens; Amazon comes from $shared)" >&2
+        exit 1
+    fi
+done
+
+cargo build --release --quiet
+bin=${CARGO_TARGET_DIR:-target}/release/sidrec
+eval_args=()
+if [[ -n ${SIDREC_EVAL_USERS:-} ]]; then eval_args+=(--users "$SIDREC_EVAL_USERS"); fi
+
+set -x
+"$bin" --threads "$threads" tokenize "$items" "${tok[@]}" -o "$out/artifacts" --force
+"$bin" --threads "$threads" train --artifacts "$out/artifacts" --interactions "$inter" \
+    -o "$out/model" --force --eval-every 500 "${train[@]}"
+"$bin" --threads "$threads" eval --model "$out/model" --interactions "$inter" \
+    -o "$out/eval" --force --name "$ds" "${eval_args[@]}"
