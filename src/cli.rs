@@ -831,6 +831,7 @@ pub(crate) fn build_request(
         exclude_seen: a.exclude_seen,
         k: a.k,
         beams: a.beams,
+        types_in_prompt_only: false,
     })
 }
 
@@ -1043,6 +1044,7 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
             .collect()
     };
     let steering = eval::evaluate_steering(&engine, &histories, &constraints, a.beams, &progress)?;
+    let type_steering = eval::evaluate_type_steering(&engine, &histories, a.beams, &progress)?;
     let report = report::Report {
         dataset: name,
         model: a.model.display().to_string(),
@@ -1055,6 +1057,7 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
         sidrec,
         constraints,
         steering,
+        type_steering,
         notes,
         seconds: t0.elapsed().as_secs_f64(),
     };

@@ -100,6 +100,15 @@ fn eval_writes_the_report_and_a_full_beam_equals_exact_ranking() {
         let base = s["base_rate"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&base));
     }
+    // Movies and podcasts: each type asked for; with the limit every item has the type.
+    let types = v["type_steering"].as_array().unwrap();
+    assert_eq!(types.len(), 2, "{types:?}");
+    for t in types {
+        assert_eq!(t["with_limit"], 1.0, "{t}");
+        for k in ["base_rate", "text_only", "catalog_share"] {
+            assert!((0.0..=1.0).contains(&t[k].as_f64().unwrap()), "{t}");
+        }
+    }
     // The peers were looked for and their absence said.
     let md = std::fs::read_to_string(out.join("eval.md")).unwrap();
     assert!(
@@ -107,6 +116,7 @@ fn eval_writes_the_report_and_a_full_beam_equals_exact_ranking() {
         "{md}"
     );
     assert!(md.contains("markov skipped"), "{md}");
+    assert!(md.contains("**Type steering**"), "{md}");
     assert!(md.contains("SASRec-CE skipped"), "{md}");
     let svg = std::fs::read_to_string(out.join("metrics.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("most popular"));

@@ -111,6 +111,9 @@ pub struct Request {
     pub history: Vec<ItemIdx>,
     /// Allowed entity types (empty: all).
     pub types: Vec<String>,
+    /// Ask for `types` in the prompt's words only, without limiting the trie: measures
+    /// how well the model steers by language alone (`sidrec eval`).
+    pub types_in_prompt_only: bool,
     /// Attribute filter, e.g. `year>=1990, genre=Comedy`.
     pub filter: Option<String>,
     /// Leave the history's items out of the answer.
@@ -340,7 +343,7 @@ impl Engine {
     /// The request's limits as a trie mask: types, attribute filter, seen items.
     pub fn mask(&self, req: &Request) -> std::result::Result<Mask, DecodeError> {
         let trie = &self.sids.trie;
-        let mut mask = if req.types.is_empty() {
+        let mut mask = if req.types.is_empty() || req.types_in_prompt_only {
             Mask::all(trie)
         } else {
             let mut toks = Vec::new();

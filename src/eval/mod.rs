@@ -524,6 +524,83 @@ pub fn evaluate_steering(
         .collect())
 }
 
+/// Type steering for one requested type: the share of top-10 items of that type.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TypeSteerResult {
+    #[serde(rename = "type")]
+    pub item_type: String,
+    pub requests: usize,
+    /// Share of the type in the catalog.
+    pub catalog_share: f64,
+    /// The history alone, no type asked for.
+    pub base_rate: f64,
+    /// The type asked for in the prompt's words only (the steer prompt, no trie limit).
+    pub text_only: f64,
+    /// The type as a trie limit (`--type`): 100% by construction, measured.
+    pub with_limit: f64,
+}
+
+/// For a catalog with several entity types: asks each history for each type, by words
+/// alone and with the type limit, beside the history alone. Empty for one-type catalogs.
+pub fn evaluate_type_steering(
+    engine: &Engine,
+    histories: &[Vec<ItemIdx>],
+    beams: usize,
+    progress: &Progress,
+) -> Result<Vec<TypeSteerResult>, DecodeError> {
+    let catalog = engine.catalog();
+    let types = catalog.types();
+    if types.len() < 2 || histories.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bar = progress.bar((histories.len() * types.len()) as u64, "type steering");
+    let mut out = Vec::new();
+    for t in &types {
+        let share = |req: &Request| -> Result<f64, DecodeError> {
+            let hits = engine.rank(req)?;
+            let ok = hits
+                .iter()
+                .filter(|h| &catalog.items[h.item as usize].item_type == t)
+                .count();
+            Ok(ok as f64 / hits.len().max(1) as f64)
+        };
+        let mut sums = [0.0; 3];
+        for history in histories {
+            let base = Request {
+                mode: Mode::Recommend,
+                history: history.clone(),
+                k: TOP,
+                beams: Some(beams.max(TOP)),
+                ..Request::default()
+            };
+            let asked = Request {
+                types: vec![t.clone()],
+                ..base.clone()
+            };
+            let words = Request {
+                types_in_prompt_only: true,
+                ..asked.clone()
+            };
+            for (sum, req) in sums.iter_mut().zip([&base, &words, &asked]) {
+                *sum += share(req)?;
+            }
+            bar.inc(1);
+        }
+        let n = histories.len() as f64;
+        out.push(TypeSteerResult {
+            item_type: t.clone(),
+            requests: histories.len(),
+            catalog_share: catalog.items.iter().filter(|i| &i.item_type == t).count() as f64
+                / catalog.items.len().max(1) as f64,
+            base_rate: sums[0] / n,
+            text_only: sums[1] / n,
+            with_limit: sums[2] / n,
+        });
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{Constraint, EvalError, Metrics, ModelResult, SteerResult};
+use super::{Constraint, EvalError, Metrics, ModelResult, SteerResult, TypeSteerResult};
 
 /// One line of the metrics table.
 #[derive(Clone, Debug, Serialize)]
@@ -36,6 +36,8 @@ pub struct Report {
     pub sidrec: ModelResult,
     pub constraints: Vec<Constraint>,
     pub steering: Vec<SteerResult>,
+    /// Catalogs with several entity types only.
+    pub type_steering: Vec<TypeSteerResult>,
     /// Things the reader must know (peers skipped, samples taken).
     pub notes: Vec<String>,
     pub seconds: f64,
@@ -111,6 +113,29 @@ impl Report {
                 .map(|c| format!("\"{}\" (`{}`)", c.text, c.filter))
                 .collect();
             let _ = writeln!(s, "\nConstraints such as {}.", examples.join(", "));
+        }
+        if !self.type_steering.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n**Type steering**: share of top-10 items of the requested type.\n"
+            );
+            let _ = writeln!(
+                s,
+                "| type | requests | share of catalog | history alone | asked in words | with --type |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|---|");
+            for r in &self.type_steering {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% |",
+                    r.item_type,
+                    r.requests,
+                    r.catalog_share * 100.0,
+                    r.base_rate * 100.0,
+                    r.text_only * 100.0,
+                    r.with_limit * 100.0
+                );
+            }
         }
         for n in &self.notes {
             let _ = writeln!(s, "\n- {n}");
