@@ -24,7 +24,8 @@ into a tuple of codes (similar items share prefixes), and a final dedup code mak
 SID unique. A Llama-family decoder learns to speak those IDs, and decoding is constrained \
 by a trie of them, so every item it names exists.\n\nStart with `sidrec tokenize CATALOG -o \
 DIR` and `sidrec inspect DIR`; then `sidrec train --artifacts DIR --interactions FILE -o MODEL`; \
-then `sidrec recommend --model MODEL ...` or `sidrec repl --model MODEL`."
+then `sidrec recommend --model MODEL ...` or `sidrec repl --model MODEL`; measure it with \
+`sidrec eval --model MODEL --interactions FILE`."
 )]
 struct Cli {
     /// Worker threads for embedding, k-means, training and decoding (default: all cores).
