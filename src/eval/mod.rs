@@ -290,13 +290,7 @@ pub fn evaluate_model(
     let mut seen: HashSet<ItemIdx> = HashSet::new();
     let bar = progress.bar(cases.len() as u64, "ranking");
     for (history, target) in cases {
-        let req = Request {
-            mode: Mode::Recommend,
-            history: history.clone(),
-            k: TOP,
-            beams: Some(beams),
-            ..Request::default()
-        };
+        let req = history_request(history, beams);
         let t = Instant::now();
         let hits = engine.rank(&req)?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
@@ -468,21 +462,8 @@ pub fn evaluate_steering(
     for (u, history) in histories.iter().enumerate() {
         let c = &constraints[u % constraints.len()];
         let f = &filters[u % constraints.len()];
-        let share = |req: Request| -> Result<f64, DecodeError> {
-            let hits = engine.rank(&req)?;
-            let ok = hits
-                .iter()
-                .filter(|h| f.matches(&catalog.items[h.item as usize]))
-                .count();
-            Ok(ok as f64 / hits.len().max(1) as f64)
-        };
-        let base = Request {
-            mode: Mode::Recommend,
-            history: history.clone(),
-            k: TOP,
-            beams: Some(beams.max(TOP)),
-            ..Request::default()
-        };
+        let share = |req: Request| share_where(engine, &req, |i| f.matches(i));
+        let base = history_request(history, beams);
         let shares = [
             share(base.clone())?,
             share(Request {
@@ -524,6 +505,32 @@ pub fn evaluate_steering(
         .collect())
 }
 
+/// A top-10 recommend request for a history.
+fn history_request(history: &[ItemIdx], beams: usize) -> Request {
+    Request {
+        mode: Mode::Recommend,
+        history: history.to_vec(),
+        k: TOP,
+        beams: Some(beams.max(TOP)),
+        ..Request::default()
+    }
+}
+
+/// The share of a request's items for which `pred` holds.
+fn share_where(
+    engine: &Engine,
+    req: &Request,
+    pred: impl Fn(&crate::catalog::Item) -> bool,
+) -> Result<f64, DecodeError> {
+    let hits = engine.rank(req)?;
+    let items = &engine.catalog().items;
+    let ok = hits
+        .iter()
+        .filter(|h| pred(&items[h.item as usize]))
+        .count();
+    Ok(ok as f64 / hits.len().max(1) as f64)
+}
+
 /// Type steering for one requested type: the share of top-10 items of that type.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct TypeSteerResult {
@@ -556,23 +563,10 @@ pub fn evaluate_type_steering(
     let bar = progress.bar((histories.len() * types.len()) as u64, "type steering");
     let mut out = Vec::new();
     for t in &types {
-        let share = |req: &Request| -> Result<f64, DecodeError> {
-            let hits = engine.rank(req)?;
-            let ok = hits
-                .iter()
-                .filter(|h| &catalog.items[h.item as usize].item_type == t)
-                .count();
-            Ok(ok as f64 / hits.len().max(1) as f64)
-        };
+        let share = |req: &Request| share_where(engine, req, |i| &i.item_type == t);
         let mut sums = [0.0; 3];
         for history in histories {
-            let base = Request {
-                mode: Mode::Recommend,
-                history: history.clone(),
-                k: TOP,
-                beams: Some(beams.max(TOP)),
-                ..Request::default()
-            };
+            let base = history_request(history, beams);
             let asked = Request {
                 types: vec![t.clone()],
                 ..base.clone()

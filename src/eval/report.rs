@@ -85,27 +85,16 @@ impl Report {
                 .unwrap_or_default()
         );
         if !self.steering.is_empty() {
-            let _ = writeln!(
-                s,
-                "\n**Steerability**: share of top-10 items with the stated attribute.\n"
+            let rows = self.steering.iter().map(|r| {
+                let shares = [r.base_rate, r.history_and_text, r.text_only, r.filter];
+                (r.kind.clone(), r.requests, shares.to_vec())
+            });
+            table(
+                &mut s,
+                "**Steerability**: share of top-10 items with the stated attribute.",
+                "| constraint | requests | history alone (base rate) | history + words | words alone (search) | filter |",
+                rows,
             );
-            let _ = writeln!(
-                s,
-                "| constraint | requests | history alone (base rate) | history + words | words alone (search) | filter |"
-            );
-            let _ = writeln!(s, "|---|---|---|---|---|---|");
-            for r in &self.steering {
-                let _ = writeln!(
-                    s,
-                    "| {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% |",
-                    r.kind,
-                    r.requests,
-                    r.base_rate * 100.0,
-                    r.history_and_text * 100.0,
-                    r.text_only * 100.0,
-                    r.filter * 100.0
-                );
-            }
             let examples: Vec<String> = self
                 .constraints
                 .iter()
@@ -115,32 +104,40 @@ impl Report {
             let _ = writeln!(s, "\nConstraints such as {}.", examples.join(", "));
         }
         if !self.type_steering.is_empty() {
-            let _ = writeln!(
-                s,
-                "\n**Type steering**: share of top-10 items of the requested type.\n"
+            let rows = self.type_steering.iter().map(|r| {
+                let shares = [r.catalog_share, r.base_rate, r.text_only, r.with_limit];
+                (r.item_type.clone(), r.requests, shares.to_vec())
+            });
+            table(
+                &mut s,
+                "**Type steering**: share of top-10 items of the requested type.",
+                "| type | requests | share of catalog | history alone | asked in words | with --type |",
+                rows,
             );
-            let _ = writeln!(
-                s,
-                "| type | requests | share of catalog | history alone | asked in words | with --type |"
-            );
-            let _ = writeln!(s, "|---|---|---|---|---|---|");
-            for r in &self.type_steering {
-                let _ = writeln!(
-                    s,
-                    "| {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% |",
-                    r.item_type,
-                    r.requests,
-                    r.catalog_share * 100.0,
-                    r.base_rate * 100.0,
-                    r.text_only * 100.0,
-                    r.with_limit * 100.0
-                );
-            }
         }
         for n in &self.notes {
             let _ = writeln!(s, "\n- {n}");
         }
         s
+    }
+}
+
+/// A titled Markdown table of (name, requests, shares as percentages) rows.
+fn table(
+    s: &mut String,
+    title: &str,
+    header: &str,
+    rows: impl Iterator<Item = (String, usize, Vec<f64>)>,
+) {
+    let _ = writeln!(s, "\n{title}\n\n{header}");
+    let cols = header.matches('|').count().saturating_sub(1);
+    let _ = writeln!(s, "{}|", "|---".repeat(cols));
+    for (name, n, shares) in rows {
+        let pct: Vec<String> = shares
+            .iter()
+            .map(|x| format!("{:.1}%", x * 100.0))
+            .collect();
+        let _ = writeln!(s, "| {name} | {n} | {} |", pct.join(" | "));
     }
 }
 
