@@ -62,3 +62,28 @@ pub fn write_dir<E>(
     }
     Ok(())
 }
+
+/// Gives a file the mode a plain `File::create` would have (`0o666` less the umask).
+///
+/// Temporary files are created private (`0o600`) and keep that mode when renamed into
+/// place; outputs meant to be shared (a model directory) should not. The umask is read
+/// from `/proc/self/status`, since reading it with `umask(2)` means changing it for every
+/// thread; where that file is missing, `0o022` is assumed.
+pub fn default_file_mode(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let umask = fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o022);
+        fs::set_permissions(path, fs::Permissions::from_mode(0o666 & !umask))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}

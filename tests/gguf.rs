@@ -567,6 +567,21 @@ fn hf_dir_round_trip_drops_tied_lm_head() {
             .unwrap()
     );
     assert_eq!(back.sidecar, d.sidecar);
+    // Every file is readable like any other the user creates: the weights and the sidecar
+    // pass through private temporary files, and must not stay private.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let reference = out.join("reference");
+        fs::write(&reference, "x").unwrap();
+        let want = fs::metadata(&reference).unwrap().permissions().mode() & 0o777;
+        fs::remove_file(&reference).unwrap();
+        for f in fs::read_dir(&out).unwrap() {
+            let f = f.unwrap();
+            let mode = f.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, want, "{:?}: {mode:o}", f.file_name());
+        }
+    }
     assert_eq!(
         back.tokenizer.encode(CHAT_PROMPT, false).unwrap().get_ids(),
         ids(CHAT_PROMPT)

@@ -282,6 +282,7 @@ impl HfDir {
         let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
         safetensors::serialize_to_file(f32s.iter().map(|(n, t)| (n, t)), Some(meta), &weights)
             .map_err(|e| weights_err(e.to_string()))?;
+        crate::atomic::default_file_mode(&weights).map_err(|e| ModelIoError::io(&weights, e))?;
         if let Some(s) = &self.sidecar {
             s.write_file(&dir.join(SIDECAR_FILE))?;
         }
@@ -414,6 +415,7 @@ impl Sidecar {
             .map_err(|e| ModelIoError::io(path, e))?;
         tmp.persist(path)
             .map_err(|e| ModelIoError::io(path, e.error))?;
+        crate::atomic::default_file_mode(path).map_err(|e| ModelIoError::io(path, e))?;
         Ok(())
     }
 }
