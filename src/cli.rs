@@ -989,7 +989,10 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
         let dir = tempfile::tempdir().context("temporary directory")?;
         let inter = dir.path().join("interactions.json");
         seqs.write_json(&inter)?;
-        let threads = threads.unwrap_or(2).to_string();
+        // The peers get the thread count sidrec runs with (all cores by default).
+        let threads = threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .to_string();
         let mut scripts = vec![("markov", "markov_next_item.py", Vec::new())];
         if !a.no_sasrec {
             scripts.push((
