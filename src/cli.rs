@@ -919,156 +919,37 @@ pub(crate) fn answer(
 }
 
 fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<()> {
-    use sidrec::eval::{self, report, ModelOptions};
-    use sidrec::interactions::{ReadOptions, Sequences};
-    let t0 = std::time::Instant::now();
-    let engine = sidrec::decode::Engine::load(&a.model)
-        .with_context(|| format!("loading model {}", a.model.display()))?;
-    let out = a.out.clone().unwrap_or_else(|| a.model.join("eval"));
-    if out.exists() && !a.force {
-        bail!("{} exists (pass --force to replace it)", out.display());
-    }
-    let (seqs, _) = Sequences::load(&a.interactions, engine.catalog(), &ReadOptions::default())?;
-    let split = seqs.split();
-    if split.test.is_empty() {
-        return Err(eval::EvalError::NoUsers.into());
-    }
-    let users = eval::sample_users(split.test.len(), a.users, a.seed);
-    let cases: Vec<_> = users.iter().map(|&u| split.test[u].clone()).collect();
-    let name = a.name.clone().unwrap_or_else(|| {
-        a.interactions
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "dataset".into())
-    });
-    let mut notes = Vec::new();
-    let opts = ModelOptions {
-        beams: a.beams,
-        exact: a.exact,
-        ..ModelOptions::default()
-    };
-    let sidrec = eval::evaluate_model(&engine, &cases, &opts, &progress)?;
-    let mut rows = vec![report::Row {
-        name: "sidrec".into(),
-        metrics: sidrec.metrics.clone(),
-        note: format!("beam search, {} beams", sidrec.beams),
-    }];
-    if let Some(m) = &sidrec.exact {
-        rows.push(report::Row {
-            name: "sidrec (exact)".into(),
-            metrics: m.clone(),
-            note: "every item's SID log-probability".into(),
-        });
-    }
-    let popular = eval::most_popular(&split, engine.catalog().items.len());
-    let mut acc = eval::Accumulator::default();
-    for (_, target) in &cases {
-        acc.add(&popular, *target);
-    }
-    rows.push(report::Row {
-        name: "most popular".into(),
-        metrics: acc.finish(),
-        note: "training counts".into(),
-    });
-    let all_users = if users.len() < split.test.len() {
-        format!("all {} users", split.test.len())
-    } else {
-        String::new()
-    };
-    if !a.no_peers {
-        let peers = a
+    use sidrec::eval::run::{self, Peers, RunOptions};
+    let peers = (!a.no_peers).then(|| Peers {
+        dir: a
             .peers
             .clone()
             .or_else(|| std::env::var_os("SIDREC_PEERS").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("../shared/peers"));
-        let python = a
+            .unwrap_or_else(|| PathBuf::from("../shared/peers")),
+        python: a
             .python
             .clone()
             .or_else(|| std::env::var("SIDREC_PYTHON").ok())
-            .unwrap_or_else(|| "python3".into());
-        let dir = tempfile::tempdir().context("temporary directory")?;
-        let inter = dir.path().join("interactions.json");
-        seqs.write_json(&inter)?;
+            .unwrap_or_else(|| "python3".into()),
         // The peers get the thread count sidrec runs with (all cores by default).
-        let threads = threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
-            .to_string();
-        let mut scripts = vec![("markov", "markov_next_item.py", Vec::new())];
-        if !a.no_sasrec {
-            scripts.push((
-                "SASRec-CE",
-                "sasrec_ce.py",
-                vec!["--threads".to_string(), threads],
-            ));
-        }
-        for (label, script, args) in scripts {
-            let path = peers.join(script);
-            if !path.is_file() {
-                notes.push(format!("{label} skipped: {} not found", path.display()));
-                continue;
-            }
-            let bar = progress.spinner(&format!("{label} ({script})"));
-            let res = eval::run_peer(&python, &path, &inter, &args);
-            bar.finish_and_clear();
-            match res {
-                Ok((m, _)) => rows.push(report::Row {
-                    name: label.into(),
-                    metrics: m,
-                    note: if all_users.is_empty() {
-                        format!("peer {script}")
-                    } else {
-                        format!("peer {script}, {all_users}")
-                    },
-                }),
-                Err(e) => notes.push(format!("{label} skipped: {e}")),
-            }
-        }
-    }
-    if !all_users.is_empty() {
-        notes.push(format!(
-            "sidrec and most popular on a seeded sample of {} of {} users (--users, --seed {}); \
-             the peers always evaluate every user.",
-            users.len(),
-            split.test.len(),
-            a.seed
-        ));
-    }
-    let constraints = eval::constraints(engine.catalog(), 4);
-    let steer_users = eval::sample_users(
-        split.test.len(),
-        Some(a.steer_users),
-        a.seed.wrapping_add(1),
-    );
-    let histories: Vec<_> = if a.steer_users == 0 {
-        Vec::new()
-    } else {
-        steer_users
-            .iter()
-            .map(|&u| split.test[u].0.clone())
-            .collect()
+        threads: threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        sasrec: !a.no_sasrec,
+    });
+    let opts = RunOptions {
+        out: a.out.clone().unwrap_or_else(|| a.model.join("eval")),
+        model: a.model,
+        interactions: a.interactions,
+        force: a.force,
+        name: a.name,
+        users: a.users,
+        beams: a.beams,
+        exact: a.exact,
+        steer_users: a.steer_users,
+        peers,
+        seed: a.seed,
     };
-    let steering = eval::evaluate_steering(&engine, &histories, &constraints, a.beams, &progress)?;
-    let type_steering = eval::evaluate_type_steering(&engine, &histories, a.beams, &progress)?;
-    let report = report::Report {
-        dataset: name,
-        model: a.model.display().to_string(),
-        interactions: a.interactions.display().to_string(),
-        protocol: report::PROTOCOL.into(),
-        items: engine.catalog().items.len(),
-        total_users: split.test.len(),
-        users: users.len(),
-        rows,
-        sidrec,
-        constraints,
-        steering,
-        type_steering,
-        notes,
-        seconds: t0.elapsed().as_secs_f64(),
-    };
-    let train_report = std::fs::read_to_string(a.model.join("train_report.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
-    let files = report::write(&report, train_report.as_ref(), &out, a.force)?;
+    let (report, files) = run::run(&opts, &progress)?;
     print!("{}", report.markdown());
     for f in files {
         eprintln!("wrote {}", f.display());

@@ -36,6 +36,7 @@ use crate::train::data;
 use crate::trie::ItemIdx;
 
 pub mod report;
+pub mod run;
 
 /// What can go wrong while evaluating, besides decoding.
 #[derive(Debug, thiserror::Error)]

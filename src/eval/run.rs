@@ -1,0 +1,182 @@
+//! One whole evaluation, as `sidrec eval` runs it: load the model and the interactions,
+//! rank, run the baselines and the peers, ask the steering requests, write the report.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::report::{self, Report, Row};
+use super::{
+    constraints, evaluate_model, evaluate_steering, evaluate_type_steering, most_popular, run_peer,
+    sample_users, Accumulator, EvalError, ModelOptions,
+};
+use crate::decode::Engine;
+use crate::error::{Error, Result};
+use crate::interactions::{ReadOptions, Sequences};
+use crate::progress::Progress;
+
+/// Where the peer scripts are and how to run them.
+#[derive(Clone, Debug)]
+pub struct Peers {
+    /// Directory holding `markov_next_item.py` and `sasrec_ce.py`.
+    pub dir: PathBuf,
+    pub python: String,
+    /// Threads for SASRec.
+    pub threads: usize,
+    /// Run SASRec (the slowest peer: minutes).
+    pub sasrec: bool,
+}
+
+/// What to evaluate and how (see `sidrec eval --help`).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub model: PathBuf,
+    pub interactions: PathBuf,
+    pub out: PathBuf,
+    pub force: bool,
+    /// Dataset name [default: the interactions file's stem].
+    pub name: Option<String>,
+    /// Evaluate a seeded sample of this many users [default: all].
+    pub users: Option<usize>,
+    pub beams: usize,
+    pub exact: bool,
+    /// Users asked the steering requests (0: none).
+    pub steer_users: usize,
+    /// `None`: no peers.
+    pub peers: Option<Peers>,
+    pub seed: u64,
+}
+
+/// Runs the evaluation and writes its report into `opts.out`; returns the report and
+/// the files written.
+pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBuf>)> {
+    let t0 = Instant::now();
+    // Fail before minutes of ranking, not after (the write checks again).
+    if opts.out.exists() && !opts.force {
+        return Err(EvalError::Exists(opts.out.clone()).into());
+    }
+    let engine = Engine::load(&opts.model)?;
+    let (seqs, _) = Sequences::load(
+        &opts.interactions,
+        engine.catalog(),
+        &ReadOptions::default(),
+    )?;
+    let split = seqs.split();
+    if split.test.is_empty() {
+        return Err(EvalError::NoUsers.into());
+    }
+    let users = sample_users(split.test.len(), opts.users, opts.seed);
+    let cases: Vec<_> = users.iter().map(|&u| split.test[u].clone()).collect();
+    let name = opts.name.clone().unwrap_or_else(|| {
+        opts.interactions
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "dataset".into())
+    });
+    let mut notes = Vec::new();
+    let model_opts = ModelOptions {
+        beams: opts.beams,
+        exact: opts.exact,
+        ..ModelOptions::default()
+    };
+    let sidrec = evaluate_model(&engine, &cases, &model_opts, progress)?;
+    let mut rows = vec![Row {
+        name: "sidrec".into(),
+        metrics: sidrec.metrics.clone(),
+        note: format!("beam search, {} beams", sidrec.beams),
+    }];
+    if let Some(m) = &sidrec.exact {
+        rows.push(Row {
+            name: "sidrec (exact)".into(),
+            metrics: m.clone(),
+            note: "every item's SID log-probability".into(),
+        });
+    }
+    let popular = most_popular(&split, engine.catalog().items.len());
+    let mut acc = Accumulator::default();
+    for (_, target) in &cases {
+        acc.add(&popular, *target);
+    }
+    rows.push(Row {
+        name: "most popular".into(),
+        metrics: acc.finish(),
+        note: "training counts".into(),
+    });
+    let sampled = users.len() < split.test.len();
+    if let Some(peers) = &opts.peers {
+        let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        let inter = dir.path().join("interactions.json");
+        seqs.write_json(&inter)?;
+        let mut scripts = vec![("markov", "markov_next_item.py", Vec::new())];
+        if peers.sasrec {
+            let args = vec!["--threads".to_string(), peers.threads.to_string()];
+            scripts.push(("SASRec-CE", "sasrec_ce.py", args));
+        }
+        for (label, script, args) in scripts {
+            let path = peers.dir.join(script);
+            if !path.is_file() {
+                notes.push(format!("{label} skipped: {} not found", path.display()));
+                continue;
+            }
+            let bar = progress.spinner(&format!("{label} ({script})"));
+            let res = run_peer(&peers.python, &path, &inter, &args);
+            bar.finish_and_clear();
+            match res {
+                Ok((metrics, _)) => rows.push(Row {
+                    name: label.into(),
+                    metrics,
+                    note: if sampled {
+                        format!("peer {script}, all {} users", split.test.len())
+                    } else {
+                        format!("peer {script}")
+                    },
+                }),
+                Err(e) => notes.push(format!("{label} skipped: {e}")),
+            }
+        }
+    }
+    if sampled {
+        notes.push(format!(
+            "sidrec and most popular on a seeded sample of {} of {} users (--users, --seed {}); \
+             the peers always evaluate every user.",
+            users.len(),
+            split.test.len(),
+            opts.seed
+        ));
+    }
+    let constraints = constraints(engine.catalog(), 4);
+    let histories: Vec<_> = if opts.steer_users == 0 {
+        Vec::new()
+    } else {
+        sample_users(
+            split.test.len(),
+            Some(opts.steer_users),
+            opts.seed.wrapping_add(1),
+        )
+        .iter()
+        .map(|&u| split.test[u].0.clone())
+        .collect()
+    };
+    let steering = evaluate_steering(&engine, &histories, &constraints, opts.beams, progress)?;
+    let type_steering = evaluate_type_steering(&engine, &histories, opts.beams, progress)?;
+    let report = Report {
+        dataset: name,
+        model: opts.model.display().to_string(),
+        interactions: opts.interactions.display().to_string(),
+        protocol: report::PROTOCOL.into(),
+        items: engine.catalog().items.len(),
+        total_users: split.test.len(),
+        users: users.len(),
+        rows,
+        sidrec,
+        constraints,
+        steering,
+        type_steering,
+        notes,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    let train_report = std::fs::read_to_string(opts.model.join("train_report.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    let files = report::write(&report, train_report.as_ref(), &opts.out, opts.force)?;
+    Ok((report, files))
+}
