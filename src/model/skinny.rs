@@ -435,14 +435,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let ours = matmul_t(&x, &w).unwrap().expect("applies");
             let reference = x.matmul(&w.t().unwrap()).unwrap();
-            let diff = (ours - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&ours, &reference);
             assert!(diff < 1e-4, "m={m} k={k} n={n}: {diff}");
         }
         // Not for many rows, nor where autograd must see the product.
@@ -453,11 +446,17 @@ mod tests {
         let x = Tensor::zeros((2, 8), DType::F32, &dev).unwrap();
         assert!(matmul_t(&x, var.as_tensor()).unwrap().is_none());
     }
-}
 
-#[cfg(test)]
-mod attention_tests {
-    use super::*;
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
 
     #[test]
     fn attention_matches_softmax_of_products() {
@@ -474,14 +473,7 @@ mod attention_tests {
                 .unwrap()
                 .matmul(&v)
                 .unwrap();
-            let diff = (ours - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&ours, &reference);
             assert!(diff < 1e-5, "{b} {g} {r} {s} {d}: {diff}");
         }
         // Not where autograd must see it.
