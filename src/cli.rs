@@ -25,7 +25,9 @@ SID unique. A Llama-family decoder learns to speak those IDs, and decoding is co
 by a trie of them, so every item it names exists.\n\nStart with `sidrec tokenize CATALOG -o \
 DIR` and `sidrec inspect DIR`; then `sidrec train --artifacts DIR --interactions FILE -o MODEL`; \
 then `sidrec recommend --model MODEL ...` or `sidrec repl --model MODEL`; measure it with \
-`sidrec eval --model MODEL --interactions FILE`."
+`sidrec eval --model MODEL --interactions FILE`; serve it with `sidrec serve --model MODEL`.\n\n\
+Without --model, recommend, repl and serve use the demo model in models/demo (trained on \
+MovieLens-100k): try `sidrec recommend \"a 90s comedy like Toy Story\"`."
 )]
 struct Cli {
     /// Worker threads for embedding, k-means, training and decoding (default: all cores).
@@ -66,6 +68,93 @@ enum Command {
     /// eval.json, eval.md and plots.
     #[command(long_about = EVAL_HELP)]
     Eval(EvalArgs),
+    /// Serve a model over HTTP: POST /v1/recommend, POST /v1/generate,
+    /// GET /v1/items/{id}, GET /healthz (JSON in and out).
+    #[command(long_about = SERVE_HELP)]
+    Serve(ServeArgs),
+}
+
+const SERVE_HELP: &str = "Serve a model over HTTP (JSON in and out).\n\n\
+Endpoints:\n  \
+POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filter\", \"k\", \"exclude_seen\", \"mode\"}\n  \
+POST /v1/generate   {\"query\", \"history\", \"mode\": chat|describe, \"format\", \"max_tokens\", \"temperature\", \"top_p\", \"seed\"}\n  \
+GET  /v1/items/{id}\n  \
+GET  /healthz\n\n\
+All requests share one loaded model; --workers of them decode at a time and up to --queue \
+more wait, beyond which the server answers 503. Bad input gets a 4xx status and \
+{\"error\": \"what was wrong\"}. SIGINT or SIGTERM stops accepting connections and lets \
+requests in flight finish.\n\n\
+Examples:\n  \
+sidrec serve                                   # the demo model on 127.0.0.1:8080\n  \
+sidrec serve --model out/ml100k-tiny --addr 0.0.0.0:9000 --workers 4\n  \
+curl -s localhost:8080/v1/recommend -d '{\"query\": \"a 90s comedy like Toy Story\", \"k\": 5}' \\\n    \
+-H 'content-type: application/json'";
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Model directory written by `sidrec train` (default: the demo model).
+    #[arg(long, env = "SIDREC_MODEL")]
+    model: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
+    /// Requests decoded at the same time.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Requests that may wait for a worker; more get 503.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Largest request body in bytes (larger: 413).
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_body: usize,
+}
+
+/// Where the demo model lives: `models/demo` in the source tree this binary was built
+/// from. `cargo run --release -- recommend ...` on a fresh clone finds it there.
+pub(crate) const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo");
+
+/// The model directory a command uses: `--model`/`SIDREC_MODEL`, else the demo model.
+pub(crate) fn model_dir(model: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(m) = model {
+        return Ok(m.clone());
+    }
+    let demo = PathBuf::from(DEMO_MODEL);
+    if !demo.join("model.safetensors").is_file() {
+        bail!(
+            "no --model given, and the demo model is not at {} (this binary was built \
+             elsewhere): pass --model DIR (a directory written by `sidrec train`) or set SIDREC_MODEL",
+            demo.display()
+        );
+    }
+    Ok(demo)
+}
+
+/// Loads a model directory as an engine, naming it in errors.
+pub(crate) fn load_engine(model: &Option<PathBuf>) -> Result<sidrec::decode::Engine> {
+    let dir = model_dir(model)?;
+    sidrec::decode::Engine::load(&dir).with_context(|| format!("loading model {}", dir.display()))
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    use std::io::Write;
+    if a.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let engine = load_engine(&a.model)?;
+    let items = engine.catalog().items.len();
+    let opts = sidrec::serve::ServeOptions {
+        workers: a.workers,
+        queue: a.queue,
+        max_body: a.max_body,
+        ..Default::default()
+    };
+    sidrec::serve::run(engine, a.addr, opts, |addr| {
+        println!("listening on http://{addr} ({items} items; Ctrl-C stops)");
+        let _ = std::io::stdout().flush();
+    })
+    .with_context(|| format!("serving on {}", a.addr))?;
+    eprintln!("stopped");
+    Ok(())
 }
 
 const EVAL_HELP: &str = "Measure a trained model on the standard protocol.\n\n\
@@ -142,7 +231,15 @@ decoded by beam search over the catalog's SID trie, so every item exists, and th
 (--type, --filter, --exclude-seen) are applied inside the search, never after it.\n\n\
 History items are catalog ids or titles (\"Toy Story\", \"toy story 1995\"), separated by \
 commas.\n\n\
+Without --model (or SIDREC_MODEL) the demo model in models/demo answers: a tiny model \
+trained on MovieLens-100k.\n\n\
+The request's words are read as a person means them, and what was read is printed: titles \
+after \"like\", \"similar to\" or \"such as\" join the history (and are left out of the \
+answer); the catalog's genres, decades (\"90s\", \"before 1980\"), categories and brands \
+(\"by 3M\") become --filter clauses. All the words stay in the prompt. --literal turns the \
+reading off and leaves the words to the model alone.\n\n\
 Examples:\n  \
+sidrec recommend \"a 90s comedy like Toy Story\"\n  \
 sidrec recommend --model out/ml100k-tiny --history 1,50,181 -k 5\n  \
 sidrec recommend --model out/ml100k-tiny \"a 90s comedy\" --filter 'year>=1990, genre=Comedy'\n  \
 sidrec recommend --model out/ml100k-tiny --history \"Toy Story,Star Wars\" --exclude-seen --json\n  \
@@ -151,9 +248,10 @@ sidrec recommend --model out/ml100k-tiny --history 1,50 --mode describe";
 /// What a request is made of; shared by `recommend` and `repl`.
 #[derive(Args, Clone, Debug)]
 pub(crate) struct RequestArgs {
-    /// Model directory written by `sidrec train`.
-    #[arg(long)]
-    pub model: PathBuf,
+    /// Model directory written by `sidrec train` (default: the demo model in
+    /// models/demo, trained on MovieLens-100k).
+    #[arg(long, env = "SIDREC_MODEL")]
+    pub model: Option<PathBuf>,
     /// Items the user interacted with, oldest first: ids or titles, comma-separated
     /// (the flag may repeat).
     #[arg(long, value_name = "ID,ID...")]
@@ -193,6 +291,10 @@ pub(crate) struct RequestArgs {
     /// Most tokens of generated text (describe, chat).
     #[arg(long, default_value_t = 96)]
     pub max_tokens: usize,
+    /// Give the request's words to the model only: do not read titles after "like"
+    /// into the history, nor genre, decade, category or brand words into filter clauses.
+    #[arg(long)]
+    pub literal: bool,
 }
 
 #[derive(Args)]
@@ -310,6 +412,15 @@ struct TrainArgs {
     /// Recommendation examples per user (default: every position of the training part).
     #[arg(long)]
     recommend_per_user: Option<usize>,
+    /// Share of recommendation examples that also carry a request in words the target
+    /// satisfies ("... They ask for a 1990s comedy movie."): what lets words steer a
+    /// history-based recommendation at inference.
+    #[arg(long, default_value_t = 0.3, value_parser = share)]
+    recommend_query_share: f64,
+    /// Search examples per item (text query from its genre, decade, category, brand or
+    /// title words -> its SID).
+    #[arg(long, default_value_t = 1)]
+    search_per_item: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -428,6 +539,14 @@ struct InspectArgs {
     json: bool,
 }
 
+/// A share between 0 and 1.
+fn share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected a number from 0 to 1, got {s:?}")),
+    }
+}
+
 fn parse_format(s: &str) -> Result<Format, String> {
     s.parse::<Format>().map_err(|e| e.to_string())
 }
@@ -442,6 +561,7 @@ pub fn run() -> Result<()> {
         Command::Train(a) => cmd_train(a, progress),
         Command::Recommend(a) => cmd_recommend(a),
         Command::Eval(a) => cmd_eval(a, progress, cli.threads),
+        Command::Serve(a) => cmd_serve(a),
         Command::Repl(a) => {
             let file = if a.no_history_file {
                 None
@@ -742,6 +862,8 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
         data: sidrec::train::data::DataOptions {
             seed: a.seed,
             recommend_per_user: a.recommend_per_user,
+            recommend_query_share: a.recommend_query_share,
+            search_per_item: a.search_per_item,
             ..Default::default()
         },
     };
@@ -783,33 +905,7 @@ pub(crate) fn split_list(values: &[String]) -> Vec<String> {
 /// Resolves one history entry (an id or a title) to a catalog item; ambiguous or unknown
 /// titles are errors that list the candidates.
 pub(crate) fn resolve_item(engine: &sidrec::decode::Engine, entry: &str) -> Result<u32> {
-    let found = engine.find_items(entry, 6);
-    match found.as_slice() {
-        [one] => Ok(*one),
-        [] => bail!("no item matches {entry:?} (by id or title)"),
-        many => {
-            let items = &engine.catalog().items;
-            let exact: Vec<u32> = many
-                .iter()
-                .copied()
-                .filter(|&i| items[i as usize].title.eq_ignore_ascii_case(entry.trim()))
-                .collect();
-            if exact.len() == 1 {
-                return Ok(exact[0]);
-            }
-            let list: Vec<String> = many
-                .iter()
-                .map(|&i| {
-                    let it = &items[i as usize];
-                    format!("{} ({})", it.title, it.id)
-                })
-                .collect();
-            bail!(
-                "{entry:?} matches several items: {}; use an id",
-                list.join(", ")
-            )
-        }
-    }
+    Ok(engine.resolve_item(entry)?)
 }
 
 /// A request from flags (history resolved against the engine's catalog).
@@ -822,7 +918,7 @@ pub(crate) fn build_request(
         .iter()
         .map(|e| resolve_item(engine, e))
         .collect::<Result<Vec<u32>>>()?;
-    Ok(sidrec::decode::Request {
+    let mut req = sidrec::decode::Request {
         mode: a.mode,
         format: a.format,
         query: query.to_string(),
@@ -833,7 +929,13 @@ pub(crate) fn build_request(
         k: a.k,
         beams: a.beams,
         types_in_prompt_only: false,
-    })
+    };
+    if !a.literal {
+        for r in engine.read_request(&mut req) {
+            eprintln!("(read {:?} as {})", r.words, r.clause);
+        }
+    }
+    Ok(req)
 }
 
 pub(crate) fn gen_config(a: &RequestArgs) -> sidrec::decode::GenConfig {
@@ -958,8 +1060,7 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
 }
 
 fn cmd_recommend(a: RecommendArgs) -> Result<()> {
-    let engine = sidrec::decode::Engine::load(&a.req.model)
-        .with_context(|| format!("loading model {}", a.req.model.display()))?;
+    let engine = load_engine(&a.req.model)?;
     let query = a.query.clone().unwrap_or_default();
     let req = build_request(&engine, &a.req, &query)?;
     print!("{}", answer(&engine, &req, &gen_config(&a.req), a.json)?);

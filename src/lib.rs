@@ -26,6 +26,7 @@ pub mod npy;
 pub mod progress;
 pub mod quantize;
 pub mod runtime;
+pub mod serve;
 pub mod sid;
 mod simd;
 pub mod template;

@@ -13,7 +13,9 @@ use rustyline::error::ReadlineError;
 use rustyline::history::DefaultHistory;
 use rustyline::Editor;
 
-use crate::cli::{answer, build_request, gen_config, resolve_item, split_list, RequestArgs};
+use crate::cli::{
+    answer, build_request, gen_config, load_engine, resolve_item, split_list, RequestArgs,
+};
 use sidrec::decode::{Engine, Mode};
 
 pub const HELP: &str = "An interactive session with a trained model.\n\n\
@@ -208,8 +210,7 @@ impl Session {
 
 /// Runs the session; `history_file` keeps the line history (none when `None`).
 pub fn run(args: RequestArgs, json: bool, history_file: Option<PathBuf>) -> Result<()> {
-    let engine = Engine::load(&args.model)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let engine = load_engine(&args.model)?;
     let history = split_list(&args.history)
         .iter()
         .map(|e| resolve_item(&engine, e))

@@ -482,3 +482,94 @@ fn engine_generates_text_and_only_catalog_items() {
     assert_eq!(e.find_items("m2", 5), vec![e.index_of("m2").unwrap()]);
     assert!(e.find_items("no such film", 5).is_empty());
 }
+
+#[test]
+fn titles_named_in_a_request_become_its_history() {
+    let e = engine();
+    let read = |q: &str| {
+        let mut r = Request {
+            query: q.into(),
+            k: 5,
+            ..Default::default()
+        };
+        let items = e.read_titles_in_query(&mut r);
+        (items, r)
+    };
+    let m = |id: &str| e.index_of(id).unwrap();
+    let (items, r) = read("a 90s comedy like Toy Story");
+    assert_eq!(items, vec![m("m1")]);
+    assert_eq!(
+        (r.query.as_str(), r.history.clone()),
+        ("a 90s comedy", vec![m("m1")])
+    );
+    assert!(r.exclude_seen, "the named films are not recommended back");
+    // Several titles, a leading article moved, "similar to", trailing punctuation.
+    let (items, r) = read("Something similar to the matrix, Heat and Fargo!");
+    assert_eq!(items, vec![m("m4"), m("m2"), m("m6")]);
+    assert_eq!(r.query, "Something");
+    let (items, r) = read("like Casablanca");
+    assert_eq!((items, r.query.as_str()), (vec![m("m3")], ""));
+    // Words that do not all name items are left alone: nothing guessed.
+    for q in [
+        "a movie I'd like",
+        "like something funny",
+        "like Heat and something else",
+        "unlike Heat",
+        "a comedy",
+    ] {
+        let (items, r) = read(q);
+        assert!(items.is_empty(), "{q}: {items:?}");
+        assert_eq!(r.query, q);
+        assert!(r.history.is_empty() && !r.exclude_seen);
+    }
+    // Only recommend-like requests are read.
+    let mut r = Request {
+        mode: Mode::Chat,
+        query: "like Heat".into(),
+        ..Default::default()
+    };
+    assert!(e.read_titles_in_query(&mut r).is_empty());
+}
+
+#[test]
+fn attribute_words_become_limits_unless_nothing_would_be_left() {
+    let e = engine();
+    let m = |id: &str| e.index_of(id).unwrap();
+    let mut r = Request {
+        query: "a 90s thriller like Heat".into(),
+        filter: Some("type=movie".into()),
+        k: 5,
+        ..Default::default()
+    };
+    let read = e.read_request(&mut r);
+    let clauses: Vec<&str> = read.iter().map(|x| x.clause.as_str()).collect();
+    assert_eq!(
+        clauses,
+        ["history+=m2", "year>=1990, year<=1999", "genre=Thriller"]
+    );
+    assert_eq!(r.history, vec![m("m2")]);
+    assert_eq!(
+        r.filter.as_deref(),
+        Some("type=movie, year>=1990, year<=1999, genre=Thriller")
+    );
+    let got: Vec<String> = e.recommend(&r).unwrap().into_iter().map(|x| x.id).collect();
+    assert_eq!(got, ["m6"], "Fargo is the only other 90s thriller");
+    // The words stay in the prompt.
+    assert!(e.prompt_text(&r).unwrap().contains("a 90s thriller"));
+    // A reading that would leave nothing is dropped, not turned into an error.
+    let mut r = Request {
+        query: "a comedy from the 1920s".into(),
+        k: 3,
+        ..Default::default()
+    };
+    assert!(e.read_request(&mut r).is_empty());
+    assert_eq!(r.filter, None);
+    assert_eq!(e.recommend(&r).unwrap().len(), 3);
+    // Describe and chat are not read.
+    let mut r = Request {
+        mode: Mode::Chat,
+        query: "a thriller".into(),
+        ..Default::default()
+    };
+    assert!(e.read_request(&mut r).is_empty());
+}

@@ -471,3 +471,84 @@ fn movielens_100k_examples() {
         val[0].prompt, val[0].answer
     );
 }
+
+/// Recommend examples carry a request in words exactly as often as asked, written with the
+/// `{query}` phrasings, and the request is something the answer satisfies (its genre or
+/// decade: never its title).
+#[test]
+fn recommend_requests_in_words_describe_the_target() {
+    let f = fixture_data();
+    let only_recommend = |share: f64| DataOptions {
+        align: false,
+        search: false,
+        steer: false,
+        describe: false,
+        recommend_query_share: share,
+        ..DataOptions::default()
+    };
+    let prompts = Prompts::builtin();
+    let query_phrasings: Vec<&str> = prompts
+        .phrasings(PromptKind::Recommend)
+        .iter()
+        .filter(|p| p.slots().contains(&Slot::Query))
+        .map(|p| p.source())
+        .collect();
+    assert!(!query_phrasings.is_empty());
+    let by_sid: BTreeMap<&str, usize> = f
+        .sids
+        .records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.sid.as_str(), i))
+        .collect();
+
+    let none = examples(&f, &only_recommend(0.0));
+    let all = examples(&f, &only_recommend(1.0));
+    assert_eq!(none.len(), all.len());
+    let marker = |p: &str| {
+        p.contains("ask for")
+            || p.contains("Request:")
+            || p.contains(", recommend ")
+            || p.contains("now wants")
+    };
+    assert!(
+        none.iter().all(|e| !marker(&e.prompt)),
+        "a request without a share"
+    );
+    for e in &all {
+        assert!(marker(&e.prompt), "no request in {:?}", e.prompt);
+        let item = &f.catalog.items[by_sid[e.answer.as_str()]];
+        let year = item.attrs.get("year").and_then(|y| y.as_i64());
+        let genres: Vec<String> = item.attrs["genre"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_str().unwrap().to_lowercase())
+            .collect();
+        let decades: Vec<String> = year
+            .map(|y| {
+                vec![
+                    format!("{}s", y / 10 * 10),
+                    format!("{}s", y % 100 / 10 * 10),
+                ]
+            })
+            .unwrap_or_default();
+        let p = e.prompt.to_lowercase();
+        let satisfied = genres
+            .iter()
+            .any(|g| p.contains(&format!("{g} {}", item.item_type)))
+            || decades
+                .iter()
+                .any(|d| p.contains(&format!("{d} ")) || p.contains(&format!("{d}.")));
+        assert!(
+            satisfied,
+            "{:?} does not ask for {} ({year:?}, {genres:?})",
+            e.prompt, item.title
+        );
+    }
+    // About the share asked for, and deterministic.
+    let half = examples(&f, &only_recommend(0.5));
+    let with = half.iter().filter(|e| marker(&e.prompt)).count();
+    assert!(with > 0 && with < half.len(), "{with} of {}", half.len());
+    assert_eq!(half, examples(&f, &only_recommend(0.5)));
+}

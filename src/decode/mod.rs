@@ -19,11 +19,13 @@ pub mod beam;
 pub mod engine;
 pub mod filter;
 pub mod generate;
+pub mod query;
 
 pub use beam::{beam_search, beam_search_from, BeamConfig, Hit};
 pub use engine::{Engine, Format, Mode, Request};
 pub use filter::Filter;
 pub use generate::{GenConfig, Segment};
+pub use query::Reading;
 
 use crate::trie::TokenId;
 

@@ -205,7 +205,7 @@ impl PromptKind {
         match self {
             PromptKind::AlignItem => &[Slot::Item, Slot::Title, Slot::Description, Slot::Type],
             PromptKind::AlignSid => &[Slot::Sid, Slot::Type],
-            PromptKind::Recommend => &[Slot::History, Slot::Type],
+            PromptKind::Recommend => &[Slot::History, Slot::Type, Slot::Query],
             PromptKind::Search => &[Slot::Query, Slot::Type],
             PromptKind::Steer => &[Slot::History, Slot::Type],
             PromptKind::Describe => &[Slot::History],
@@ -419,6 +419,16 @@ impl Phrasing {
             .all(|s| values.iter().any(|(k, v)| k == s && !v.trim().is_empty()))
     }
 
+    /// Whether it fits and, for an optional request slot (`{query}` in a recommend
+    /// phrasing), uses it exactly when a value is given: a request must not be dropped
+    /// from a prompt, nor a phrasing that asks for one be left with a hole.
+    pub fn fits_exactly(&self, values: &[(Slot, &str)]) -> bool {
+        let has_query = values
+            .iter()
+            .any(|(k, v)| *k == Slot::Query && !v.trim().is_empty());
+        self.fits(values) && self.slots().contains(&Slot::Query) == has_query
+    }
+
     /// The text with each slot replaced by its value (the first pair naming it).
     pub fn render(&self, values: &[(Slot, &str)]) -> Result<String, DataError> {
         let mut out = String::new();
@@ -522,6 +532,20 @@ impl Prompts {
             .render(values)
     }
 
+    /// Renders the first phrasing of `kind` that [`Phrasing::fits_exactly`] `values`: the
+    /// one inference uses when a request may or may not carry a query. `None` when no
+    /// phrasing fits (e.g. a custom recommend.txt without a `{query}` line).
+    pub fn render_first_fitting(
+        &self,
+        kind: PromptKind,
+        values: &[(Slot, &str)],
+    ) -> Option<Result<String, DataError>> {
+        self.phrasings(kind)
+            .iter()
+            .find(|p| p.fits_exactly(values))
+            .map(|p| p.render(values))
+    }
+
     /// SHA-256 over the phrasings (comments excluded): the "prompts version" a model
     /// records, so inference can tell whether it reads the prompts it was trained on.
     pub fn fingerprint(&self) -> &str {
@@ -579,7 +603,7 @@ fn parse_file(kind: PromptKind, path: &Path, text: &str) -> Result<Vec<Phrasing>
 }
 
 /// What to build, and how much.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DataOptions {
     pub seed: u64,
     /// Histories keep only their last `max_history` items: long prompts cost memory
@@ -599,6 +623,11 @@ pub struct DataOptions {
     pub recommend: bool,
     /// At most this many positions per user (sampled), `None` for every position.
     pub recommend_per_user: Option<usize>,
+    /// Share of recommend examples whose prompt also carries a request the target
+    /// satisfies (`... They ask for a 1990s comedy movie.`), written with the recommend
+    /// phrasings that use `{query}`. Without them a model never sees words next to a
+    /// history, and words added at inference do not steer it.
+    pub recommend_query_share: f64,
     pub search: bool,
     pub search_per_item: usize,
     /// Only takes effect for catalogs with several entity types.
@@ -620,6 +649,7 @@ impl Default for DataOptions {
             align_per_item: 1,
             recommend: true,
             recommend_per_user: None,
+            recommend_query_share: 0.3,
             search: true,
             search_per_item: 1,
             steer: true,
@@ -963,28 +993,7 @@ pub fn search_query(item: &Item, rng: &mut impl Rng, max_words: usize) -> String
         return format!("{} {noun}", article(&noun));
     };
     match kind {
-        0 => {
-            let genre = g.choose(rng).map(|s| s.to_lowercase());
-            let decade = y.map(|y| {
-                if (1900..2000).contains(&y) && rng.gen_bool(0.5) {
-                    format!("{}s", y.rem_euclid(100) / 10 * 10)
-                } else {
-                    decade_name(y)
-                }
-            });
-            match (genre, decade) {
-                (Some(g), Some(d)) => {
-                    if rng.gen_bool(0.5) {
-                        format!("{} {d} {g} {noun}", article(&d))
-                    } else {
-                        format!("{} {g} {noun} from the {d}", article(&g))
-                    }
-                }
-                (Some(g), None) => format!("{} {g} {noun}", article(&g)),
-                (None, Some(d)) => format!("{} {noun} from the {d}", article(&noun)),
-                (None, None) => format!("{} {noun}", article(&noun)),
-            }
-        }
+        0 => genre_decade_query(&g, y, &noun, rng),
         1 => {
             let t = title_words.join(" ");
             if rng.gen_bool(0.5) {
@@ -993,15 +1002,7 @@ pub fn search_query(item: &Item, rng: &mut impl Rng, max_words: usize) -> String
                 format!("the {noun} {t}")
             }
         }
-        2 => {
-            let cat = cats.last().map(|c| c.to_lowercase());
-            match (cat, b) {
-                (Some(c), Some(b)) if rng.gen_bool(0.5) => format!("{c} by {b}"),
-                (Some(c), _) => c,
-                (None, Some(b)) => format!("{} {noun} by {b}", article(&noun)),
-                (None, None) => noun,
-            }
-        }
+        2 => category_brand_query(&cats, b, &noun, rng),
         _ => {
             let t = title_words.join(" ");
             let attr = g
@@ -1012,6 +1013,69 @@ pub fn search_query(item: &Item, rng: &mut impl Rng, max_words: usize) -> String
                 .to_lowercase();
             format!("{t}, {} {attr} {noun}", article(&attr))
         }
+    }
+}
+
+/// `a 90s comedy movie`, `a comedy movie from the 1990s`: a genre and/or decade request.
+fn genre_decade_query(g: &[String], y: Option<i64>, noun: &str, rng: &mut impl Rng) -> String {
+    let genre = g.choose(rng).map(|s| s.to_lowercase());
+    let decade = y.map(|y| {
+        if (1900..2000).contains(&y) && rng.gen_bool(0.5) {
+            format!("{}s", y.rem_euclid(100) / 10 * 10)
+        } else {
+            decade_name(y)
+        }
+    });
+    match (genre, decade) {
+        (Some(g), Some(d)) => {
+            if rng.gen_bool(0.5) {
+                format!("{} {d} {g} {noun}", article(&d))
+            } else {
+                format!("{} {g} {noun} from the {d}", article(&g))
+            }
+        }
+        (Some(g), None) => format!("{} {g} {noun}", article(&g)),
+        (None, Some(d)) => format!("{} {noun} from the {d}", article(noun)),
+        (None, None) => format!("{} {noun}", article(noun)),
+    }
+}
+
+/// `lab tape by 3M`, `a product by 3M`, `lab tape`: a category and/or brand request.
+fn category_brand_query(
+    cats: &[String],
+    b: Option<String>,
+    noun: &str,
+    rng: &mut impl Rng,
+) -> String {
+    let cat = cats.last().map(|c| c.to_lowercase());
+    match (cat, b) {
+        (Some(c), Some(b)) if rng.gen_bool(0.5) => format!("{c} by {b}"),
+        (Some(c), _) => c,
+        (None, Some(b)) => format!("{} {noun} by {b}", article(noun)),
+        (None, None) => noun.to_string(),
+    }
+}
+
+/// What a user might add to a recommend request that this item satisfies: its genre or
+/// decade, or its category or brand (never its title: the request steers, it does not
+/// name the answer). `None` for items without such attributes.
+pub fn request_query(item: &Item, rng: &mut impl Rng) -> Option<String> {
+    let noun = item.item_type.replace('_', " ");
+    let g = genres(item);
+    let y = year(item);
+    let cats = categories(item);
+    let b = brand(item);
+    let has_gd = !g.is_empty() || y.is_some();
+    let has_cb = !cats.is_empty() || b.is_some();
+    match (has_gd, has_cb) {
+        (false, false) => None,
+        (true, false) => Some(genre_decade_query(&g, y, &noun, rng)),
+        (false, true) => Some(category_brand_query(&cats, b, &noun, rng)),
+        (true, true) => Some(if rng.gen_bool(0.5) {
+            genre_decade_query(&g, y, &noun, rng)
+        } else {
+            category_brand_query(&cats, b, &noun, rng)
+        }),
     }
 }
 
@@ -1026,7 +1090,7 @@ fn render_random(
     let fitting: Vec<&Phrasing> = prompts
         .phrasings(kind)
         .iter()
-        .filter(|p| p.fits(values))
+        .filter(|p| p.fits_exactly(values))
         .collect();
     match fitting.choose(rng) {
         Some(p) => p.render(values).map(Some),
@@ -1186,7 +1250,19 @@ fn build_recommend(
         }
         for t in positions {
             let h = format_history(catalog, sids, &train[..t], opts);
-            let values = [(Slot::History, h.as_str()), (Slot::Type, noun.as_str())];
+            let target = &catalog.items[train[t] as usize];
+            let query = if opts.recommend_query_share > 0.0
+                && rng.gen_bool(opts.recommend_query_share.min(1.0))
+            {
+                request_query(target, &mut rng).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            let values = [
+                (Slot::History, h.as_str()),
+                (Slot::Type, noun.as_str()),
+                (Slot::Query, query.as_str()),
+            ];
             if let Some(prompt) = render_random(prompts, PromptKind::Recommend, &values, &mut rng)?
             {
                 out.push(Example {

@@ -1,0 +1,102 @@
+//! The committed demo model (models/demo) as a person on a fresh clone meets it: no
+//! --model, no fetched assets. Its files must match their checksums, and the README's
+//! request must come back as 1990s comedies that are not Toy Story itself.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+fn demo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo"))
+}
+
+fn sidrec() -> assert_cmd::Command {
+    let mut c = assert_cmd::Command::cargo_bin("sidrec").unwrap();
+    c.env_remove("SIDREC_MODEL");
+    c
+}
+
+#[test]
+fn demo_files_match_their_checksums_and_fit_the_budget() {
+    use sha2::Digest;
+    let sums = std::fs::read_to_string(demo().join("SHA256SUMS")).unwrap();
+    let mut total = 0;
+    let mut files = 0;
+    for line in sums.lines() {
+        let (want, name) = line.split_once("  ").unwrap();
+        let bytes = std::fs::read(demo().join(name)).unwrap();
+        total += bytes.len();
+        files += 1;
+        assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), want, "{name}");
+    }
+    assert!(files >= 7, "{files} files listed");
+    assert!(total <= 25 << 20, "{total} bytes: over 25 MB");
+}
+
+#[test]
+fn recommend_without_a_model_uses_the_demo() {
+    let out = sidrec()
+        .args(["recommend", "a 90s comedy like Toy Story", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("history+=1") && err.contains("genre=Comedy"),
+        "{err}"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 10);
+    let catalog: Vec<Value> = std::fs::read_to_string(demo().join("catalog.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for it in items {
+        let id = it["id"].as_str().unwrap();
+        assert_ne!(id, "1", "Toy Story itself");
+        let c = catalog.iter().find(|c| c["id"] == id).unwrap();
+        let year = c["attrs"]["year"].as_i64().unwrap();
+        assert!((1990..2000).contains(&year), "{c}");
+        assert!(
+            c["attrs"]["genre"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|g| g == "Comedy"),
+            "{c}"
+        );
+    }
+
+    // The same words given to the model alone still name catalog items only.
+    let out = sidrec()
+        .args([
+            "recommend",
+            "a 90s comedy like Toy Story",
+            "--literal",
+            "-k",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 5);
+}
+
+#[test]
+fn repl_without_a_model_uses_the_demo() {
+    let out = sidrec()
+        .args(["repl", "--no-history-file"])
+        .write_stdin(":history add Toy Story\n:k 3\n:go\na horror movie from the 1980s\n:quit\n")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("added Toy Story (1)"), "{text}");
+    assert!(text.contains("  3. "), "{text}");
+}
