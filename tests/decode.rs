@@ -509,6 +509,9 @@ fn titles_named_in_a_request_become_its_history() {
     assert_eq!(r.query, "Something");
     let (items, r) = read("like Casablanca");
     assert_eq!((items, r.query.as_str()), (vec![m("m3")], ""));
+    // Letters whose lower case is longer do not shift what is cut.
+    let (items, r) = read("İİİ Ǆ like Heat");
+    assert_eq!((items, r.query.as_str()), (vec![m("m2")], "İİİ Ǆ"));
     // Words that do not all name items are left alone: nothing guessed.
     for q in [
         "a movie I'd like",

@@ -608,7 +608,8 @@ impl Engine {
             return Vec::new();
         }
         let q = req.query.clone();
-        let lower = q.to_lowercase();
+        // ASCII lowering keeps every byte offset, so positions found in `lower` slice `q`.
+        let lower = q.to_ascii_lowercase();
         let clause = ["similar to ", "such as ", "like "].iter().find_map(|m| {
             lower.match_indices(m).find_map(|(at, _)| {
                 let starts_word = at == 0 || !lower[..at].ends_with(|c: char| c.is_alphanumeric());
