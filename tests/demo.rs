@@ -69,6 +69,33 @@ fn recommend_without_a_model_uses_the_demo() {
         );
     }
 
+    // MovieLens writes "Godfather, The"; people type "The Godfather" (and there is a
+    // "Godfather: Part II, The" too).
+    let out = sidrec()
+        .args([
+            "recommend",
+            "--history",
+            "The Godfather",
+            "-k",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["prompt"]
+            .as_str()
+            .unwrap()
+            .contains("Godfather, The (1972)"),
+        "{v}"
+    );
+
     // The same words given to the model alone still name catalog items only.
     let out = sidrec()
         .args([

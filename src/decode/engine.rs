@@ -668,7 +668,7 @@ impl Engine {
     }
 
     /// Finds catalog items by id or title: an exact id first, then an exact title
-    /// (case-insensitive, with or without the year), then the titles containing every
+    /// (case-insensitive, with or without the year, a trailing article in front), then the titles containing every
     /// word of `query`, shortest first. At most `limit` results.
     pub fn find_items(&self, query: &str, limit: usize) -> Vec<ItemIdx> {
         let q = query.trim();
@@ -692,10 +692,15 @@ impl Engine {
             Some(y) => norm(&format!("{} {}", it.title, y)),
             None => norm(&it.title),
         };
+        // The forms titles are typed in (`the godfather` for `Godfather, The`) count as
+        // exact too, as they do for titles read from a request.
+        let typed = normalize(q);
         let exact: Vec<ItemIdx> = (0..self.catalog.items.len() as ItemIdx)
             .filter(|&i| {
                 let it = &self.catalog.items[i as usize];
-                norm(&it.title) == nq || with_year(it) == nq
+                norm(&it.title) == nq
+                    || with_year(it) == nq
+                    || title_forms(&it.title).contains(&typed)
             })
             .collect();
         if !exact.is_empty() {
