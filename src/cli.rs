@@ -421,6 +421,10 @@ struct TrainArgs {
     /// title words -> its SID).
     #[arg(long, default_value_t = 1)]
     search_per_item: usize,
+    /// Write history items as their SIDs alone, without titles: prompts get several
+    /// times shorter (recorded in sidrec.json, so inference does the same).
+    #[arg(long)]
+    sid_only_histories: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -864,6 +868,7 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
             recommend_per_user: a.recommend_per_user,
             recommend_query_share: a.recommend_query_share,
             search_per_item: a.search_per_item,
+            history_titles: !a.sid_only_histories,
             ..Default::default()
         },
     };

@@ -540,6 +540,7 @@ fn tiny_dir(sidecar: Option<Sidecar>) -> HfDir {
 
 fn sidecar(sha: &str) -> Sidecar {
     Sidecar {
+        history_titles: true,
         sids_sha256: sha.to_string(),
         artifacts: "runs/ml-1m".to_string(),
         stage: "sft".to_string(),

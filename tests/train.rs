@@ -195,3 +195,59 @@ fn lora_and_rows_modes_train_only_their_parameters() {
         .to_string();
     assert!(err.contains("sidrec.json"), "{err}");
 }
+
+/// A model trained on SID-only histories says so in sidrec.json, and inference writes
+/// its histories the same way; a model trained with titles keeps sidrec.json as it was
+/// (no new key), so existing model directories and their checksums are unchanged.
+#[test]
+fn history_format_travels_from_training_to_inference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = artifacts(tmp.path(), 0);
+    let inter = interactions(tmp.path());
+    let train = |titles: bool| {
+        let out = tmp.path().join(format!("model-{titles}"));
+        let base = BaseModel::Scratch {
+            config: tiny_config(tmp.path()),
+            vocab_size: 400,
+        };
+        let mut o = options(art.clone(), inter.clone(), base, out.clone());
+        o.stage1 = None;
+        if let Some(s) = o.stage2.as_mut() {
+            s.epochs = 1;
+        }
+        o.data.history_titles = titles;
+        pipeline::run(&o, Progress::new(true)).unwrap();
+        out
+    };
+    let sid_only = train(false);
+    let titled = train(true);
+    let json = |d: &Path| fs::read_to_string(d.join("sidrec.json")).unwrap();
+    assert!(
+        json(&sid_only).contains("\"history_titles\": false"),
+        "{}",
+        json(&sid_only)
+    );
+    assert!(
+        !json(&titled).contains("history_titles"),
+        "{}",
+        json(&titled)
+    );
+
+    let req = |e: &sidrec::decode::Engine| sidrec::decode::Request {
+        history: vec![e.index_of("m1").unwrap()],
+        k: 3,
+        ..Default::default()
+    };
+    let e = sidrec::decode::Engine::load(&sid_only).unwrap();
+    let p = e.prompt_text(&req(&e)).unwrap();
+    assert!(
+        p.contains(&e.sids().records[0].sid) && !p.contains("Toy Story"),
+        "{p}"
+    );
+    assert_eq!(e.recommend(&req(&e)).unwrap().len(), 3);
+    let e = sidrec::decode::Engine::load(&titled).unwrap();
+    assert!(e
+        .prompt_text(&req(&e))
+        .unwrap()
+        .contains("Toy Story (1995)"));
+}

@@ -217,6 +217,11 @@ impl Engine {
             .filter_map(|t| hf.tokenizer.token_to_id(t))
             .chain(cfg.eos_token_id)
             .collect();
+        // Histories are written as training wrote them.
+        let data = DataOptions {
+            history_titles: sidecar.history_titles,
+            ..DataOptions::default()
+        };
         Ok(Engine {
             model,
             tokenizer: hf.tokenizer,
@@ -225,7 +230,7 @@ impl Engine {
             sidecar,
             prompts: Prompts::builtin(),
             chat,
-            data: DataOptions::default(),
+            data,
             stop,
             dir: dir.to_path_buf(),
         })

@@ -366,6 +366,19 @@ pub struct Sidecar {
     pub sid_tokens: usize,
     /// Id of the first SID token; they are contiguous.
     pub sid_token_offset: u32,
+    /// Whether training histories wrote each item as `SID Title (year)` (true) or the
+    /// SID alone: inference must write them the same way. Written only when false, so
+    /// the files of models trained with titles are unchanged.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub history_titles: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
 }
 
 impl Sidecar {

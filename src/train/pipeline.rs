@@ -308,6 +308,7 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         prompts_version: prompts.fingerprint().to_string(),
         sid_tokens: sid_tokens.len(),
         sid_token_offset: n_old as u32,
+        history_titles: opts.data.history_titles,
     };
     let config = serde_json::from_str(&cfg.to_json_string())
         .map_err(|e| Error::Invalid(format!("config: {e}")))?;
