@@ -33,19 +33,27 @@ fn demo_files_match_their_checksums_and_fit_the_budget() {
     assert!(total <= 25 << 20, "{total} bytes: over 25 MB");
 }
 
-#[test]
-fn recommend_without_a_model_uses_the_demo() {
+/// Runs `sidrec recommend ARGS --json` with no model; it must succeed. Returns the JSON
+/// answer and what it wrote to stderr (what it read from the words).
+fn recommend_json(args: &[&str]) -> (Value, String) {
     let out = sidrec()
-        .args(["recommend", "a 90s comedy like Toy Story", "--json"])
+        .arg("recommend")
+        .args(args)
+        .arg("--json")
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
+    (serde_json::from_slice(&out.stdout).unwrap(), err)
+}
+
+#[test]
+fn recommend_without_a_model_uses_the_demo() {
+    let (v, err) = recommend_json(&["a 90s comedy like Toy Story"]);
     assert!(
         err.contains("history+=1") && err.contains("genre=Comedy"),
         "{err}"
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let items = v["items"].as_array().unwrap();
     assert_eq!(items.len(), 10);
     let catalog: Vec<Value> = std::fs::read_to_string(demo().join("catalog.jsonl"))
@@ -71,23 +79,7 @@ fn recommend_without_a_model_uses_the_demo() {
 
     // MovieLens writes "Godfather, The"; people type "The Godfather" (and there is a
     // "Godfather: Part II, The" too).
-    let out = sidrec()
-        .args([
-            "recommend",
-            "--history",
-            "The Godfather",
-            "-k",
-            "3",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v, _) = recommend_json(&["--history", "The Godfather", "-k", "3"]);
     assert!(
         v["prompt"]
             .as_str()
