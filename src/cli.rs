@@ -332,6 +332,10 @@ is trained on the catalog and prompt texts), a Hugging Face directory, or a GGUF
 Its vocabulary is extended with every SID token in one call.\n\n\
 Stage 1 (align) trains on item text <-> SID; stage 2 (instruct) on every task. Modes: \
 full (every weight), lora (adapters + SID rows), rows (SID embedding rows only).\n\n\
+--sequence-examples adds whole histories (every item a target, as SASRec trains): many \
+times more next-item training per second than one example per position. With \
+--sid-only-histories, --recommend-per-user 0 and several epochs it is the fastest way to \
+learn the sequences (see the README's Evaluation).\n\n\
 Output: config.json, model.safetensors, tokenizer.json (with SID tokens), sidrec.json \
 (sha256 of sids.jsonl, prompts version) and train_report.json (loss curves).\n\n\
 Examples:\n  \
@@ -409,7 +413,8 @@ struct TrainArgs {
     valid_examples: usize,
     #[arg(long, default_value_t = 500)]
     checkpoint_every: usize,
-    /// Recommendation examples per user (default: every position of the training part).
+    /// Recommendation examples per user (default: every position of the training part;
+    /// 0: none).
     #[arg(long)]
     recommend_per_user: Option<usize>,
     /// Share of recommendation examples that also carry a request in words the target
@@ -425,6 +430,20 @@ struct TrainArgs {
     /// times shorter (recorded in sidrec.json, so inference does the same).
     #[arg(long)]
     sid_only_histories: bool,
+    /// Also teach whole histories: each user's training part written out as one answer,
+    /// every item a target given the items before it, in windows of 21 items. One pass
+    /// then trains every position (as SASRec does) for the cost of the longest prefix.
+    /// Plain history requests to the model are then asked as a continuation of the
+    /// history (recorded in sidrec.json).
+    #[arg(long)]
+    sequence_examples: bool,
+    /// User-profile (describe) examples per user (0: none).
+    #[arg(long, default_value_t = 1)]
+    describe_per_user: usize,
+    /// Alignment examples per item and direction (item text -> SID, SID -> item text;
+    /// 0: none, which also skips stage 1).
+    #[arg(long, default_value_t = 1)]
+    align_per_item: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -800,6 +819,14 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
 
 fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
     use sidrec::train::pipeline::{self, BaseModel, Mode, StageConfig, TrainOptions};
+    if a.sequence_examples && !a.sid_only_histories {
+        bail!(
+            "--sequence-examples needs --sid-only-histories: with titles a window of {} items \
+             outgrows --max-len {} and would be cut",
+            sidrec::train::data::DataOptions::default().max_history + 1,
+            a.max_len
+        );
+    }
     let scratch = a.base.extension().is_some_and(|e| e == "json");
     let base = if scratch {
         // The shipped configs are found from any working directory.
@@ -849,7 +876,12 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
         out: a.out.clone(),
         force: a.force,
         prompts: a.prompts.clone(),
-        stage1: stage(&a.stage1_mode, d1, a.stage1_epochs)?,
+        // Stage 1 trains on align examples alone: none, no stage.
+        stage1: if a.align_per_item == 0 {
+            None
+        } else {
+            stage(&a.stage1_mode, d1, a.stage1_epochs)?
+        },
         stage2: stage(&a.stage2_mode, d2, a.stage2_epochs)?,
         batch_size: a.batch_size,
         max_len: a.max_len,
@@ -869,12 +901,16 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
             recommend_query_share: a.recommend_query_share,
             search_per_item: a.search_per_item,
             history_titles: !a.sid_only_histories,
+            sequence: a.sequence_examples,
+            describe_per_user: a.describe_per_user,
+            align_per_item: a.align_per_item,
             ..Default::default()
         },
     };
     if opts.stage1.is_none() && opts.stage2.is_none() {
         bail!("both stages are off: nothing to train");
     }
+
     let report = pipeline::run(&opts, progress)?;
     println!(
         "trained {} ({:.1}M parameters, {} SID tokens) on {} users in {:.0}s",

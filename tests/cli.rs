@@ -166,6 +166,28 @@ fn unknown_format_is_a_usage_error() {
     assert!(!tmp.path().join("out").exists());
 }
 
+/// Whole-history examples with titles would outgrow an example: refused before anything
+/// is read or written.
+#[test]
+fn sequence_examples_need_sid_only_histories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = stderr_of_failure(sidrec(tmp.path()).args([
+        "train",
+        "--artifacts",
+        "art",
+        "--interactions",
+        "u.jsonl",
+        "--sequence-examples",
+        "-o",
+        "m",
+    ]));
+    assert!(
+        err.contains("--sequence-examples needs --sid-only-histories"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("m").exists());
+}
+
 #[test]
 fn codes_count_must_match_levels() {
     let tmp = tempfile::tempdir().unwrap();

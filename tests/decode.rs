@@ -427,7 +427,7 @@ fn engine_scores_match_a_full_forward_pass() {
     let e = engine();
     let r = req(&["m3", "m4"], 5);
     let hits = e.recommend(&r).unwrap();
-    let text = sidrec::train::trainer::ChatFormat::default().prompt(&e.prompt_text(&r).unwrap());
+    let text = e.model_input(&r).unwrap();
     let tok = tokenizers::Tokenizer::from_file(e.dir().join("tokenizer.json")).unwrap();
     let prompt = tok.encode(text, false).unwrap().get_ids().to_vec();
     for h in &hits {

@@ -33,6 +33,18 @@ fn demo_files_match_their_checksums_and_fit_the_budget() {
     assert!(total <= 25 << 20, "{total} bytes: over 25 MB");
 }
 
+/// The demo records the prompts this build reads (so `scripts/demo-model.sh --check`,
+/// which retrains with them, can reproduce sidrec.json): a change to prompts/ must come
+/// with the demo's new prompts version.
+#[test]
+fn demo_records_the_prompts_of_this_build() {
+    let side = sidrec::model::hfdir::Sidecar::read(demo()).unwrap();
+    assert_eq!(
+        side.prompts_version,
+        sidrec::train::data::Prompts::builtin().fingerprint()
+    );
+}
+
 /// Runs `sidrec recommend ARGS --json` with no model; it must succeed. Returns the JSON
 /// answer and what it wrote to stderr (what it read from the words).
 fn recommend_json(args: &[&str]) -> (Value, String) {

@@ -547,6 +547,7 @@ fn sidecar(sha: &str) -> Sidecar {
         prompts_version: "1".to_string(),
         sid_tokens: 1029,
         sid_token_offset: 49152,
+        sequence: false,
     }
 }
 

@@ -16,16 +16,21 @@ use sidrec::train::pipeline::{self, BaseModel, Mode, StageConfig};
 mod common;
 use common::{artifacts, fixture, interactions, options, tiny_config};
 
+/// The tiny config from scratch with a 400-token BPE: the base of most tests here.
+fn scratch(dir: &Path) -> BaseModel {
+    BaseModel::Scratch {
+        config: tiny_config(dir),
+        vocab_size: 400,
+    }
+}
+
 #[test]
 fn trains_from_scratch_and_writes_a_complete_model_dir() {
     let tmp = tempfile::tempdir().unwrap();
     let art = artifacts(tmp.path(), 0);
     let inter = interactions(tmp.path());
     let out = tmp.path().join("model");
-    let base = BaseModel::Scratch {
-        config: tiny_config(tmp.path()),
-        vocab_size: 400,
-    };
+    let base = scratch(tmp.path());
     let report = pipeline::run(
         &options(art.clone(), inter, base, out.clone()),
         Progress::new(true),
@@ -93,10 +98,7 @@ fn trains_from_scratch_and_writes_a_complete_model_dir() {
     assert!(err.contains("sha256") || err.contains("SID"), "{err}");
 
     // The output directory is not overwritten without force.
-    let base = BaseModel::Scratch {
-        config: tiny_config(tmp.path()),
-        vocab_size: 400,
-    };
+    let base = scratch(tmp.path());
     let again = pipeline::run(
         &options(art, interactions(tmp.path()), base, out.clone()),
         Progress::new(true),
@@ -111,10 +113,7 @@ fn same_seed_gives_identical_weights() {
     let inter = interactions(tmp.path());
     let run = |name: &str| {
         let out = tmp.path().join(name);
-        let base = BaseModel::Scratch {
-            config: tiny_config(tmp.path()),
-            vocab_size: 400,
-        };
+        let base = scratch(tmp.path());
         let mut o = options(art.clone(), inter.clone(), base, out.clone());
         o.stage1 = None;
         o.stage2 = Some(StageConfig {
@@ -206,10 +205,7 @@ fn history_format_travels_from_training_to_inference() {
     let inter = interactions(tmp.path());
     let train = |titles: bool| {
         let out = tmp.path().join(format!("model-{titles}"));
-        let base = BaseModel::Scratch {
-            config: tiny_config(tmp.path()),
-            vocab_size: 400,
-        };
+        let base = scratch(tmp.path());
         let mut o = options(art.clone(), inter.clone(), base, out.clone());
         o.stage1 = None;
         if let Some(s) = o.stage2.as_mut() {
@@ -250,4 +246,64 @@ fn history_format_travels_from_training_to_inference() {
         .prompt_text(&req(&e))
         .unwrap()
         .contains("Toy Story (1995)"));
+}
+
+/// A model trained on whole histories says so in sidrec.json, is validated on the
+/// continuation of each history, and inference asks plain history requests as that
+/// continuation (the instruction, then the history and the separator), while requests
+/// with words keep the recommend prompt.
+#[test]
+fn sequence_training_travels_to_inference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = artifacts(tmp.path(), 0);
+    let inter = interactions(tmp.path());
+    let out = tmp.path().join("model");
+    let base = scratch(tmp.path());
+    let mut o = options(art, inter, base, out.clone());
+    o.stage1 = None;
+    o.data.sequence = true;
+    o.data.history_titles = false;
+    let report = pipeline::run(&o, Progress::new(true)).unwrap();
+    assert!(report.examples["sequence"] > 0, "{:?}", report.examples);
+    let stage = &report.stages[0].report;
+    let (first, last) = (
+        stage.train_loss.first().unwrap().loss,
+        stage.train_loss.last().unwrap().loss,
+    );
+    assert!(last < first, "{first} -> {last}");
+    assert!(stage.valid_loss[0].1.is_finite());
+    let json = fs::read_to_string(out.join("sidrec.json")).unwrap();
+    assert!(json.contains("\"sequence\": true"), "{json}");
+
+    let e = sidrec::decode::Engine::load(&out).unwrap();
+    let history = vec![e.index_of("m1").unwrap(), e.index_of("m2").unwrap()];
+    let req = sidrec::decode::Request {
+        history: history.clone(),
+        k: 3,
+        ..Default::default()
+    };
+    let sid = |i: u32| e.sids().records[i as usize].sid.clone();
+    let p = e.prompt_text(&req).unwrap();
+    let instruction = sidrec::train::data::sequence_prompt(
+        e.catalog(),
+        &sidrec::train::data::Prompts::builtin(),
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        p,
+        format!("{instruction}\n{}; {};", sid(history[0]), sid(history[1]))
+    );
+    let recs = e.recommend(&req).unwrap();
+    assert_eq!(recs.len(), 3);
+    // With words, the recommend prompt that carries them.
+    let worded = sidrec::decode::Request {
+        query: "a comedy".into(),
+        ..req
+    };
+    let p = e.prompt_text(&worded).unwrap();
+    assert!(
+        p.contains("a comedy") && !p.starts_with(&instruction),
+        "{p}"
+    );
 }

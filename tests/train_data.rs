@@ -9,8 +9,9 @@ use sidrec::catalog::{Catalog, LoadOptions};
 use sidrec::interactions::{ReadOptions, Sequences, Split};
 use sidrec::sid::SidVocab;
 use sidrec::train::data::{
-    build, build_validation, count_by_task, format_history, profile, recommend_prompt, DataError,
-    DataOptions, Example, PromptKind, Prompts, Slot, Task,
+    build, build_validation, count_by_task, format_history, profile, recommend_prompt,
+    sequence_context, sequence_prompt, sequence_windows, DataError, DataOptions, Example,
+    PromptKind, Prompts, Slot, Task,
 };
 
 fn root() -> &'static Path {
@@ -96,7 +97,13 @@ fn examples(f: &Fixture, opts: &DataOptions) -> Vec<Example> {
 #[test]
 fn every_task_produces_examples() {
     let f = fixture_data();
-    let ex = examples(&f, &DataOptions::default());
+    let ex = examples(
+        &f,
+        &DataOptions {
+            sequence: true,
+            ..DataOptions::default()
+        },
+    );
     let counts = count_by_task(&ex);
     for t in Task::ALL {
         if let Some(e) = ex.iter().find(|e| e.task == t) {
@@ -160,16 +167,24 @@ fn assert_no_leakage(catalog: &Catalog, sids: &[SidRecord], split: &Split, ex: &
         let u = u as usize;
         let valid = &sids[split.valid[u].1 as usize].sid;
         let test = &sids[split.test[u].1 as usize].sid;
-        // Only meaningful when the target is not also an earlier training item.
+        assert!(e.context.is_empty(), "{e:?}");
+        // Only meaningful when the target is not also an earlier training item. Answers
+        // may hold several items (sequence examples), so no part of one may be a target.
         if !split.train[u].contains(&split.valid[u].1) {
-            assert_ne!(&e.answer, valid, "user {u}: validation target as answer");
+            assert!(
+                !e.answer.contains(valid.as_str()),
+                "user {u}: validation target in answer"
+            );
             assert!(
                 !e.prompt.contains(valid.as_str()),
                 "user {u}: validation target in prompt"
             );
         }
         if !split.train[u].contains(&split.test[u].1) {
-            assert_ne!(&e.answer, test, "user {u}: test target as answer");
+            assert!(
+                !e.answer.contains(test.as_str()),
+                "user {u}: test target in answer"
+            );
             assert!(
                 !e.prompt.contains(test.as_str()),
                 "user {u}: test target in prompt"
@@ -184,6 +199,7 @@ fn no_validation_or_test_target_in_a_users_training_examples() {
     let opts = DataOptions {
         describe_per_user: 3,
         steer_per_user: 100,
+        sequence: true,
         ..DataOptions::default()
     };
     let ex = examples(&f, &opts);
@@ -201,15 +217,85 @@ fn no_validation_or_test_target_in_a_users_training_examples() {
     assert_eq!(val.len(), f.split.valid.len());
     for e in &val {
         let u = e.user.unwrap() as usize;
-        assert_eq!(e.task, Task::Recommend);
+        // A model that learns whole histories is validated as it will be asked: the
+        // history as unscored context, the next item as the answer.
+        assert_eq!(e.task, Task::Sequence);
+        let history = &f.split.valid[u].0;
+        assert_eq!(
+            e.context,
+            sequence_context(&f.catalog, &f.sids.records, history, &opts)
+        );
+        assert!(e.context.ends_with("; "), "{e:?}");
         assert_eq!(e.answer, f.sids.records[f.split.valid[u].1 as usize].sid);
         let test = &f.sids.records[f.split.test[u].1 as usize].sid;
         assert!(!e.prompt.contains(test.as_str()));
+        if !history.contains(&f.split.test[u].1) {
+            assert!(!e.context.contains(test.as_str()), "{e:?}");
+        }
         assert!(
             !ex.contains(e),
             "a validation example is in the training set"
         );
     }
+}
+
+/// Sequence examples write each user's training part out in windows of
+/// `max_history + 1` items: together they cover it in order, every window as long as it
+/// may be, the last ending at the end; the answer is the window as a history writes it.
+#[test]
+fn sequence_examples_write_out_training_histories_in_windows() {
+    // (Single windows compared by length and first element: clippy reads `vec![0..5]`
+    // as a mistaken range-to-vec.)
+    let one = sequence_windows(5, 20);
+    assert_eq!((one.len(), one[0].clone()), (1, 0..5));
+    assert_eq!(sequence_windows(10, 3), vec![0..4, 2..6, 4..8, 6..10]);
+    assert_eq!(sequence_windows(9, 3), vec![0..4, 1..5, 3..7, 5..9]);
+    let one = sequence_windows(2, 0);
+    assert_eq!((one.len(), one[0].clone()), (1, 0..2));
+    let f = fixture_data();
+    let opts = DataOptions {
+        align: false,
+        recommend: false,
+        search: false,
+        describe: false,
+        steer: false,
+        sequence: true,
+        max_history: 3,
+        history_titles: false,
+        ..DataOptions::default()
+    };
+    let ex = examples(&f, &opts);
+    let prompts = Prompts::builtin();
+    let instructions: Vec<String> = (0..prompts.phrasings(PromptKind::Sequence).len())
+        .map(|i| sequence_prompt(&f.catalog, &prompts, i).unwrap())
+        .collect();
+    let mut expected = Vec::new();
+    for (u, train) in f.split.train.iter().enumerate() {
+        if train.len() < 2 {
+            continue;
+        }
+        for r in sequence_windows(train.len(), 3) {
+            let sids: Vec<&str> = train[r]
+                .iter()
+                .map(|&i| f.sids.records[i as usize].sid.as_str())
+                .collect();
+            expected.push((u as u32, sids.join("; ")));
+        }
+    }
+    let got: Vec<(u32, String)> = ex
+        .iter()
+        .map(|e| (e.user.unwrap(), e.answer.clone()))
+        .collect();
+    assert_eq!(got, expected);
+    // The long user (10 items, 8 in training) needs more than one window.
+    let long = (f.split.train.len() - 1) as u32;
+    assert!(ex.iter().filter(|e| e.user == Some(long)).count() > 1);
+    for e in &ex {
+        assert_eq!(e.task, Task::Sequence);
+        assert!(instructions.contains(&e.prompt), "{e:?}");
+        assert!(e.context.is_empty());
+    }
+    assert_no_leakage(&f.catalog, &f.sids.records, &f.split, &ex);
 }
 
 #[test]

@@ -220,6 +220,7 @@ impl Engine {
         // Histories are written as training wrote them.
         let data = DataOptions {
             history_titles: sidecar.history_titles,
+            sequence: sidecar.sequence,
             ..DataOptions::default()
         };
         Ok(Engine {
@@ -257,8 +258,44 @@ impl Engine {
         self.sids.index_of(id).map(|i| i as ItemIdx)
     }
 
-    /// The prompt text (before the chat wrapping) a request renders to.
+    /// Whether a request is asked as a continuation of its history: a plain history
+    /// recommendation (no words, no type steering) to a model trained on whole
+    /// histories.
+    fn continues_history(&self, req: &Request) -> std::result::Result<bool, DecodeError> {
+        let steer = req.types.len() == 1 && self.catalog.types().len() > 1;
+        Ok(self.data.sequence
+            && self.resolve_mode(req)? == Mode::Recommend
+            && req.query.trim().is_empty()
+            && !steer)
+    }
+
+    /// The prompt text a request renders to: the instruction before the chat wrapping,
+    /// and for a history continuation also the history the answer continues (after a
+    /// newline, as shown to users; the model reads it after the wrapping).
     pub fn prompt_text(&self, req: &Request) -> std::result::Result<String, DecodeError> {
+        let (prompt, context) = self.prompt_parts(req)?;
+        Ok(if context.is_empty() {
+            prompt
+        } else {
+            format!("{prompt}\n{}", context.trim_end())
+        })
+    }
+
+    /// (instruction, unscored context) of a request; the context is empty unless the
+    /// request continues a history.
+    fn prompt_parts(&self, req: &Request) -> std::result::Result<(String, String), DecodeError> {
+        if self.continues_history(req)? {
+            let prompt = data::sequence_prompt(&self.catalog, &self.prompts, 0)
+                .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+            let context =
+                data::sequence_context(&self.catalog, &self.sids.records, &req.history, &self.data);
+            return Ok((prompt, context));
+        }
+        Ok((self.instruction(req)?, String::new()))
+    }
+
+    /// The instruction a request renders to (before the chat wrapping).
+    fn instruction(&self, req: &Request) -> std::result::Result<String, DecodeError> {
         let mode = self.resolve_mode(req)?;
         let noun = match req.types.as_slice() {
             [one] => one.replace('_', " "),
@@ -342,9 +379,17 @@ impl Engine {
         }
     }
 
-    /// Token ids of the full prompt (chat-wrapped), as the model was trained to see it.
+    /// The text the model reads before its answer: the chat-wrapped instruction, then
+    /// the history it continues if any (what [`Engine::prompt_text`] shows, as tokens
+    /// will see it).
+    pub fn model_input(&self, req: &Request) -> std::result::Result<String, DecodeError> {
+        let (prompt, context) = self.prompt_parts(req)?;
+        Ok(self.chat.prompt(&prompt) + &context)
+    }
+
+    /// Token ids of [`Engine::model_input`], as the model was trained to see them.
     fn prompt_ids(&self, req: &Request) -> std::result::Result<Vec<u32>, DecodeError> {
-        let text = self.chat.prompt(&self.prompt_text(req)?);
+        let text = self.model_input(req)?;
         let enc = self
             .tokenizer
             .encode(text, false)

@@ -371,6 +371,17 @@ pub struct Sidecar {
     /// the files of models trained with titles are unchanged.
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
     pub history_titles: bool,
+    /// Whether training wrote whole histories as answers ([`Task::Sequence`]): plain
+    /// history requests are then asked as a continuation of the history. Written only
+    /// when true.
+    ///
+    /// [`Task::Sequence`]: crate::train::data::Task::Sequence
+    #[serde(default, skip_serializing_if = "is_no")]
+    pub sequence: bool,
+}
+
+fn is_no(b: &bool) -> bool {
+    !*b
 }
 
 fn yes() -> bool {

@@ -1,7 +1,8 @@
 //! Training examples per task, rendered from the templates in `prompts/`.
 //!
-//! Every [`Example`] is a prompt and an answer; the trainer tokenizes them separately and
-//! puts the loss on the answer only. Items appear in text exactly as their SID token
+//! Every [`Example`] is a prompt and an answer (and, for validation continuations, an
+//! unscored context between them); the trainer tokenizes them separately and puts the
+//! loss on the answer only. Items appear in text exactly as their SID token
 //! strings (`<movie><a_17><b_203><c_5>`), so the model learns the same tokens the trie
 //! constrains at decoding time.
 //!
@@ -12,8 +13,9 @@
 //! | [`Task::Search`] | query from the item's attributes | SID |
 //! | [`Task::Steer`] | history + requested type | next item of that type |
 //! | [`Task::Describe`] | history | profile: top genres/categories, decade |
+//! | [`Task::Sequence`] | instruction (`sequence.txt`) | a whole history, ≤ `max_history + 1` items |
 //!
-//! **No leakage.** The user tasks (recommend, steer, describe) read only
+//! **No leakage.** The user tasks (recommend, steer, describe, sequence) read only
 //! [`Split::train`], the training parts: a user's validation and test targets never
 //! appear in that user's training examples, in prompts or answers (tested). Align and
 //! search cover every catalog item, which is catalog knowledge, not user behaviour.
@@ -63,15 +65,19 @@ pub enum Task {
     Steer,
     /// History → text profile of the user.
     Describe,
+    /// A user's whole history as one answer: every item is a prediction target given
+    /// the items before it (next-item training at every position in one pass).
+    Sequence,
 }
 
 impl Task {
-    pub const ALL: [Task; 5] = [
+    pub const ALL: [Task; 6] = [
         Task::Align,
         Task::Recommend,
         Task::Search,
         Task::Steer,
         Task::Describe,
+        Task::Sequence,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +87,7 @@ impl Task {
             Task::Search => "search",
             Task::Steer => "steer",
             Task::Describe => "describe",
+            Task::Sequence => "sequence",
         }
     }
 }
@@ -165,16 +172,19 @@ pub enum PromptKind {
     Search,
     Steer,
     Describe,
+    /// The instruction before a whole history written as the answer.
+    Sequence,
 }
 
 impl PromptKind {
-    pub const ALL: [PromptKind; 6] = [
+    pub const ALL: [PromptKind; 7] = [
         PromptKind::AlignItem,
         PromptKind::AlignSid,
         PromptKind::Recommend,
         PromptKind::Search,
         PromptKind::Steer,
         PromptKind::Describe,
+        PromptKind::Sequence,
     ];
 
     /// The file under `prompts/`.
@@ -186,6 +196,7 @@ impl PromptKind {
             PromptKind::Search => "search.txt",
             PromptKind::Steer => "steer.txt",
             PromptKind::Describe => "describe.txt",
+            PromptKind::Sequence => "sequence.txt",
         }
     }
 
@@ -197,6 +208,7 @@ impl PromptKind {
             PromptKind::Search => Task::Search,
             PromptKind::Steer => Task::Steer,
             PromptKind::Describe => Task::Describe,
+            PromptKind::Sequence => Task::Sequence,
         }
     }
 
@@ -209,6 +221,7 @@ impl PromptKind {
             PromptKind::Search => &[Slot::Query, Slot::Type],
             PromptKind::Steer => &[Slot::History, Slot::Type],
             PromptKind::Describe => &[Slot::History],
+            PromptKind::Sequence => &[Slot::Type],
         }
     }
 
@@ -222,6 +235,7 @@ impl PromptKind {
             PromptKind::Search => &[&[Slot::Query]],
             PromptKind::Steer => &[&[Slot::History], &[Slot::Type]],
             PromptKind::Describe => &[&[Slot::History]],
+            PromptKind::Sequence => &[],
         }
     }
 
@@ -233,6 +247,7 @@ impl PromptKind {
             PromptKind::Search => include_str!("../../prompts/search.txt"),
             PromptKind::Steer => include_str!("../../prompts/steer.txt"),
             PromptKind::Describe => include_str!("../../prompts/describe.txt"),
+            PromptKind::Sequence => include_str!("../../prompts/sequence.txt"),
         }
     }
 }
@@ -288,8 +303,10 @@ pub enum DataError {
     /// A sequence names an item index the catalog does not have.
     #[error("user {user}: item index {item} is out of range (the catalog has {len} items)")]
     ItemOutOfRange { user: usize, item: u32, len: usize },
-    /// A task name that is not one of align, recommend, search, steer, describe.
-    #[error("unknown task {name:?}: expected one of align, recommend, search, steer, describe")]
+    /// A task name that is not one of align, recommend, search, steer, describe, sequence.
+    #[error(
+        "unknown task {name:?}: expected one of align, recommend, search, steer, describe, sequence"
+    )]
     UnknownTask { name: String },
 }
 
@@ -298,6 +315,12 @@ pub enum DataError {
 pub struct Example {
     pub task: Task,
     pub prompt: String,
+    /// Text after the chat wrapping and before the answer that the model reads but is not
+    /// scored on: the history so far when the answer continues it (sequence validation,
+    /// and inference for models trained with [`Task::Sequence`]). Empty for every other
+    /// task.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub context: String,
     /// What the loss is on.
     pub answer: String,
     /// The user (index into the split) whose sequence the example comes from; `None` for
@@ -474,8 +497,9 @@ impl Prompts {
     }
 
     /// Reads every prompt file from a directory (`align_item.txt`, `align_sid.txt`,
-    /// `recommend.txt`, `search.txt`, `steer.txt`, `describe.txt`). All must exist: a
-    /// model is taught every task, and its prompts must be the ones inference reads.
+    /// `recommend.txt`, `search.txt`, `steer.txt`, `describe.txt`, `sequence.txt`). All
+    /// must exist: a model is taught every task, and its prompts must be the ones
+    /// inference reads.
     pub fn load(dir: &Path) -> Result<Prompts, DataError> {
         let mut files = Vec::new();
         for k in PromptKind::ALL {
@@ -635,6 +659,11 @@ pub struct DataOptions {
     pub steer_per_user: usize,
     pub describe: bool,
     pub describe_per_user: usize,
+    /// Whole-history examples ([`Task::Sequence`]): each user's training part in windows
+    /// of `max_history + 1` items, every item a target. Off by default; a model trained
+    /// with them continues histories at inference (recorded in `sidrec.json`). Meant for
+    /// SID-only histories: with titles a full window outgrows a 256-token example.
+    pub sequence: bool,
 }
 
 impl Default for DataOptions {
@@ -656,6 +685,7 @@ impl Default for DataOptions {
             steer_per_user: 10,
             describe: true,
             describe_per_user: 1,
+            sequence: false,
         }
     }
 }
@@ -841,6 +871,48 @@ pub fn recommend_prompt(
         phrasing,
         &[(Slot::History, &h), (Slot::Type, &noun)],
     )
+}
+
+/// The instruction of a sequence example or request (phrasing `phrasing`; 0 at inference).
+pub fn sequence_prompt(
+    catalog: &Catalog,
+    prompts: &Prompts,
+    phrasing: usize,
+) -> Result<String, DataError> {
+    let noun = catalog_noun(catalog);
+    prompts.render(PromptKind::Sequence, phrasing, &[(Slot::Type, &noun)])
+}
+
+/// What follows a sequence instruction when the model is to name the next item: the
+/// history as a sequence answer writes it, and the separator after its last item.
+pub fn sequence_context(
+    catalog: &Catalog,
+    sids: &[SidRecord],
+    history: &[u32],
+    opts: &DataOptions,
+) -> String {
+    format!("{}; ", format_history(catalog, sids, history, opts))
+}
+
+/// The windows a sequence example is cut into: `max_history + 1` items each (so the last
+/// item of a full window is predicted from `max_history` items, as at inference), the
+/// last window ending at the end of the history and earlier ones every half window.
+pub fn sequence_windows(len: usize, max_history: usize) -> Vec<std::ops::Range<usize>> {
+    let w = max_history.max(1) + 1;
+    let stride = (w / 2).max(1);
+    let mut out = Vec::new();
+    let mut end = len;
+    loop {
+        if end <= w {
+            // The first window starts at the beginning and is as long as it may be.
+            out.push(0..w.min(len));
+            break;
+        }
+        out.push(end - w..end);
+        end -= stride;
+    }
+    out.reverse();
+    out
 }
 
 fn plural(noun: &str) -> String {
@@ -1135,10 +1207,40 @@ pub fn build(
                     out.push(Example {
                         task: Task::Search,
                         prompt,
+                        context: String::new(),
                         answer: sids[i].sid.clone(),
                         user: None,
                     });
                 }
+            }
+        }
+    }
+    if opts.sequence {
+        let mut rng = task_rng(opts.seed, Task::Sequence);
+        let count = prompts.phrasings(PromptKind::Sequence).len();
+        // Windows are already cut to size: write each out whole.
+        let whole = DataOptions {
+            max_history: usize::MAX,
+            ..opts.clone()
+        };
+        for (u, train) in split.train.iter().enumerate() {
+            if train.len() < 2 {
+                continue;
+            }
+            for r in sequence_windows(train.len(), opts.max_history) {
+                let answer = format_history(catalog, sids, &train[r], &whole);
+                let phrasing = if count > 0 {
+                    rng.gen_range(0..count)
+                } else {
+                    0
+                };
+                out.push(Example {
+                    task: Task::Sequence,
+                    prompt: sequence_prompt(catalog, prompts, phrasing)?,
+                    context: String::new(),
+                    answer,
+                    user: Some(u as u32),
+                });
             }
         }
     }
@@ -1169,6 +1271,7 @@ pub fn build(
                     out.push(Example {
                         task: Task::Describe,
                         prompt,
+                        context: String::new(),
                         answer: profile(catalog, window),
                         user: Some(u as u32),
                     });
@@ -1210,6 +1313,7 @@ fn build_align(
                 out.push(Example {
                     task: Task::Align,
                     prompt,
+                    context: String::new(),
                     answer: sid.to_string(),
                     user: None,
                 });
@@ -1219,6 +1323,7 @@ fn build_align(
                 out.push(Example {
                     task: Task::Align,
                     prompt,
+                    context: String::new(),
                     answer: long_text.clone(),
                     user: None,
                 });
@@ -1268,6 +1373,7 @@ fn build_recommend(
                 out.push(Example {
                     task: Task::Recommend,
                     prompt,
+                    context: String::new(),
                     answer: sids[train[t] as usize].sid.clone(),
                     user: Some(u as u32),
                 });
@@ -1314,6 +1420,7 @@ fn build_steer(
                 out.push(Example {
                     task: Task::Steer,
                     prompt,
+                    context: String::new(),
                     answer: sids[target].sid.clone(),
                     user: Some(u as u32),
                 });
@@ -1340,9 +1447,25 @@ pub fn build_validation(
         if history.is_empty() {
             continue;
         }
+        // Asked as inference will ask: the sequence continuation when the model learns
+        // whole histories, the recommend prompt otherwise.
+        let (task, prompt, context) = if opts.sequence {
+            (
+                Task::Sequence,
+                sequence_prompt(catalog, prompts, 0)?,
+                sequence_context(catalog, sids, history, opts),
+            )
+        } else {
+            (
+                Task::Recommend,
+                recommend_prompt(catalog, sids, prompts, history, opts, 0)?,
+                String::new(),
+            )
+        };
         out.push(Example {
-            task: Task::Recommend,
-            prompt: recommend_prompt(catalog, sids, prompts, history, opts, 0)?,
+            task,
+            prompt,
+            context,
             answer: sids[*target as usize].sid.clone(),
             user: Some(u as u32),
         });

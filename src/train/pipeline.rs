@@ -203,6 +203,7 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
                     &tok,
                     &chat,
                     &e.prompt,
+                    &e.context,
                     &e.answer,
                     opts.max_len,
                 )?)
@@ -309,6 +310,7 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         sid_tokens: sid_tokens.len(),
         sid_token_offset: n_old as u32,
         history_titles: opts.data.history_titles,
+        sequence: opts.data.sequence,
     };
     let config = serde_json::from_str(&cfg.to_json_string())
         .map_err(|e| Error::Invalid(format!("config: {e}")))?;

@@ -76,13 +76,19 @@ impl ChatFormat {
     }
 }
 
-/// Tokenizes a (prompt, answer) pair. If the pair is longer than `max_len`, the prompt is
-/// cut from the left (its start is the least informative part of a long history) and the
-/// answer is kept whole; an answer alone longer than `max_len` is cut from the right.
+/// Tokenizes a (prompt, answer) pair, with `context` (unscored text the answer continues,
+/// usually empty) between the chat-wrapped prompt and the answer. An answer ends with the
+/// end token, except one that continues a context: it ends mid-history, where training
+/// never puts an end token, so scoring one there would only add a term no model is
+/// taught. If the pair is longer
+/// than `max_len`, prompt and context are cut from the left (their start is the least
+/// informative part of a long history) and the answer is kept whole; an answer alone
+/// longer than `max_len` is cut from the right.
 pub fn encode_pair(
     tok: &Tokenizer,
     fmt: &ChatFormat,
     prompt: &str,
+    context: &str,
     answer: &str,
     max_len: usize,
 ) -> Result<Encoded> {
@@ -94,8 +100,13 @@ pub fn encode_pair(
             .to_vec())
     };
     let mut p = enc(&fmt.prompt(prompt))?;
+    if !context.is_empty() {
+        p.extend(enc(context)?);
+    }
     let mut a = enc(answer)?;
-    a.extend(enc(&fmt.end)?);
+    if context.is_empty() {
+        a.extend(enc(&fmt.end)?);
+    }
     if a.len() + 1 > max_len {
         a.truncate(max_len.saturating_sub(1).max(1));
     }
@@ -455,6 +466,41 @@ mod tests {
             ids: ids.to_vec(),
             answer: (0..ids.len()).map(|i| (i >= answer_from) as u8).collect(),
         }
+    }
+
+    /// The loss covers the answer and its end token; a context is read, not scored, and
+    /// an answer that continues one gets no end token; an overlong pair loses the start
+    /// of its prompt, never the answer.
+    #[test]
+    fn encode_pair_scores_answers_and_reads_contexts() {
+        let mut tok = crate::model::bpe::train_bpe(
+            ["list the items a user had".to_string()].into_iter(),
+            300,
+        )
+        .unwrap();
+        tok.add_special_tokens(&[
+            tokenizers::AddedToken::from("<a_1>", true),
+            tokenizers::AddedToken::from("<a_2>", true),
+        ]);
+        let id = |t: &str| tok.token_to_id(t).unwrap();
+        let fmt = ChatFormat::default();
+        let plain = encode_pair(&tok, &fmt, "list the items", "", "<a_1>", 64).unwrap();
+        let n = plain.ids.len();
+        assert_eq!(&plain.ids[n - 2..], &[id("<a_1>"), id("<|im_end|>")]);
+        assert_eq!(&plain.answer[n - 3..], &[0, 1, 1]);
+        let cont = encode_pair(&tok, &fmt, "list the items", "<a_2>; ", "<a_1>", 64).unwrap();
+        let m = cont.ids.len();
+        assert_eq!(cont.ids[m - 1], id("<a_1>"));
+        assert!(cont.ids[..m - 1].contains(&id("<a_2>")));
+        assert_eq!(cont.answer.iter().map(|&x| x as usize).sum::<usize>(), 1);
+        // The whole string tokenizes the same way: SID tokens split the text.
+        let joined = tok
+            .encode(fmt.prompt("list the items") + "<a_2>; <a_1>", false)
+            .unwrap();
+        assert_eq!(joined.get_ids(), cont.ids.as_slice());
+        let cut = encode_pair(&tok, &fmt, "list the items", "<a_2>; ", "<a_1>", 4).unwrap();
+        assert_eq!(cut.ids.len(), 4);
+        assert_eq!(cut.ids[3], id("<a_1>"));
     }
 
     #[test]
