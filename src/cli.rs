@@ -332,8 +332,8 @@ is trained on the catalog and prompt texts), a Hugging Face directory, or a GGUF
 Its vocabulary is extended with every SID token in one call.\n\n\
 Stage 1 (align) trains on item text <-> SID; stage 2 (instruct) on every task. Modes: \
 full (every weight), lora (adapters + SID rows), rows (SID embedding rows only).\n\n\
---sequence-examples adds whole histories (every item a target, as SASRec trains): many \
-times more next-item training per second than one example per position. With \
+--sequence-examples adds whole histories (every item a target, as SASRec trains): one \
+pass over a history trains all its positions, instead of one pass per position. With \
 --sid-only-histories, --recommend-per-user 0 and several epochs it is the fastest way to \
 learn the sequences (see the README's Evaluation).\n\n\
 Output: config.json, model.safetensors, tokenizer.json (with SID tokens), sidrec.json \
@@ -910,7 +910,6 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
     if opts.stage1.is_none() && opts.stage2.is_none() {
         bail!("both stages are off: nothing to train");
     }
-
     let report = pipeline::run(&opts, progress)?;
     println!(
         "trained {} ({:.1}M parameters, {} SID tokens) on {} users in {:.0}s",
