@@ -2,9 +2,10 @@
 # Reproduces one dataset's evaluation table in the README: tokenize the catalog, train the
 # tiny model from scratch, evaluate it beside the baselines. One command per dataset:
 #
-#   scripts/eval.sh ml-100k            # about 35 min on 2 cores
+#   scripts/eval.sh ml-100k            # about 20 min on 2 cores
 #   scripts/eval.sh amazon-scientific  # about 1 h on 2 cores (needs ../shared/data)
-#   scripts/eval.sh ml-1m              # several hours on 2 cores
+#   scripts/eval.sh ml-1m              # about 1.5 h on 2 cores
+#   scripts/eval.sh mixed              # movies + products in one catalog: type steering
 #
 # Output under out/eval-DATASET/ (artifacts/, model/, eval/ with eval.md, eval.json and
 # the plots). Environment: SIDREC_PYTHON (a Python with numpy and torch for the peers;
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ds=${1:?usage: scripts/eval.sh ml-100k|ml-1m|amazon-scientific}
+ds=${1:?usage: scripts/eval.sh ml-100k|ml-1m|amazon-scientific|mixed}
 out=out/eval-$ds
 shared=${SIDREC_SHARED:-../shared}
 threads=${SIDREC_THREADS:-2}
@@ -24,7 +25,9 @@ ml-100k)
     items=assets/ml-100k/ml-100k.item
     inter=assets/ml-100k/ml-100k.inter
     tok=(--type movie)
-    train=(--recommend-per-user 10 --stage1-epochs 2)
+    # Whole SID-only histories (9,189 windows) and search, 3 epochs (about 16 min).
+    train=(--sid-only-histories --sequence-examples --recommend-per-user 0
+        --align-per-item 0 --describe-per-user 0 --stage2-epochs 3)
     ;;
 ml-1m)
     items=assets/ml-1m/ml-1m.item
@@ -36,16 +39,35 @@ amazon-scientific)
     items=$shared/data/amazon-scientific/items.json
     inter=$shared/data/amazon-scientific/interactions.json
     tok=(--type product)
-    # Whole SID-only histories, every item a target, 25 epochs; search examples for
-    # the words-alone row; no align stage, no profiles (about 50 min on 2 cores).
+    # The small config with dropout: whole SID-only histories, every item a target,
+    # 60 epochs; search examples for the words-alone row; no align stage, no profiles
+    # (about 50 min on 2 cores).
+    train=(--base models/small.json --dropout 0.2 --sid-only-histories --sequence-examples
+        --recommend-per-user 0 --align-per-item 0 --describe-per-user 0 --stage2-epochs 60)
+    ;;
+mixed)
+    # MovieLens-100k movies and Amazon Scientific products in one catalog, each user's
+    # history within one type (examples/mix_catalogs.rs writes it): type steering.
+    items=$out/data/items.jsonl
+    inter=$out/data/interactions.jsonl
+    tok=()
     train=(--sid-only-histories --sequence-examples --recommend-per-user 0
-        --align-per-item 0 --describe-per-user 0 --stage2-epochs 25)
+        --align-per-item 0 --describe-per-user 0 --steer-per-user 1 --stage2-epochs 2)
     ;;
 *)
-    echo "unknown dataset $ds (ml-100k, ml-1m, amazon-scientific)" >&2
+    echo "unknown dataset $ds (ml-100k, ml-1m, amazon-scientific, mixed)" >&2
     exit 2
     ;;
 esac
+if [[ $ds == mixed ]]; then
+    for f in assets/ml-100k/ml-100k.item assets/ml-100k/ml-100k.inter \
+        "$shared"/data/amazon-scientific/{items,interactions}.json; do
+        [[ -f $f ]] || { echo "$f is missing" >&2; exit 1; }
+    done
+    cargo run --release --quiet --example mix_catalogs -- "$out/data" \
+        movie assets/ml-100k/ml-100k.{item,inter} \
+        product "$shared"/data/amazon-scientific/{items,interactions}.json
+fi
 for f in "$items" "$inter"; do
     if [[ ! -f $f ]]; then
         echo "$f is missing (scripts/fetch-assets.sh fetches MovieLens; Amazon comes from $shared)" >&2

@@ -12,8 +12,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sidrec::model::config::LlamaConfig;
 use sidrec::model::llama::{
-    extend_vocab, lora_init_tensors, masked_cross_entropy, varmap_from_tensors, KvCache, Llama,
-    LoraConfig, ModelError, LORA_TARGETS,
+    dropout_mask, extend_vocab, lora_init_tensors, masked_cross_entropy, varmap_from_tensors,
+    Dropout, KvCache, Llama, LoraConfig, ModelError, LORA_TARGETS,
 };
 
 const VOCAB: usize = 101;
@@ -297,7 +297,12 @@ fn grad_norm(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Option<f32
 
 #[test]
 fn full_fine_tuning_reaches_every_weight() {
-    for tied in [false, true] {
+    // With and without dropout: its masks are constants, gradients flow through the rest.
+    let dropouts = [None, Some(Dropout { p: 0.3, key: 7 })];
+    for (tied, dropout) in [false, true]
+        .into_iter()
+        .flat_map(|t| dropouts.map(|d| (t, d)))
+    {
         let cfg = cfg(tied);
         let varmap = varmap_from_tensors(&random_weights(&cfg, 5)).unwrap();
         let model = Llama::new(
@@ -307,7 +312,7 @@ fn full_fine_tuning_reaches_every_weight() {
         .unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(6);
         let (x, att, tgt, lm) = padded_batch(&mut rng, VOCAB);
-        let logits = model.forward(&x, Some(&att)).unwrap();
+        let logits = model.forward_train(&x, Some(&att), dropout).unwrap();
         let loss = masked_cross_entropy(&logits, &tgt, &lm).unwrap();
         assert!(loss.to_scalar::<f32>().unwrap().is_finite());
         let grads = loss.backward().unwrap();
@@ -325,6 +330,46 @@ fn full_fine_tuning_reaches_every_weight() {
             );
         }
     }
+}
+
+/// Dropout masks: about `p` zeros, the rest `1 / (1 - p)` (so the expected value is
+/// kept), a pure function of key and site, different across sites and keys.
+#[test]
+fn dropout_masks_are_seeded_and_unbiased() {
+    let n = 100_000;
+    let m = dropout_mask(n, 0.2, 42, 3);
+    let zeros = m.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+    assert!((zeros - 0.2).abs() < 0.01, "zero share {zeros}");
+    assert!(m.iter().all(|&v| v == 0.0 || (v - 1.25).abs() < 1e-6));
+    let mean = m.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+    assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
+    assert_eq!(m, dropout_mask(n, 0.2, 42, 3));
+    assert_ne!(m, dropout_mask(n, 0.2, 42, 4));
+    assert_ne!(m, dropout_mask(n, 0.2, 43, 3));
+}
+
+/// Dropout changes the training forward pass, the same key reproduces it exactly, and
+/// no dropout (or p = 0) is the plain forward pass.
+#[test]
+fn dropout_forward_is_reproducible_and_off_by_default() {
+    let cfg = cfg(true);
+    let model = constant_model(&cfg, &random_weights(&cfg, 5));
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let (x, att, _, _) = padded_batch(&mut rng, VOCAB);
+    let plain = model.forward(&x, Some(&att)).unwrap();
+    let with = |p: f32, key: u64| {
+        model
+            .forward_train(&x, Some(&att), Some(Dropout { p, key }))
+            .unwrap()
+    };
+    assert_eq!(
+        max_abs_diff(&plain, &model.forward_train(&x, Some(&att), None).unwrap()),
+        0.0
+    );
+    assert_eq!(max_abs_diff(&plain, &with(0.0, 1)), 0.0);
+    assert!(max_abs_diff(&plain, &with(0.3, 1)) > 1e-3);
+    assert_eq!(max_abs_diff(&with(0.3, 1), &with(0.3, 1)), 0.0);
+    assert!(max_abs_diff(&with(0.3, 1), &with(0.3, 2)) > 1e-3);
 }
 
 /// The detached view computes the same logits (to rounding), follows in-place updates of the trained
@@ -665,6 +710,29 @@ fn loss_is_the_masked_mean_nll() {
             vocab_size: 3
         }
     ));
+}
+
+/// The shipped from-scratch configs parse and build, and `small.json` costs about a
+/// quarter of `tiny.json` per token (what its comment and the README promise).
+#[test]
+fn shipped_configs_build() {
+    let params = |name: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(name);
+        let mut cfg = LlamaConfig::from_file(&path).unwrap();
+        cfg.vocab_size = 4874;
+        let tensors = Llama::init_tensors(&cfg, 0).unwrap();
+        Llama::new(
+            &cfg,
+            VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        tensors.values().map(|t| t.elem_count()).sum::<usize>()
+    };
+    let (tiny, small) = (params("tiny.json"), params("small.json"));
+    assert_eq!(tiny, 4_199_168);
+    assert!(small * 4 <= tiny + tiny / 10, "small {small}, tiny {tiny}");
 }
 
 /// Forward + backward time of `models/tiny.json` on a batch of 8 × 64 (prints; run with

@@ -157,6 +157,36 @@ fn item_answers_are_valid_sids_of_the_catalog() {
     }
 }
 
+/// `steer_per_user` caps the type-steering examples of every user (0: none), so a
+/// catalog of many short single-type histories does not drown the other tasks in them.
+#[test]
+fn steer_examples_are_capped_per_user() {
+    let f = fixture_data();
+    let per_user = |cap: usize| {
+        let ex = examples(
+            &f,
+            &DataOptions {
+                steer_per_user: cap,
+                ..DataOptions::default()
+            },
+        );
+        let mut counts = BTreeMap::new();
+        for e in ex.iter().filter(|e| e.task == Task::Steer) {
+            *counts.entry(e.user.unwrap()).or_insert(0usize) += 1;
+        }
+        counts
+    };
+    let all = per_user(100);
+    assert!(all.values().any(|&n| n > 1), "{all:?}");
+    let one = per_user(1);
+    assert_eq!(
+        one.keys().collect::<Vec<_>>(),
+        all.keys().collect::<Vec<_>>()
+    );
+    assert!(one.values().all(|&n| n == 1), "{one:?}");
+    assert!(per_user(0).is_empty());
+}
+
 fn assert_no_leakage(catalog: &Catalog, sids: &[SidRecord], split: &Split, ex: &[Example]) {
     let _ = catalog;
     for e in ex {

@@ -89,6 +89,9 @@ pub struct TrainOptions {
     pub warmup: usize,
     pub clip: f64,
     pub weight_decay: f64,
+    /// Dropout on embeddings and residual branches while training (0: none); see
+    /// [`llama::Dropout`].
+    pub dropout: f32,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub eval_every: usize,
@@ -262,14 +265,29 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         };
         let (model, params) = build_model(&cfg, &tensors, stage.mode, n_old, opts)?;
         let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-        let loss_with = |m: &Llama, b: &trainer::Batch| -> candle_core::Result<Tensor> {
-            let logits = m.forward(&b.input, Some(&b.attention)).map_err(to_candle)?;
+        let loss_with = |m: &Llama,
+                         b: &trainer::Batch,
+                         dropout: Option<llama::Dropout>|
+         -> candle_core::Result<Tensor> {
+            let logits = m
+                .forward_train(&b.input, Some(&b.attention), dropout)
+                .map_err(to_candle)?;
             llama::masked_cross_entropy(&logits, &b.targets, &b.loss_mask).map_err(to_candle)
         };
-        let loss_fn = |b: &trainer::Batch| loss_with(&model, b);
-        // Validation runs on a detached view of the same weights: no graph, little memory.
+        let loss_fn = |b: &trainer::Batch| {
+            let dropout = match opts.dropout > 0.0 {
+                true => Some(llama::Dropout {
+                    p: opts.dropout,
+                    key: batch_key(opts.seed, b)?,
+                }),
+                false => None,
+            };
+            loss_with(&model, b, dropout)
+        };
+        // Validation runs on a detached view of the same weights: no graph, little memory,
+        // and no dropout.
         let inference = model.detached();
-        let eval_fn = |b: &trainer::Batch| loss_with(&inference, b);
+        let eval_fn = |b: &trainer::Batch| loss_with(&inference, b, None);
         if !progress.quiet {
             eprintln!(
                 "stage {name}: {} examples, mode {:?}, {trainable} trainable parameters",
@@ -475,6 +493,17 @@ fn build_model(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     Ok((model, params))
+}
+
+/// The dropout key of a training batch: the seed and the batch's tokens, hashed (FNV-1a).
+/// A batch's masks then depend on nothing else, so a resumed run draws the same masks
+/// as an uninterrupted one.
+fn batch_key(seed: u64, b: &trainer::Batch) -> candle_core::Result<u64> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for id in b.input.flatten_all()?.to_vec1::<u32>()? {
+        h = (h ^ u64::from(id)).wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok(h)
 }
 
 #[cfg(test)]

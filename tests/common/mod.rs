@@ -119,6 +119,7 @@ pub fn options(artifacts: PathBuf, inter: PathBuf, base: BaseModel, out: PathBuf
         warmup: 2,
         clip: 1.0,
         weight_decay: 0.0,
+        dropout: 0.0,
         lora_rank: 4,
         lora_alpha: 8.0,
         eval_every: 0,
