@@ -4,7 +4,7 @@
 #
 #   scripts/eval.sh ml-100k            # about 20 min on 2 cores
 #   scripts/eval.sh amazon-scientific  # about 1 h on 2 cores (needs ../shared/data)
-#   scripts/eval.sh ml-1m              # about 1.5 h on 2 cores
+#   scripts/eval.sh ml-1m              # about 1.5 h on 2 cores (estimated)
 #   scripts/eval.sh mixed              # movies + products in one catalog: type steering
 #
 # Output under out/eval-DATASET/ (artifacts/, model/, eval/ with eval.md, eval.json and
@@ -33,7 +33,10 @@ ml-1m)
     items=assets/ml-1m/ml-1m.item
     inter=assets/ml-1m/ml-1m.inter
     tok=(--type movie)
-    train=(--recommend-per-user 10)
+    # Not run to completion yet. About 95k history windows (14M tokens) per epoch: with
+    # the small config at about 12k tokens/s, some 20 min per epoch on 2 cores.
+    train=(--base models/small.json --dropout 0.2 --sid-only-histories --sequence-examples
+        --recommend-per-user 0 --align-per-item 0 --describe-per-user 0 --stage2-epochs 3)
     ;;
 amazon-scientific)
     items=$shared/data/amazon-scientific/items.json

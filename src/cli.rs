@@ -335,7 +335,9 @@ full (every weight), lora (adapters + SID rows), rows (SID embedding rows only).
 --sequence-examples adds whole histories (every item a target, as SASRec trains): one \
 pass over a history trains all its positions, instead of one pass per position. With \
 --sid-only-histories, --recommend-per-user 0 and several epochs it is the fastest way to \
-learn the sequences (see the README's Evaluation).\n\n\
+learn the sequences. Many epochs over a small catalog memorise it: --dropout 0.2 with the \
+smaller models/small.json (more epochs per hour) is the best recipe measured (see the \
+README's Evaluation).\n\n\
 Output: config.json, model.safetensors, tokenizer.json (with SID tokens), sidrec.json \
 (sha256 of sids.jsonl, prompts version) and train_report.json (loss curves).\n\n\
 Examples:\n  \

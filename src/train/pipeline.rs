@@ -497,7 +497,8 @@ fn build_model(
 
 /// The dropout key of a training batch: the seed and the batch's tokens, hashed (FNV-1a).
 /// A batch's masks then depend on nothing else, so a resumed run draws the same masks
-/// as an uninterrupted one.
+/// as an uninterrupted one. (A batch of exactly the same examples in another epoch would
+/// draw the same masks again; batches are regrouped every epoch, so that is rare.)
 fn batch_key(seed: u64, b: &trainer::Batch) -> candle_core::Result<u64> {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
     for id in b.input.flatten_all()?.to_vec1::<u32>()? {
