@@ -34,10 +34,9 @@ ml-1m)
     items=assets/ml-1m/ml-1m.item
     inter=assets/ml-1m/ml-1m.inter
     tok=(--type movie)
-    # Not run to completion yet. About 95k history windows (14M tokens) per epoch: with
-    # the small config at about 12k tokens/s, some 20 min per epoch on 2 cores.
+    # About 95k history windows per epoch: the small config with dropout, 2 epochs.
     train=(--base models/small.json --dropout 0.2 --sid-only-histories --sequence-examples
-        --recommend-per-user 0 --align-per-item 0 --describe-per-user 0 --stage2-epochs 3)
+        --recommend-per-user 0 --align-per-item 0 --describe-per-user 0 --stage2-epochs 2)
     ;;
 amazon-scientific)
     items=$shared/data/amazon-scientific/items.json

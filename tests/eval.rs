@@ -63,10 +63,36 @@ fn eval_writes_the_report_and_a_full_beam_equals_exact_ranking() {
         "{}",
         String::from_utf8_lossy(&res.stderr)
     );
-    for f in ["eval.json", "eval.md", "metrics.svg", "loss.svg"] {
+    for f in [
+        "eval.json",
+        "eval.md",
+        "metrics.svg",
+        "loss.svg",
+        "rankings.jsonl",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let v = read_json(&out.join("eval.json"));
+    // One ranking per user; the ranks in it give back the reported NDCG@10.
+    let rankings: Vec<serde_json::Value> = std::fs::read_to_string(out.join("rankings.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rankings.len(), 24);
+    let mut ndcg = 0.0;
+    for r in &rankings {
+        let ranked = r["ranked"].as_array().unwrap();
+        assert_eq!(ranked.len(), 10, "{r}");
+        let at = ranked.iter().position(|i| *i == r["target"]);
+        assert_eq!(r["rank"].as_u64().map(|x| x as usize), at, "{r}");
+        ndcg += at.map_or(0.0, |a| 1.0 / ((a + 2) as f64).log2());
+    }
+    let reported = v["rows"][0]["ndcg@10"].as_f64().unwrap();
+    assert!(
+        (ndcg / 24.0 - reported).abs() < 1e-4,
+        "{ndcg} vs {reported}"
+    );
     assert_eq!(v["dataset"], "fixture");
     assert_eq!(v["items"], 10);
     assert_eq!(v["users"], 24);

@@ -230,6 +230,7 @@ fn no_validation_or_test_target_in_a_users_training_examples() {
         describe_per_user: 3,
         steer_per_user: 100,
         sequence: true,
+        sequence_short: 2,
         ..DataOptions::default()
     };
     let ex = examples(&f, &opts);
@@ -667,4 +668,57 @@ fn recommend_requests_in_words_describe_the_target() {
     let with = half.iter().filter(|e| marker(&e.prompt)).count();
     assert!(with > 0 && with < half.len(), "{with} of {}", half.len());
     assert_eq!(half, examples(&f, &only_recommend(0.5)));
+}
+
+/// Short windows come on top of the whole-history windows, only for histories longer
+/// than a short window, cut the same way, and still hold no held-out item.
+#[test]
+fn short_windows_add_half_overlapping_windows_of_long_histories() {
+    let f = fixture_data();
+    let base = DataOptions {
+        align: false,
+        recommend: false,
+        search: false,
+        describe: false,
+        steer: false,
+        sequence: true,
+        history_titles: false,
+        ..DataOptions::default()
+    };
+    let whole = examples(&f, &base);
+    let short = examples(
+        &f,
+        &DataOptions {
+            sequence_short: 2,
+            ..base.clone()
+        },
+    );
+    let answer = |train: &[u32], r: std::ops::Range<usize>| {
+        train[r]
+            .iter()
+            .map(|&i| f.sids.records[i as usize].sid.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let mut expected = Vec::new();
+    for (u, train) in f.split.train.iter().enumerate() {
+        if train.len() < 2 {
+            continue;
+        }
+        for r in sequence_windows(train.len(), base.max_history) {
+            expected.push((u as u32, answer(train, r)));
+        }
+        if train.len() > 3 {
+            for r in sequence_windows(train.len(), 2) {
+                expected.push((u as u32, answer(train, r)));
+            }
+        }
+    }
+    let got: Vec<(u32, String)> = short
+        .iter()
+        .map(|e| (e.user.unwrap(), e.answer.clone()))
+        .collect();
+    assert_eq!(got, expected);
+    assert!(short.len() > whole.len(), "no history was long enough");
+    assert_no_leakage(&f.catalog, &f.sids.records, &f.split, &short);
 }

@@ -274,6 +274,10 @@ pub struct ModelResult {
     pub coverage_at_10: f64,
     pub latency: Latency,
     pub exact_latency: Option<Latency>,
+    /// Each case's top-10 from the beam, in case order (written to `rankings.jsonl`,
+    /// not to `eval.json`).
+    #[serde(skip)]
+    pub rankings: Vec<Vec<ItemIdx>>,
 }
 
 /// Ranks the catalog for each `(history, target)` case and scores the rankings.
@@ -289,6 +293,7 @@ pub fn evaluate_model(
     let (mut lat, mut exact_lat) = (Vec::new(), Vec::new());
     let (mut returned, mut valid) = (0usize, 0usize);
     let mut seen: HashSet<ItemIdx> = HashSet::new();
+    let mut rankings = Vec::with_capacity(cases.len());
     let bar = progress.bar(cases.len() as u64, "ranking");
     for (history, target) in cases {
         let req = history_request(history, beams);
@@ -300,6 +305,7 @@ pub fn evaluate_model(
         let ranked: Vec<ItemIdx> = hits.iter().map(|h| h.item).collect();
         seen.extend(ranked.iter().copied());
         acc.add(&ranked, *target);
+        rankings.push(ranked.into_iter().take(TOP).collect());
         if opts.exact {
             let t = Instant::now();
             let all = engine.rank_exact(&req, opts.exact_group)?;
@@ -322,6 +328,7 @@ pub fn evaluate_model(
         coverage_at_10: seen.len() as f64 / n_items.max(1) as f64,
         latency: Latency::of(lat),
         exact_latency: opts.exact.then(|| Latency::of(exact_lat)),
+        rankings,
     })
 }
 

@@ -41,6 +41,19 @@ pub struct Report {
     /// Things the reader must know (peers skipped, samples taken).
     pub notes: Vec<String>,
     pub seconds: f64,
+    /// Per evaluated user, for error analysis (`rankings.jsonl`, one line each).
+    #[serde(skip)]
+    pub rankings: Vec<Ranking>,
+}
+
+/// One user's test case and the model's top-10, as catalog ids.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Ranking {
+    pub user: String,
+    pub target: String,
+    /// 0-based rank of the target in `ranked`, if there.
+    pub rank: Option<usize>,
+    pub ranked: Vec<String>,
 }
 
 /// The protocol, in one sentence, for the report.
@@ -322,8 +335,8 @@ fn smooth(points: &[(f64, f64)], w: usize) -> Vec<(f64, f64)> {
     out
 }
 
-/// Writes `eval.json`, `eval.md`, `metrics.svg` and (with a training report) `loss.svg`
-/// into `out`, all or nothing; returns the files written.
+/// Writes `eval.json`, `eval.md`, `metrics.svg`, (with a training report) `loss.svg` and
+/// (with rankings) `rankings.jsonl` into `out`, all or nothing; returns the files written.
 pub fn write(
     report: &Report,
     train_report: Option<&Value>,
@@ -357,6 +370,16 @@ pub fn write(
                 if plot_losses(tr, &dir.join("loss.svg"))? {
                     names.push("loss.svg");
                 }
+            }
+            if !report.rankings.is_empty() {
+                let mut text = String::new();
+                for r in &report.rankings {
+                    text += &serde_json::to_string(r).expect("ranking serialises");
+                    text.push('\n');
+                }
+                std::fs::write(dir.join("rankings.jsonl"), text)
+                    .map_err(io(&out.join("rankings.jsonl")))?;
+                names.push("rankings.jsonl");
             }
             Ok(())
         },

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::report::{self, Report, Row};
+use super::report::{self, Ranking, Report, Row};
 use super::{
     constraints, evaluate_model, evaluate_steering, evaluate_type_steering, most_popular, run_peer,
     sample_users, Accumulator, EvalError, ModelOptions,
@@ -158,6 +158,18 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
     };
     let steering = evaluate_steering(&engine, &histories, &constraints, opts.beams, progress)?;
     let type_steering = evaluate_type_steering(&engine, &histories, opts.beams, progress)?;
+    let ids = |i: u32| engine.catalog().items[i as usize].id.clone();
+    let rankings = users
+        .iter()
+        .zip(&cases)
+        .zip(&sidrec.rankings)
+        .map(|((&u, (_, target)), ranked)| Ranking {
+            user: seqs.users[u].clone(),
+            target: ids(*target),
+            rank: ranked.iter().position(|i| i == target),
+            ranked: ranked.iter().map(|&i| ids(i)).collect(),
+        })
+        .collect();
     let report = Report {
         dataset: name,
         model: opts.model.display().to_string(),
@@ -173,6 +185,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         type_steering,
         notes,
         seconds: t0.elapsed().as_secs_f64(),
+        rankings,
     };
     let train_report = std::fs::read_to_string(opts.model.join("train_report.json"))
         .ok()

@@ -664,6 +664,12 @@ pub struct DataOptions {
     /// with them continues histories at inference (recorded in `sidrec.json`). Meant for
     /// SID-only histories: with titles a full window outgrows a 256-token example.
     pub sequence: bool,
+    /// With `sequence`, also cut each history longer than `sequence_short + 1` items into
+    /// half-overlapping windows of that many (0: none). Their targets follow only a few
+    /// items, as a first-order transition's does: whole histories alone show each
+    /// transition in one fixed long context, and a model trained on them recognises a
+    /// transition seen in training far less often than transition counts do.
+    pub sequence_short: usize,
 }
 
 impl Default for DataOptions {
@@ -686,6 +692,7 @@ impl Default for DataOptions {
             describe: true,
             describe_per_user: 1,
             sequence: false,
+            sequence_short: 0,
         }
     }
 }
@@ -1227,7 +1234,11 @@ pub fn build(
             if train.len() < 2 {
                 continue;
             }
-            for r in sequence_windows(train.len(), opts.max_history) {
+            let mut windows = sequence_windows(train.len(), opts.max_history);
+            if opts.sequence_short > 0 && train.len() > opts.sequence_short + 1 {
+                windows.extend(sequence_windows(train.len(), opts.sequence_short));
+            }
+            for r in windows {
                 let answer = format_history(catalog, sids, &train[r], &whole);
                 let phrasing = if count > 0 {
                     rng.gen_range(0..count)
