@@ -205,6 +205,47 @@ pub fn most_popular(split: &Split, n_items: usize) -> Vec<ItemIdx> {
     order
 }
 
+/// Metrics of one group of users (see [`transition_breakdown`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GroupMetrics {
+    pub group: String,
+    /// Share of the evaluated users in the group.
+    pub share: f64,
+    pub metrics: Metrics,
+}
+
+/// Splits ranked cases by whether their last transition (the history's last item → the
+/// target) occurs in some user's training part. First-order transition counts can only
+/// score the first group; a sequence model has to do both, so the split shows where it
+/// gains or loses against them. Groups: `seen transition`, `unseen transition` (cases
+/// with an empty history count as unseen).
+pub fn transition_breakdown(
+    train: &[Vec<ItemIdx>],
+    cases: &[(Vec<ItemIdx>, ItemIdx)],
+    rankings: &[Vec<ItemIdx>],
+) -> Vec<GroupMetrics> {
+    let pairs: HashSet<(ItemIdx, ItemIdx)> = train
+        .iter()
+        .flat_map(|t| t.windows(2).map(|w| (w[0], w[1])))
+        .collect();
+    let (mut seen, mut unseen) = (Accumulator::default(), Accumulator::default());
+    for ((history, target), ranked) in cases.iter().zip(rankings) {
+        match history.last() {
+            Some(&last) if pairs.contains(&(last, *target)) => seen.add(ranked, *target),
+            _ => unseen.add(ranked, *target),
+        }
+    }
+    let n = cases.len().min(rankings.len()).max(1) as f64;
+    [("seen transition", seen), ("unseen transition", unseen)]
+        .into_iter()
+        .map(|(group, acc)| GroupMetrics {
+            group: group.into(),
+            share: acc.users as f64 / n,
+            metrics: acc.finish(),
+        })
+        .collect()
+}
+
 /// The users to evaluate: all, or a seeded sample of `max` of them (in user order).
 pub fn sample_users(n: usize, max: Option<usize>, seed: u64) -> Vec<usize> {
     let mut users: Vec<usize> = (0..n).collect();
@@ -627,6 +668,32 @@ mod tests {
         assert!((m.ndcg_10 - (1.5 + 1.0 / 3.0) / 5.0).abs() < 1e-12);
         assert_eq!(m.get("ndcg@10"), Some(m.ndcg_10));
         assert_eq!(Accumulator::default().finish().recall_10, 0.0);
+    }
+
+    #[test]
+    fn breakdown_splits_cases_by_training_transitions() {
+        // Training transitions: 1→2, 2→3, 5→6. Not 3→4: it is a validation → test pair,
+        // which no training part holds.
+        let train = vec![vec![1, 2, 3], vec![5, 6]];
+        let cases = vec![
+            (vec![0, 1], 2), // seen, hit at rank 0
+            (vec![5], 6),    // seen, hit at rank 2: NDCG 0.5
+            (vec![3], 4),    // unseen, miss
+            (vec![], 1),     // no history: unseen, hit at rank 1
+        ];
+        let rankings = vec![vec![2, 9], vec![0, 1, 6], vec![1, 2], vec![0, 1]];
+        let g = transition_breakdown(&train, &cases, &rankings);
+        assert_eq!(g.len(), 2);
+        assert_eq!((g[0].group.as_str(), g[0].share), ("seen transition", 0.5));
+        assert_eq!(g[0].metrics.users, 2);
+        assert!((g[0].metrics.ndcg_10 - 0.75).abs() < 1e-12);
+        assert_eq!(g[0].metrics.recall_10, 1.0);
+        assert_eq!(
+            (g[1].group.as_str(), g[1].share),
+            ("unseen transition", 0.5)
+        );
+        assert!((g[1].metrics.ndcg_10 - 0.5 / 3f64.log2()).abs() < 1e-12);
+        assert_eq!(g[1].metrics.recall_10, 0.5);
     }
 
     #[test]

@@ -9,7 +9,9 @@ use plotters::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{Constraint, EvalError, Metrics, ModelResult, SteerResult, TypeSteerResult};
+use super::{
+    Constraint, EvalError, GroupMetrics, Metrics, ModelResult, SteerResult, TypeSteerResult,
+};
 
 /// One line of the metrics table.
 #[derive(Clone, Debug, Serialize)]
@@ -34,6 +36,8 @@ pub struct Report {
     pub users: usize,
     pub rows: Vec<Row>,
     pub sidrec: ModelResult,
+    /// sidrec's metrics by whether the test transition occurs in training.
+    pub by_transition: Vec<GroupMetrics>,
     pub constraints: Vec<Constraint>,
     pub steering: Vec<SteerResult>,
     /// Catalogs with several entity types only.
@@ -97,6 +101,26 @@ impl Report {
                 .map(|l| format!(" (exact ranking: p50 {:.1} ms)", l.p50_ms))
                 .unwrap_or_default()
         );
+        if !self.by_transition.is_empty() {
+            let parts: Vec<String> = self
+                .by_transition
+                .iter()
+                .map(|g| {
+                    format!(
+                        "{} ({:.1}% of users): R@10 {:.4}, N@10 {:.4}",
+                        g.group,
+                        g.share * 100.0,
+                        g.metrics.recall_10,
+                        g.metrics.ndcg_10
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "\nsidrec by the test transition (last history item → target) in training: {}.",
+                parts.join("; ")
+            );
+        }
         if !self.steering.is_empty() {
             let rows = self.steering.iter().map(|r| {
                 let shares = [r.base_rate, r.history_and_text, r.text_only, r.filter];

@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::report::{self, Ranking, Report, Row};
 use super::{
     constraints, evaluate_model, evaluate_steering, evaluate_type_steering, most_popular, run_peer,
-    sample_users, Accumulator, EvalError, ModelOptions,
+    sample_users, transition_breakdown, Accumulator, EvalError, ModelOptions,
 };
 use crate::decode::Engine;
 use crate::error::{Error, Result};
@@ -170,6 +170,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
             ranked: ranked.iter().map(|&i| ids(i)).collect(),
         })
         .collect();
+    let by_transition = transition_breakdown(&split.train, &cases, &sidrec.rankings);
     let report = Report {
         dataset: name,
         model: opts.model.display().to_string(),
@@ -180,6 +181,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         users: users.len(),
         rows,
         sidrec,
+        by_transition,
         constraints,
         steering,
         type_steering,
