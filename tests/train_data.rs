@@ -270,6 +270,20 @@ fn no_validation_or_test_target_in_a_users_training_examples() {
     }
 }
 
+/// Sequence examples over SID-only histories and nothing else.
+fn only_sequences() -> DataOptions {
+    DataOptions {
+        align: false,
+        recommend: false,
+        search: false,
+        describe: false,
+        steer: false,
+        sequence: true,
+        history_titles: false,
+        ..DataOptions::default()
+    }
+}
+
 /// Sequence examples write each user's training part out in windows of
 /// `max_history + 1` items: together they cover it in order, every window as long as it
 /// may be, the last ending at the end; the answer is the window as a history writes it.
@@ -285,15 +299,8 @@ fn sequence_examples_write_out_training_histories_in_windows() {
     assert_eq!((one.len(), one[0].clone()), (1, 0..2));
     let f = fixture_data();
     let opts = DataOptions {
-        align: false,
-        recommend: false,
-        search: false,
-        describe: false,
-        steer: false,
-        sequence: true,
         max_history: 3,
-        history_titles: false,
-        ..DataOptions::default()
+        ..only_sequences()
     };
     let ex = examples(&f, &opts);
     let prompts = Prompts::builtin();
@@ -675,16 +682,7 @@ fn recommend_requests_in_words_describe_the_target() {
 #[test]
 fn short_windows_add_half_overlapping_windows_of_long_histories() {
     let f = fixture_data();
-    let base = DataOptions {
-        align: false,
-        recommend: false,
-        search: false,
-        describe: false,
-        steer: false,
-        sequence: true,
-        history_titles: false,
-        ..DataOptions::default()
-    };
+    let base = only_sequences();
     let whole = examples(&f, &base);
     let short = examples(
         &f,
