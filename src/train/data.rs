@@ -13,7 +13,7 @@
 //! | [`Task::Search`] | query from the item's attributes | SID |
 //! | [`Task::Steer`] | history + requested type | next item of that type |
 //! | [`Task::Describe`] | history | profile: top genres/categories, decade |
-//! | [`Task::Sequence`] | instruction (`sequence.txt`) | a whole history, ≤ `max_history + 1` items |
+//! | [`Task::Sequence`] | instruction (`sequence.txt`) | a whole history, ≤ `max_history + 1` items (and windows of `sequence_short + 1`) |
 //!
 //! **No leakage.** The user tasks (recommend, steer, describe, sequence) read only
 //! [`Split::train`], the training parts: a user's validation and test targets never
