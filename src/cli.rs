@@ -203,6 +203,10 @@ struct EvalArgs {
     /// Also rank every item by its exact SID log-probability (small catalogs).
     #[arg(long)]
     exact: bool,
+    /// Leave each user's history out of sidrec's rankings (as `recommend --exclude-seen`).
+    /// Not the standard protocol, which the baselines follow: the report says so.
+    #[arg(long)]
+    exclude_seen: bool,
     /// Users asked the steering requests (0: skip steerability).
     #[arg(long, default_value_t = 200)]
     steer_users: usize,
@@ -1121,6 +1125,7 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
         users: a.users,
         beams: a.beams,
         exact: a.exact,
+        exclude_seen: a.exclude_seen,
         steer_users: a.steer_users,
         peers,
         seed: a.seed,

@@ -161,6 +161,41 @@ fn eval_writes_the_report_and_a_full_beam_equals_exact_ranking() {
     assert!(!res.status.success());
     assert!(String::from_utf8_lossy(&res.stderr).contains("--force"));
     assert_eq!(std::fs::read(out.join("eval.json")).unwrap(), before);
+
+    // --exclude-seen is marked in the row and in the notes, as it leaves the protocol.
+    let out = tmp.path().join("eval-excluded");
+    let res = sidrec()
+        .args([
+            "-q",
+            "eval",
+            "--no-peers",
+            "--steer-users",
+            "0",
+            "--exclude-seen",
+        ])
+        .arg("--model")
+        .arg(model)
+        .arg("--interactions")
+        .arg(inter)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let md = std::fs::read_to_string(out.join("eval.md")).unwrap();
+    assert!(md.contains("history items excluded"), "{md}");
+    assert!(
+        md.contains("except that sidrec's rankings leave out"),
+        "{md}"
+    );
+    assert!(
+        md.contains("--exclude-seen: sidrec's rankings leave out"),
+        "{md}"
+    );
 }
 
 #[test]
@@ -183,10 +218,37 @@ fn the_library_scores_the_split_test_targets() {
             beams: 10,
             exact: false,
             exact_group: 4,
+            exclude_seen: false,
         },
         &Progress::new(true),
     )
     .unwrap();
+    // With the history excluded no list holds a history item, and every list holds all
+    // the catalog's other items up to ten (ten beams over ten items search exhaustively).
+    let n_items = engine.catalog().items.len();
+    let open: Vec<_> = cases
+        .iter()
+        .filter(|(h, _)| (0..n_items as u32).any(|i| !h.contains(&i)))
+        .cloned()
+        .collect();
+    assert!(open.iter().any(|(h, _)| !h.is_empty()));
+    let masked = eval::evaluate_model(
+        &engine,
+        &open,
+        &ModelOptions {
+            beams: 10,
+            exact: false,
+            exact_group: 4,
+            exclude_seen: true,
+        },
+        &Progress::new(true),
+    )
+    .unwrap();
+    for ((history, _), ranked) in open.iter().zip(&masked.rankings) {
+        assert!(ranked.iter().all(|i| !history.contains(i)), "{ranked:?}");
+        let unseen = (0..n_items as u32).filter(|i| !history.contains(i)).count();
+        assert_eq!(ranked.len(), unseen.min(10), "{history:?} -> {ranked:?}");
+    }
     // The same ranking, scored by hand.
     let mut acc = Accumulator::default();
     for (history, target) in &cases {

@@ -267,6 +267,9 @@ pub struct ModelOptions {
     pub exact: bool,
     /// Items per group in exact mode (bounds memory).
     pub exact_group: usize,
+    /// Leave each history's items out of its ranking. Not the peers' protocol (they rank
+    /// the whole catalog); on data without repeats it shows what repeated items cost.
+    pub exclude_seen: bool,
 }
 
 impl Default for ModelOptions {
@@ -275,6 +278,7 @@ impl Default for ModelOptions {
             beams: 20,
             exact: false,
             exact_group: 256,
+            exclude_seen: false,
         }
     }
 }
@@ -337,7 +341,10 @@ pub fn evaluate_model(
     let mut rankings = Vec::with_capacity(cases.len());
     let bar = progress.bar(cases.len() as u64, "ranking");
     for (history, target) in cases {
-        let req = history_request(history, beams);
+        let req = Request {
+            exclude_seen: opts.exclude_seen,
+            ..history_request(history, beams)
+        };
         let t = Instant::now();
         let hits = engine.rank(&req)?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);

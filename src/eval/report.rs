@@ -74,7 +74,7 @@ impl Report {
             "## {} ({} items, {} of {} users)\n",
             self.dataset, self.items, self.users, self.total_users
         );
-        let _ = writeln!(s, "Protocol: {PROTOCOL}. Model: `{}`.\n", self.model);
+        let _ = writeln!(s, "Protocol: {}. Model: `{}`.\n", self.protocol, self.model);
         let _ = writeln!(s, "| model | R@5 | R@10 | N@5 | N@10 | note |");
         let _ = writeln!(s, "|---|---|---|---|---|---|");
         for r in &self.rows {

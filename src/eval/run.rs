@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub users: Option<usize>,
     pub beams: usize,
     pub exact: bool,
+    /// Leave each user's history out of their ranking (not the peers' protocol).
+    pub exclude_seen: bool,
     /// Users asked the steering requests (0: none).
     pub steer_users: usize,
     /// `None`: no peers.
@@ -76,14 +78,30 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
     let model_opts = ModelOptions {
         beams: opts.beams,
         exact: opts.exact,
+        exclude_seen: opts.exclude_seen,
         ..ModelOptions::default()
     };
     let sidrec = evaluate_model(&engine, &cases, &model_opts, progress)?;
     let mut rows = vec![Row {
         name: "sidrec".into(),
         metrics: sidrec.metrics.clone(),
-        note: format!("beam search, {} beams", sidrec.beams),
+        note: format!(
+            "beam search, {} beams{}",
+            sidrec.beams,
+            if opts.exclude_seen {
+                ", history items excluded"
+            } else {
+                ""
+            }
+        ),
     }];
+    if opts.exclude_seen {
+        notes.push(
+            "--exclude-seen: sidrec's rankings leave out each user's history; the baselines \
+             rank the whole catalog, so the rows differ in protocol."
+                .into(),
+        );
+    }
     if let Some(m) = &sidrec.exact {
         rows.push(Row {
             name: "sidrec (exact)".into(),
@@ -175,7 +193,15 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         dataset: name,
         model: opts.model.display().to_string(),
         interactions: opts.interactions.display().to_string(),
-        protocol: report::PROTOCOL.into(),
+        protocol: if opts.exclude_seen {
+            format!(
+                "{}, except that sidrec's rankings leave out each user's history \
+                 (--exclude-seen)",
+                report::PROTOCOL
+            )
+        } else {
+            report::PROTOCOL.into()
+        },
         items: engine.catalog().items.len(),
         total_users: split.test.len(),
         users: users.len(),
