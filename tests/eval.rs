@@ -28,6 +28,27 @@ fn sidrec() -> assert_cmd::Command {
     assert_cmd::Command::cargo_bin("sidrec").unwrap()
 }
 
+/// `sidrec -q eval --model M --interactions I -o OUT`, to add flags to.
+fn eval_cmd(model: &Path, inter: &Path, out: &Path) -> assert_cmd::Command {
+    let mut cmd = sidrec();
+    cmd.args(["-q", "eval", "--model"])
+        .arg(model)
+        .arg("--interactions")
+        .arg(inter)
+        .arg("-o")
+        .arg(out);
+    cmd
+}
+
+/// Asserts a command succeeded, showing its stderr if not.
+fn assert_ok(res: &std::process::Output) {
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}
+
 fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
@@ -38,13 +59,7 @@ fn eval_writes_the_report_and_a_full_beam_equals_exact_ranking() {
     let out = tmp.path().join("eval-full");
     let empty_peers = tmp.path().join("no-peers-here");
     std::fs::create_dir_all(&empty_peers).unwrap();
-    let res = sidrec()
-        .args(["-q", "eval", "--model"])
-        .arg(model)
-        .arg("--interactions")
-        .arg(inter)
-        .arg("-o")
-        .arg(&out)
+    let res = eval_cmd(model, inter, &out)
         .args([
             "--exact",
             "--beams",
@@ -58,11 +73,7 @@ fn eval_writes_the_report_and_a_full_beam_equals_exact_ranking() {
         .arg(&empty_peers)
         .output()
         .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    assert_ok(&res);
     for f in [
         "eval.json",
         "eval.md",
@@ -149,13 +160,8 @@ fn eval_writes_the_report_and_a_full_beam_equals_exact_ranking() {
 
     // The report is not overwritten without --force, and stays as it was.
     let before = std::fs::read(out.join("eval.json")).unwrap();
-    let res = sidrec()
-        .args(["-q", "eval", "--no-peers", "--steer-users", "0", "--model"])
-        .arg(model)
-        .arg("--interactions")
-        .arg(inter)
-        .arg("-o")
-        .arg(&out)
+    let res = eval_cmd(model, inter, &out)
+        .args(["--no-peers", "--steer-users", "0"])
         .output()
         .unwrap();
     assert!(!res.status.success());
@@ -164,28 +170,11 @@ fn eval_writes_the_report_and_a_full_beam_equals_exact_ranking() {
 
     // --exclude-seen is marked in the row and in the notes, as it leaves the protocol.
     let out = tmp.path().join("eval-excluded");
-    let res = sidrec()
-        .args([
-            "-q",
-            "eval",
-            "--no-peers",
-            "--steer-users",
-            "0",
-            "--exclude-seen",
-        ])
-        .arg("--model")
-        .arg(model)
-        .arg("--interactions")
-        .arg(inter)
-        .arg("-o")
-        .arg(&out)
+    let res = eval_cmd(model, inter, &out)
+        .args(["--no-peers", "--steer-users", "0", "--exclude-seen"])
         .output()
         .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    assert_ok(&res);
     let md = std::fs::read_to_string(out.join("eval.md")).unwrap();
     assert!(md.contains("history items excluded"), "{md}");
     assert!(
