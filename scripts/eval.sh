@@ -4,7 +4,7 @@
 # evaluate it beside the baselines. One command per dataset:
 #
 #   scripts/eval.sh ml-100k            # about 20 min on 2 cores
-#   scripts/eval.sh amazon-scientific  # about 1 h on 2 cores (needs ../shared/data)
+#   scripts/eval.sh amazon-scientific  # about 45 min on 2 cores (needs ../shared/data)
 #   scripts/eval.sh ml-1m              # about 1.5 h on 2 cores
 #   scripts/eval.sh mixed              # movies + products in one catalog: type steering
 #
@@ -42,12 +42,13 @@ amazon-scientific)
     items=$shared/data/amazon-scientific/items.json
     inter=$shared/data/amazon-scientific/interactions.json
     tok=(--type product)
-    # The small config with dropout: whole SID-only histories, every item a target, and
-    # the same cut into short windows of 4 items, 20 epochs; search examples for the
-    # words-alone row; no align stage, no profiles (43 min of training on one thread).
-    train=(--base models/small.json --dropout 0.2 --sid-only-histories --sequence-examples
-        --short-windows 3 --recommend-per-user 0 --align-per-item 0 --describe-per-user 0
-        --stage2-epochs 20)
+    # The small config with dropout and item vectors: whole SID-only histories, every
+    # item a target, and every consecutive pair of items as its own example, 10 epochs;
+    # search examples for the words-alone row; no align stage, no profiles (29 min of
+    # training on one thread).
+    train=(--base models/small.json --dropout 0.2 --item-embeddings --sid-only-histories
+        --sequence-examples --short-windows 1 --recommend-per-user 0 --align-per-item 0
+        --describe-per-user 0 --stage2-epochs 10)
     ;;
 mixed)
     # MovieLens-100k movies and Amazon Scientific products in one catalog, each user's

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{Catalog, LoadOptions};
 use crate::error::{Error, Result};
 use crate::kmeans::Centroids;
+use crate::model::items::ItemKeys;
 use crate::sid::SidVocab;
 use crate::trie::{ItemIdx, Trie};
 
@@ -129,6 +130,17 @@ impl SidMap {
                 .collect(),
             None => Vec::new(),
         }
+    }
+
+    /// The keys of a model's input-side item vectors ([`crate::model::items`]) for a
+    /// model whose SID token 0 has id `offset`: item `i` is table row `i`.
+    pub fn item_keys(&self, offset: u32) -> ItemKeys {
+        ItemKeys::new(
+            self.trie.clone(),
+            offset,
+            self.vocab.len() as u32,
+            self.vocab.type_ids().end,
+        )
     }
 }
 

@@ -411,6 +411,17 @@ struct TrainArgs {
     /// usual range (SASRec uses 0.2).
     #[arg(long, default_value_t = 0.0, value_parser = dropout_rate)]
     dropout: f32,
+    /// Give every catalog item its own learned input vector, added where the model has
+    /// read that item's SID: a direct key for transitions seen only once or twice, which
+    /// a small model otherwise recalls poorly through the shared SID codes. Outputs stay
+    /// SID tokens. Costs items × hidden parameters, no compute.
+    #[arg(long)]
+    item_embeddings: bool,
+    /// With --item-embeddings: the share of positions that lose their item vector while
+    /// training, so the model also learns to predict from the SID codes alone (item
+    /// vectors alone recall seen transitions but generalise worse).
+    #[arg(long, default_value_t = 0.0, value_parser = dropout_rate)]
+    item_dropout: f32,
     #[arg(long, default_value_t = 16)]
     lora_rank: usize,
     #[arg(long, default_value_t = 32.0)]
@@ -854,6 +865,9 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
     if a.short_windows > 0 && !a.sequence_examples {
         bail!("--short-windows cuts sequence examples: it needs --sequence-examples");
     }
+    if a.item_dropout > 0.0 && !a.item_embeddings {
+        bail!("--item-dropout drops item vectors: it needs --item-embeddings");
+    }
     if a.sequence_examples && !a.sid_only_histories {
         bail!(
             "--sequence-examples needs --sid-only-histories: with titles a window of {} items \
@@ -924,6 +938,8 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
         clip: a.clip,
         weight_decay: a.weight_decay,
         dropout: a.dropout,
+        item_embeddings: a.item_embeddings,
+        item_dropout: a.item_dropout,
         lora_rank: a.lora_rank,
         lora_alpha: a.lora_alpha,
         eval_every: a.eval_every,

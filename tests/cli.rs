@@ -188,6 +188,35 @@ fn sequence_examples_need_sid_only_histories() {
     assert!(!tmp.path().join("m").exists());
 }
 
+/// Flags that only mean something with another one are refused before any work.
+#[test]
+fn dependent_train_flags_name_what_they_need() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = [
+        "train",
+        "--artifacts",
+        "art",
+        "--interactions",
+        "u.jsonl",
+        "-o",
+        "m",
+    ];
+    for (extra, needs) in [
+        (
+            &["--short-windows", "3"][..],
+            "--short-windows cuts sequence examples: it needs --sequence-examples",
+        ),
+        (
+            &["--item-dropout", "0.3"][..],
+            "--item-dropout drops item vectors: it needs --item-embeddings",
+        ),
+    ] {
+        let err = stderr_of_failure(sidrec(tmp.path()).args(base).args(extra));
+        assert!(err.contains(needs), "{err}");
+        assert!(!tmp.path().join("m").exists());
+    }
+}
+
 #[test]
 fn codes_count_must_match_levels() {
     let tmp = tempfile::tempdir().unwrap();

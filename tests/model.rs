@@ -12,8 +12,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sidrec::model::config::LlamaConfig;
 use sidrec::model::llama::{
-    dropout_mask, extend_vocab, lora_init_tensors, masked_cross_entropy, varmap_from_tensors,
-    Dropout, KvCache, Llama, LoraConfig, ModelError, LORA_TARGETS,
+    dropout_mask, extend_vocab, init_item_table, lora_init_tensors, masked_cross_entropy,
+    varmap_from_tensors, Dropout, KvCache, Llama, LoraConfig, ModelError, LORA_TARGETS,
 };
 
 const VOCAB: usize = 101;
@@ -298,7 +298,14 @@ fn grad_norm(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Option<f32
 #[test]
 fn full_fine_tuning_reaches_every_weight() {
     // With and without dropout: its masks are constants, gradients flow through the rest.
-    let dropouts = [None, Some(Dropout { p: 0.3, key: 7 })];
+    let dropouts = [
+        None,
+        Some(Dropout {
+            p: 0.3,
+            key: 7,
+            items: 0.0,
+        }),
+    ];
     for (tied, dropout) in [false, true]
         .into_iter()
         .flat_map(|t| dropouts.map(|d| (t, d)))
@@ -359,7 +366,7 @@ fn dropout_forward_is_reproducible_and_off_by_default() {
     let plain = model.forward(&x, Some(&att)).unwrap();
     let with = |p: f32, key: u64| {
         model
-            .forward_train(&x, Some(&att), Some(Dropout { p, key }))
+            .forward_train(&x, Some(&att), Some(Dropout { p, key, items: 0.0 }))
             .unwrap()
     };
     assert_eq!(
@@ -772,4 +779,144 @@ fn tiny_config_timing() {
         "8x64, vocab {}: forward min {:.0} ms median {:.0} ms; forward+backward min {:.0} ms median {:.0} ms",
         cfg.vocab_size, fwd[0], fwd[5], both[0], both[5]
     );
+}
+
+/// Item vectors ([`sidrec::model::items`]): they change the logits from the token that
+/// completes an item's SID on, never before; cached decoding (prefill, fork, reorder, one
+/// token at a time) gives what the full forward gives; the table gets a gradient; a table
+/// of the wrong shape is refused.
+#[test]
+fn item_vectors_join_where_a_sid_completes_alike_in_training_and_decoding() {
+    use sidrec::model::items::ItemKeys;
+    use sidrec::trie::Trie;
+    let cfg = cfg(false);
+    // SID tokens are ids 90..101: types 90, 91; codes 92..100.
+    let trie = Trie::build(vec![
+        (vec![0, 2, 5], 0),
+        (vec![0, 2, 6], 1),
+        (vec![1, 3, 7], 2),
+        (vec![0, 4, 8], 3),
+    ])
+    .unwrap();
+    let keys = ItemKeys::new(trie, 90, 11, 2);
+    let w = random_weights(&cfg, 8);
+    let plain = constant_model(&cfg, &w);
+    let table = init_item_table(4, cfg.hidden_size, 1)
+        .unwrap()
+        .affine(25.0, 0.0)
+        .unwrap();
+    let model = constant_model(&cfg, &w)
+        .with_items(table.clone(), keys.clone())
+        .unwrap();
+    assert!(model.has_items() && !plain.has_items());
+
+    // text, item 0 (completes at 3), text, the start of item 1
+    let seq: Vec<u32> = vec![5, 90, 92, 95, 7, 90, 92];
+    let a = plain
+        .forward(&ids(std::slice::from_ref(&seq)), None)
+        .unwrap();
+    let b = model
+        .forward(&ids(std::slice::from_ref(&seq)), None)
+        .unwrap();
+    let at = |p: usize| max_abs_diff(&a.i((.., p, ..)).unwrap(), &b.i((.., p, ..)).unwrap());
+    for p in 0..3 {
+        assert!(at(p) < 1e-6, "position {p} moved by {}", at(p));
+    }
+    for p in 3..seq.len() {
+        assert!(at(p) > 1e-3, "position {p} did not move");
+    }
+
+    // Decoding: prefill, fork into three beams, write three different items token by
+    // token, reorder, go on past their completion.
+    let prompt = &seq[..5];
+    let mut cache = KvCache::new(&cfg);
+    model
+        .forward_cached(&ids(&[prompt.to_vec()]), &mut cache)
+        .unwrap();
+    let mut beams = cache.select(&[0, 0, 0]).unwrap();
+    let mut seqs = vec![prompt.to_vec(); 3];
+    let steps: [[u32; 3]; 3] = [[90, 90, 91], [92, 94, 93], [96, 98, 97]];
+    for (s, toks) in steps.iter().enumerate() {
+        let rows: Vec<Vec<u32>> = toks.iter().map(|&t| vec![t]).collect();
+        let step = model.forward_cached_last(&ids(&rows), &mut beams).unwrap();
+        for (q, &t) in seqs.iter_mut().zip(toks) {
+            q.push(t);
+        }
+        let full = model.forward(&ids(&seqs), None).unwrap();
+        let d = max_abs_diff(&step, &full.i((.., 5 + s, ..)).unwrap());
+        assert!(d < 1e-4, "step {s}: cached differs by {d}");
+    }
+    let mut beams = beams.select(&[2, 0, 0]).unwrap();
+    seqs = vec![seqs[2].clone(), seqs[0].clone(), seqs[0].clone()];
+    for (q, t) in seqs.iter_mut().zip([7u32, 90, 91]) {
+        q.push(t);
+    }
+    let step = model
+        .forward_cached_last(&ids(&[vec![7], vec![90], vec![91]]), &mut beams)
+        .unwrap();
+    let full = model.forward(&ids(&seqs), None).unwrap();
+    let d = max_abs_diff(&step, &full.i((.., 8, ..)).unwrap());
+    assert!(d < 1e-4, "reordered cache differs by {d}");
+
+    // Item dropout removes a position's vector whole or keeps it as inference adds it:
+    // where item 0 completes, the logits are either the plain model's or the full one's,
+    // and over a few keys both happen.
+    let x = ids(std::slice::from_ref(&seq));
+    let full = model.forward(&x, None).unwrap().i((.., 3, ..)).unwrap();
+    let bare = plain.forward(&x, None).unwrap().i((.., 3, ..)).unwrap();
+    let (mut kept, mut dropped) = (0, 0);
+    for key in 0..16 {
+        let d = Dropout {
+            p: 0.0,
+            key,
+            items: 0.5,
+        };
+        let got = model
+            .forward_train(&x, None, Some(d))
+            .unwrap()
+            .i((.., 3, ..))
+            .unwrap();
+        if max_abs_diff(&got, &full) < 1e-5 {
+            kept += 1;
+        } else {
+            assert!(
+                max_abs_diff(&got, &bare) < 1e-5,
+                "key {key}: neither kept nor dropped"
+            );
+            dropped += 1;
+        }
+    }
+    assert!(kept > 0 && dropped > 0, "kept {kept}, dropped {dropped}");
+
+    // Training: the table is a parameter like any other.
+    let mut t = random_weights(&cfg, 9);
+    t.insert("items".into(), table);
+    let varmap = varmap_from_tensors(&t).unwrap();
+    let model = Llama::new(
+        &cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let var = varmap.data().lock().unwrap()["items"].clone();
+    let model = model
+        .with_items(var.as_tensor().clone(), keys.clone())
+        .unwrap();
+    let x = ids(&[seq[..6].to_vec()]);
+    let tgt = ids(&[seq[1..].to_vec()]);
+    let lm = Tensor::ones((1, 6), DType::F32, &Device::Cpu).unwrap();
+    let loss = masked_cross_entropy(&model.forward(&x, None).unwrap(), &tgt, &lm).unwrap();
+    let grads = loss.backward().unwrap();
+    let g = grads.get(var.as_tensor()).expect("item table gradient");
+    let per_row = g.sqr().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+    // Only item 0 was read.
+    assert!(
+        per_row[0] > 0.0 && per_row[1..].iter().all(|&r| r == 0.0),
+        "{per_row:?}"
+    );
+
+    let bad = Tensor::zeros((3, cfg.hidden_size), DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        constant_model(&cfg, &w).with_items(bad, keys).unwrap_err(),
+        ModelError::Shape { .. }
+    ));
 }

@@ -23,6 +23,7 @@ use crate::catalog::{Catalog, Item};
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::hfdir::{self, HfDir, Sidecar};
+use crate::model::items::ITEM_TABLE;
 use crate::model::llama::{KvCache, Llama};
 use crate::train::data::{self, DataOptions, PromptKind, Prompts, Slot};
 use crate::train::trainer::ChatFormat;
@@ -209,8 +210,13 @@ impl Engine {
                 cfg.vocab_size
             )));
         }
-        let vb = VarBuilder::from_tensors(hf.tensors, DType::F32, &Device::Cpu);
-        let model = Llama::new(&cfg, vb)?;
+        let mut tensors = hf.tensors;
+        let item_table = tensors.remove(ITEM_TABLE);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let mut model = Llama::new(&cfg, vb)?;
+        if let Some(table) = item_table {
+            model = model.with_items(table, sids.item_keys(sidecar.sid_token_offset))?;
+        }
         let chat = ChatFormat::default();
         let stop: Vec<u32> = [chat.end.as_str(), "<|endoftext|>"]
             .iter()

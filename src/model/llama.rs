@@ -28,6 +28,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::config::{LlamaConfig, RopeScaling};
+use super::items::{ItemKeys, ItemState, ITEM_TABLE};
 use super::ops;
 use super::skinny;
 
@@ -447,6 +448,11 @@ pub struct Dropout {
     pub p: f32,
     /// Seeds the masks of one forward pass.
     pub key: u64,
+    /// Probability that a position loses its item vector ([`super::items`]) altogether,
+    /// in `[0, 1)`; the vectors kept are not rescaled, so a kept vector is what inference
+    /// adds. Item vectors let the model recall exact sequences, which it then prefers to
+    /// what the SID codes generalise; dropping them makes it learn both.
+    pub items: f32,
 }
 
 /// `x` with dropout `d` at site `site` (each site of a forward pass draws its own mask).
@@ -575,6 +581,9 @@ pub struct KvCache {
     len: usize,
     /// Row `i` of the batch continues stored row `rows[i]`; `None`: row `i` is row `i`.
     rows: Option<std::sync::Arc<[u32]>>,
+    /// Per batch row (in the current order): where [`super::items`] stands in that
+    /// sequence; empty before the first pass.
+    items: Vec<ItemState>,
 }
 
 impl KvCache {
@@ -584,6 +593,7 @@ impl KvCache {
             layers: vec![None; cfg.num_hidden_layers],
             len: 0,
             rows: None,
+            items: Vec::new(),
         }
     }
 
@@ -631,15 +641,23 @@ impl KvCache {
         if let Some(&row) = rows.iter().find(|&&r| r as usize >= batch) {
             return Err(ModelError::RowOutOfRange { row, batch });
         }
+        let rows_in = rows;
         // Compose with a selection still pending: nothing is copied until the next pass.
         let rows: std::sync::Arc<[u32]> = match &self.rows {
             Some(prev) => rows.iter().map(|&r| prev[r as usize]).collect(),
             None => rows.into(),
         };
+        // Item states are small: they are reordered now, in the new row order.
+        let items = if self.items.len() == batch {
+            rows_in.iter().map(|&r| self.items[r as usize]).collect()
+        } else {
+            Vec::new()
+        };
         Ok(KvCache {
             layers: self.layers.clone(),
             len: self.len,
             rows: Some(rows),
+            items,
         })
     }
 }
@@ -746,6 +764,15 @@ pub struct Llama {
     /// `[max_position_embeddings, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
+    /// Input-side item vectors ([`super::items`]), when the model was trained with them.
+    items: Option<ItemInput>,
+}
+
+/// The item table `[items, hidden]` and the keys that say which position gets which row.
+#[derive(Clone, Debug)]
+struct ItemInput {
+    table: Tensor,
+    keys: std::sync::Arc<ItemKeys>,
 }
 
 impl Llama {
@@ -832,7 +859,74 @@ impl Llama {
             norm,
             cos,
             sin,
+            items: None,
         })
+    }
+
+    /// The same model reading item vectors ([`super::items`]): `table` `[items, hidden]`
+    /// (a trainable `Var`'s tensor while training, the saved [`ITEM_TABLE`] after), row
+    /// `i` for item `i` of `keys`.
+    pub fn with_items(mut self, table: Tensor, keys: ItemKeys) -> Result<Llama> {
+        let want = [keys.len(), self.cfg.hidden_size];
+        if table.dims() != want {
+            return Err(ModelError::Shape {
+                what: "item table",
+                expected: format!("{want:?} (items × hidden)"),
+                found: format!("{:?}", table.dims()),
+            });
+        }
+        self.items = Some(ItemInput {
+            table,
+            keys: std::sync::Arc::new(keys),
+        });
+        Ok(self)
+    }
+
+    /// Whether the model reads item vectors.
+    pub fn has_items(&self) -> bool {
+        self.items.is_some()
+    }
+
+    /// Adds the item vectors of `input_ids` `[b, t]` to `x` `[b, t, hidden]`, reading each
+    /// row on from `states` (one per row, advanced past the new tokens).
+    fn add_items(
+        &self,
+        x: Tensor,
+        input_ids: &Tensor,
+        states: &mut [ItemState],
+        dropout: Option<Dropout>,
+    ) -> Result<Tensor> {
+        let Some(items) = &self.items else {
+            return Ok(x);
+        };
+        let (b, t, h) = x.dims3()?;
+        let ids = input_ids.to_vec2::<u32>()?;
+        let marks: Vec<u32> = ids
+            .iter()
+            .zip(states.iter_mut())
+            .flat_map(|(row, st)| items.keys.annotate(st, row))
+            .collect();
+        if marks.iter().all(|&m| m == 0) {
+            return Ok(x);
+        }
+        let rows: Vec<u32> = marks.iter().map(|&m| m.saturating_sub(1)).collect();
+        let mut keep: Vec<f32> = marks.iter().map(|&m| f32::from(u8::from(m > 0))).collect();
+        if let Some(d) = dropout.filter(|d| d.items > 0.0) {
+            // Site u64::MAX: apart from the per-layer sites of `apply_dropout`.
+            let drop = dropout_mask(keep.len(), d.items, d.key, u64::MAX);
+            for (k, m) in keep.iter_mut().zip(drop) {
+                if m == 0.0 {
+                    *k = 0.0;
+                }
+            }
+        }
+        let dev = x.device();
+        let v = items
+            .table
+            .embedding(&Tensor::from_vec(rows, b * t, dev)?)?
+            .broadcast_mul(&Tensor::from_vec(keep, (b * t, 1), dev)?)?
+            .reshape((b, t, h))?;
+        Ok((x + v)?)
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -939,6 +1033,10 @@ impl Llama {
             norm: self.norm.detached(),
             cos: self.cos.clone(),
             sin: self.sin.clone(),
+            items: self.items.as_ref().map(|i| ItemInput {
+                table: i.table.detach(),
+                keys: i.keys.clone(),
+            }),
         }
     }
 
@@ -984,8 +1082,15 @@ impl Llama {
         let bias = self.training_bias(b, t, attention_mask)?;
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
+        let mut states = vec![ItemState::default(); b];
+        let x = self.add_items(
+            self.embed_ids(input_ids, b, t)?,
+            input_ids,
+            &mut states,
+            dropout,
+        )?;
         // Sites: 0 the embeddings, then 2 per layer (attention, MLP).
-        let mut x = apply_dropout(&self.embed_ids(input_ids, b, t)?, dropout.map(|d| (d, 0)))?;
+        let mut x = apply_dropout(&x, dropout.map(|d| (d, 0)))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let drop = dropout.map(|d| (d, i as u64 + 1));
             x = layer.forward(&x, &cos, &sin, bias.as_ref(), None, drop)?;
@@ -1042,7 +1147,16 @@ impl Llama {
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
         let mut layers = cache.layers.clone();
-        let mut x = self.embed_ids(input_ids, b, t)?;
+        let mut states = cache.items.clone();
+        if states.len() != b {
+            states = vec![ItemState::default(); b];
+        }
+        let mut x = self.add_items(
+            self.embed_ids(input_ids, b, t)?,
+            input_ids,
+            &mut states,
+            None,
+        )?;
         let rows = cache.rows.clone();
         for (layer, slot) in self.layers.iter().zip(layers.iter_mut()) {
             let kv = KvSlot {
@@ -1055,6 +1169,7 @@ impl Llama {
         cache.layers = layers;
         cache.len = offset + t;
         cache.rows = None;
+        cache.items = states;
         Ok(h)
     }
 
@@ -1150,8 +1265,21 @@ impl Llama {
                 put(&lin.name, lin.merged()?);
             }
         }
+        if let Some(items) = &self.items {
+            out.insert(ITEM_TABLE.to_string(), items.table.detach().copy()?);
+        }
         Ok(out)
     }
+}
+
+/// A fresh item table `[items, hidden]` (N(0, 0.02)), a pure function of `seed`, like
+/// [`Llama::init_tensors`].
+pub fn init_item_table(items: usize, hidden: usize, seed: u64) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x17e4_7ab1e);
+    let v: Vec<f32> = (0..items * hidden)
+        .map(|_| (gaussian(&mut rng) * INIT_STD) as f32)
+        .collect();
+    Ok(Tensor::from_vec(v, (items, hidden), &Device::Cpu)?)
 }
 
 /// Hugging Face name and shape of every weight of a model with `cfg`.

@@ -13,6 +13,7 @@ pub mod bpe;
 pub mod config;
 pub mod gguf;
 pub mod hfdir;
+pub mod items;
 pub mod llama;
 pub mod ops;
 pub mod skinny;

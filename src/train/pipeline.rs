@@ -21,6 +21,7 @@ use crate::model::bpe;
 use crate::model::config::LlamaConfig;
 use crate::model::gguf::GgufModel;
 use crate::model::hfdir::{self, HfDir, Sidecar};
+use crate::model::items::{ItemKeys, ITEM_TABLE};
 use crate::model::llama::{self, Llama, LoraConfig};
 use crate::progress::Progress;
 
@@ -92,6 +93,13 @@ pub struct TrainOptions {
     /// Dropout on embeddings and residual branches while training (0: none); see
     /// [`llama::Dropout`].
     pub dropout: f32,
+    /// Give every catalog item a learned input vector ([`crate::model::items`]), trained
+    /// in every stage (also beside LoRA adapters) and saved as
+    /// [`crate::model::items::ITEM_TABLE`].
+    pub item_embeddings: bool,
+    /// Share of positions whose item vector is dropped while training (see
+    /// [`llama::Dropout::items`]).
+    pub item_dropout: f32,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub eval_every: usize,
@@ -192,6 +200,11 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         }
     }
     llama::extend_vocab(&mut tensors, &mut cfg, sid_tokens.len(), opts.seed)?;
+    let item_keys = opts.item_embeddings.then(|| sids.item_keys(n_old as u32));
+    if let Some(keys) = &item_keys {
+        let table = llama::init_item_table(keys.len(), cfg.hidden_size, opts.seed)?;
+        tensors.insert(ITEM_TABLE.to_string(), table);
+    }
     let pad_id = tok
         .token_to_id("<|pad|>")
         .or_else(|| tok.token_to_id("<|endoftext|>"))
@@ -263,7 +276,8 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
             every: opts.checkpoint_every,
             resume: opts.resume && ckpt_root.join(name).join("trainer.json").exists(),
         };
-        let (model, params) = build_model(&cfg, &tensors, stage.mode, n_old, opts)?;
+        let (model, params) =
+            build_model(&cfg, &tensors, stage.mode, n_old, item_keys.as_ref(), opts)?;
         let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
         let loss_with = |m: &Llama,
                          b: &trainer::Batch,
@@ -275,10 +289,11 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
             llama::masked_cross_entropy(&logits, &b.targets, &b.loss_mask).map_err(to_candle)
         };
         let loss_fn = |b: &trainer::Batch| {
-            let dropout = match opts.dropout > 0.0 {
+            let dropout = match opts.dropout > 0.0 || opts.item_dropout > 0.0 {
                 true => Some(llama::Dropout {
                     p: opts.dropout,
                     key: batch_key(opts.seed, b)?,
+                    items: opts.item_dropout,
                 }),
                 false => None,
             };
@@ -458,6 +473,7 @@ fn build_model(
     tensors: &HashMap<String, Tensor>,
     mode: Mode,
     n_old: usize,
+    item_keys: Option<&ItemKeys>,
     opts: &TrainOptions,
 ) -> Result<Trainable> {
     let dev = Device::Cpu;
@@ -478,11 +494,31 @@ fn build_model(
                 },
                 train_new_rows_from: Some(n_old),
             };
-            let init = llama::lora_init_tensors(cfg, &lora, opts.seed)?;
+            let mut init = llama::lora_init_tensors(cfg, &lora, opts.seed)?;
+            // The item table is new: it trains beside the adapters.
+            if let Some(t) = tensors.get(ITEM_TABLE) {
+                init.insert(
+                    ITEM_TABLE.to_string(),
+                    t.copy().map_err(llama::ModelError::from)?,
+                );
+            }
             let map = llama::varmap_from_tensors(&init)?;
             let base = VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
             let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
             (Llama::new_with_lora(cfg, base, vb, &lora)?, map)
+        }
+    };
+    let model = match item_keys {
+        None => model,
+        Some(keys) => {
+            let table = map
+                .data()
+                .lock()
+                .map_err(|_| Error::Invalid("parameter map poisoned".into()))?
+                .get(ITEM_TABLE)
+                .map(|v| v.as_tensor().clone())
+                .ok_or_else(|| Error::Invalid(format!("{ITEM_TABLE} is missing")))?;
+            model.with_items(table, keys.clone())?
         }
     };
     let params: Vec<(String, candle_core::Var)> = map

@@ -102,6 +102,8 @@ pub fn options(artifacts: PathBuf, inter: PathBuf, base: BaseModel, out: PathBuf
         out,
         force: false,
         prompts: None,
+        item_embeddings: false,
+        item_dropout: 0.0,
         stage1: Some(StageConfig {
             mode: Mode::Full,
             epochs: 2,
