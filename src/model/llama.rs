@@ -1147,10 +1147,12 @@ impl Llama {
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
         let mut layers = cache.layers.clone();
-        let mut states = cache.items.clone();
-        if states.len() != b {
-            states = vec![ItemState::default(); b];
-        }
+        // Item states are kept only for a model that reads item vectors.
+        let mut states = match self.items.is_some() {
+            true if cache.items.len() == b => cache.items.clone(),
+            true => vec![ItemState::default(); b],
+            false => Vec::new(),
+        };
         let mut x = self.add_items(
             self.embed_ids(input_ids, b, t)?,
             input_ids,
