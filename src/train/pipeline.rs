@@ -508,19 +508,6 @@ fn build_model(
             (Llama::new_with_lora(cfg, base, vb, &lora)?, map)
         }
     };
-    let model = match item_keys {
-        None => model,
-        Some(keys) => {
-            let table = map
-                .data()
-                .lock()
-                .map_err(|_| Error::Invalid("parameter map poisoned".into()))?
-                .get(ITEM_TABLE)
-                .map(|v| v.as_tensor().clone())
-                .ok_or_else(|| Error::Invalid(format!("{ITEM_TABLE} is missing")))?;
-            model.with_items(table, keys.clone())?
-        }
-    };
     let params: Vec<(String, candle_core::Var)> = map
         .data()
         .lock()
@@ -528,6 +515,17 @@ fn build_model(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let model = match item_keys {
+        None => model,
+        Some(keys) => {
+            let table = params
+                .iter()
+                .find(|(name, _)| name == ITEM_TABLE)
+                .map(|(_, v)| v.as_tensor().clone())
+                .ok_or_else(|| Error::Invalid(format!("{ITEM_TABLE} is missing")))?;
+            model.with_items(table, keys.clone())?
+        }
+    };
     Ok((model, params))
 }
 
