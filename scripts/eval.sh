@@ -20,6 +20,7 @@ ds=${1:?usage: scripts/eval.sh ml-100k|ml-1m|amazon-scientific|mixed}
 out=out/eval-$ds
 shared=${SIDREC_SHARED:-../shared}
 threads=${SIDREC_THREADS:-2}
+rank=()
 
 case "$ds" in
 ml-100k)
@@ -49,6 +50,9 @@ amazon-scientific)
     train=(--base models/small.json --dropout 0.2 --item-embeddings --sid-only-histories
         --sequence-examples --short-windows 1 --recommend-per-user 0 --align-per-item 0
         --describe-per-user 0 --stage2-epochs 10)
+    # Ranked by the mixture of the whole history and each of its last two items asked
+    # alone (README, Evaluation): 0.0651 -> 0.0703 NDCG@10 on the same model.
+    rank=(--mix-recent 2)
     ;;
 mixed)
     # MovieLens-100k movies and Amazon Scientific products in one catalog, each user's
@@ -87,4 +91,4 @@ set -x
 "$bin" --threads "$threads" train --artifacts "$out/artifacts" --interactions "$inter" \
     -o "$out/model" --force --eval-every 500 "${train[@]}"
 "$bin" --threads "$threads" eval --model "$out/model" --interactions "$inter" \
-    -o "$out/eval" --force --name "$ds" "${eval_args[@]}"
+    -o "$out/eval" --force --name "$ds" "${rank[@]}" "${eval_args[@]}"

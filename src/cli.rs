@@ -76,7 +76,7 @@ enum Command {
 
 const SERVE_HELP: &str = "Serve a model over HTTP (JSON in and out).\n\n\
 Endpoints:\n  \
-POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filter\", \"k\", \"exclude_seen\", \"mode\"}\n  \
+POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filter\", \"k\", \"exclude_seen\", \"mode\", \"mix_recent\"}\n  \
 POST /v1/generate   {\"query\", \"history\", \"mode\": chat|describe, \"format\", \"max_tokens\", \"temperature\", \"top_p\", \"seed\"}\n  \
 GET  /v1/items/{id}\n  \
 GET  /healthz\n\n\
@@ -207,6 +207,10 @@ struct EvalArgs {
     /// Not the standard protocol, which the baselines follow: the report says so.
     #[arg(long)]
     exclude_seen: bool,
+    /// Rank by the mixture of the whole history and each of its last N items asked
+    /// alone (as `recommend --mix-recent`; 0: the whole history only).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    mix_recent: usize,
     /// Users asked the steering requests (0: skip steerability).
     #[arg(long, default_value_t = 200)]
     steer_users: usize,
@@ -277,6 +281,12 @@ pub(crate) struct RequestArgs {
     /// Leave the history's items out of the answer.
     #[arg(long)]
     pub exclude_seen: bool,
+    /// Also ask for each of the last N history items alone and rank by the mixture of
+    /// these and the whole history (the k-th most recent item weighs 0.5^(k-1) against
+    /// the history's 1): what follows each recent item counts, as in co-occurrence
+    /// counts. N+1 decoder passes per request (README, Evaluation).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub mix_recent: usize,
     /// auto (recommend with a history, else search), recommend, search, describe, chat.
     #[arg(long, default_value = "auto")]
     pub mode: sidrec::decode::Mode,
@@ -1023,6 +1033,7 @@ pub(crate) fn build_request(
         k: a.k,
         beams: a.beams,
         types_in_prompt_only: false,
+        mix_recent: a.mix_recent,
     };
     if !a.literal {
         for r in engine.read_request(&mut req) {
@@ -1142,6 +1153,7 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
         beams: a.beams,
         exact: a.exact,
         exclude_seen: a.exclude_seen,
+        mix_recent: a.mix_recent,
         steer_users: a.steer_users,
         peers,
         seed: a.seed,

@@ -1,7 +1,8 @@
 //! `sidrec serve`: the decoding engine behind an HTTP JSON API.
 //!
 //! ```text
-//! POST /v1/recommend   {query, history, types, filter, k, exclude_seen, mode, beams}
+//! POST /v1/recommend   {query, history, types, filter, k, exclude_seen, mode, beams,
+//!                       mix_recent}
 //!                      -> {items: [{rank, id, title, type, score, sid}], ...}
 //! POST /v1/generate    {query, history, mode, format, max_tokens, temperature, top_p, seed, ...}
 //!                      -> {output: [{kind: "text", text} | {kind: "item", ...}], text}
@@ -150,9 +151,15 @@ pub struct RecommendBody {
     /// auto (default), recommend or search.
     pub mode: Option<String>,
     pub beams: Option<usize>,
+    /// Rank by the mixture of the whole history and each of its last N items alone
+    /// (0, the default: the whole history only; at most [`MAX_MIX_RECENT`]).
+    pub mix_recent: usize,
     /// Give the words to the model only (no titles or attribute words read as limits).
     pub literal: bool,
 }
+
+/// Most recent items a recommend request may mix in: each costs a decoder pass.
+pub const MAX_MIX_RECENT: usize = 8;
 
 #[derive(Debug, Serialize)]
 pub struct RecommendResponse {
@@ -480,7 +487,14 @@ async fn recommend(
         mode,
         k,
     )?;
+    if b.mix_recent > MAX_MIX_RECENT {
+        return Err(ApiError::bad(format!(
+            "mix_recent must be 0 to {MAX_MIX_RECENT}, got {}",
+            b.mix_recent
+        )));
+    }
     req.beams = beams;
+    req.mix_recent = b.mix_recent;
     req.format = Format::Items;
     let (items, req) = on_worker(&state, move |e| Ok((e.recommend(&req)?, req))).await?;
     let e = &state.engine;

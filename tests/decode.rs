@@ -4,7 +4,8 @@
 use std::collections::HashSet;
 
 use proptest::prelude::*;
-use sidrec::decode::engine::Output;
+use sidrec::decode::engine::{Output, RECENT_DECAY};
+use sidrec::decode::mixture::{Component, MixtureSource};
 use sidrec::decode::{
     beam_search, beam_search_from, logsumexp, BeamConfig, DecodeError, Engine, GenConfig,
     LogitSource, Mode, Request,
@@ -182,6 +183,53 @@ proptest! {
         exact.sort_by(|a, b| b.0.total_cmp(&a.0));
         for (h, e) in wide.iter().zip(&exact) {
             prop_assert!((h.score - e.0).abs() < 1e-3);
+        }
+    }
+
+    /// A mixture of conditionals, decoded token by token with posterior weights, scores
+    /// every item with the exact `log Σ_m λ_m p_m(path | prompt_m)` (normalised λ), and a
+    /// beam as wide as the catalog ranks exactly by it.
+    #[test]
+    fn mixture_beam_search_scores_the_exact_mixture(
+        (types, levels, codes, tuples) in tuples_strategy(),
+        seeds in prop::collection::vec(any::<u64>(), 1..4),
+        weights in prop::collection::vec(0.05f32..3.0, 3),
+        k in 1usize..12,
+    ) {
+        let (trie, n_tokens) = catalog(types, levels, codes, &tuples);
+        let offset = 5;
+        let vocab = (offset + n_tokens) as usize + 2;
+        let prompts: Vec<Vec<u32>> = (0..seeds.len() as u32).map(|m| vec![1, 2 + m, 3]).collect();
+        let parts = || seeds.iter().zip(&prompts).zip(&weights).map(|((&seed, p), &w)| Component {
+            source: Box::new(HashModel::new(vocab, seed)),
+            prompt: p.clone(),
+            weight: w,
+        }).collect::<Vec<_>>();
+        let total: f32 = weights[..seeds.len()].iter().sum();
+        let exact = |path: &[TokenId]| {
+            let terms: Vec<f32> = seeds.iter().zip(&prompts).zip(&weights).map(|((&seed, p), &w)| {
+                (w / total).ln() + HashModel::new(vocab, seed).path_logprob(p, path, offset)
+            }).collect();
+            logsumexp(&terms)
+        };
+        let all = Mask::all(&trie);
+        let mut mix = MixtureSource::new(parts()).unwrap();
+        let wide = beam_search(&mut mix, &trie, &all, offset, &[], BeamConfig { k, beams: trie.len() }).unwrap();
+        let mut want: Vec<(f32, ItemIdx)> = trie.items().iter()
+            .map(|&i| (exact(trie.path(i).unwrap()), i)).collect();
+        want.sort_by(|a, b| b.0.total_cmp(&a.0));
+        prop_assert_eq!(wide.len(), k.min(trie.len()));
+        for (h, e) in wide.iter().zip(&want) {
+            prop_assert!((h.score - exact(&h.path)).abs() < 1e-3, "{} vs {}", h.score, exact(&h.path));
+            prop_assert!((h.score - e.0).abs() < 1e-3, "rank differs: {} vs {}", h.score, e.0);
+        }
+        // One component is the plain search on its prompt.
+        if seeds.len() == 1 {
+            let mut plain = HashModel::new(vocab, seeds[0]);
+            let p = beam_search(&mut plain, &trie, &all, offset, &prompts[0], BeamConfig { k, beams: 8 }).unwrap();
+            let mut one = MixtureSource::new(parts()).unwrap();
+            let m = beam_search(&mut one, &trie, &all, offset, &[], BeamConfig { k, beams: 8 }).unwrap();
+            prop_assert_eq!(p.iter().map(|h| h.item).collect::<Vec<_>>(), m.iter().map(|h| h.item).collect::<Vec<_>>());
         }
     }
 
@@ -417,6 +465,81 @@ fn engine_recommends_valid_items_under_limits() {
         ..Default::default()
     };
     assert!(e.recommend(&r).unwrap_err().to_string().contains("history"));
+}
+
+#[test]
+fn mixtures_need_components_with_positive_weights() {
+    let c = |w: f32| Component {
+        source: Box::new(HashModel::new(8, 0)),
+        prompt: vec![1],
+        weight: w,
+    };
+    assert!(MixtureSource::new(Vec::new()).is_err());
+    for w in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let e = MixtureSource::new(vec![c(1.0), c(w)])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("weight"), "{e}");
+    }
+    let other = Component {
+        source: Box::new(HashModel::new(9, 0)),
+        prompt: vec![1],
+        weight: 1.0,
+    };
+    assert!(MixtureSource::new(vec![c(1.0), other]).is_err());
+}
+
+/// `mix_recent` on the real decoder: every item's score is the mixture of the exact
+/// scores under the whole history and under each recent item alone, with the documented
+/// weights; a single-item history and `mix_recent = 0` are the plain ranking.
+#[test]
+fn engine_mixes_the_whole_history_with_recent_items_alone() {
+    let e = engine();
+    let n = e.catalog().items.len();
+    let exact = |r: &Request| -> std::collections::HashMap<ItemIdx, f32> {
+        e.rank_exact(r, 64)
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.item, h.score))
+            .collect()
+    };
+    let history = ["m1", "m3", "m4"];
+    let whole = exact(&req(&history, n));
+    let last = exact(&req(&["m4"], n));
+    let second = exact(&req(&["m3"], n));
+    let mut r = req(&history, n);
+    r.mix_recent = 2;
+    let hits = e.rank(&r).unwrap();
+    assert_eq!(hits.len(), n);
+    let w = [1.0f32, 1.0, RECENT_DECAY];
+    let total: f32 = w.iter().sum();
+    for h in &hits {
+        let terms = [
+            (w[0] / total).ln() + whole[&h.item],
+            (w[1] / total).ln() + last[&h.item],
+            (w[2] / total).ln() + second[&h.item],
+        ];
+        let want = logsumexp(&terms);
+        assert!(
+            (h.score - want).abs() < 1e-3,
+            "{}: {} vs {want}",
+            h.item,
+            h.score
+        );
+    }
+    assert!(hits.windows(2).all(|p| p[0].score >= p[1].score));
+    // Exclusions still apply to the whole history.
+    r.exclude_seen = true;
+    r.k = 5;
+    let seen: Vec<ItemIdx> = history.iter().map(|id| e.index_of(id).unwrap()).collect();
+    assert!(e.rank(&r).unwrap().iter().all(|h| !seen.contains(&h.item)));
+    // Nothing to mix: the plain ranking.
+    for (hist, mix) in [(&["m2"][..], 3), (&["m1", "m2"][..], 0)] {
+        let mut r = req(hist, 5);
+        let plain = e.rank(&r).unwrap();
+        r.mix_recent = mix;
+        assert_eq!(e.rank(&r).unwrap(), plain);
+    }
 }
 
 /// The KV-cached beam search over the real decoder scores each item exactly as a full

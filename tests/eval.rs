@@ -208,11 +208,12 @@ fn the_library_scores_the_split_test_targets() {
             exact: false,
             exact_group: 4,
             exclude_seen: false,
+            mix_recent: 0,
         },
         &Progress::new(true),
     )
     .unwrap();
-    // With the history excluded no list holds a history item, and every list holds all
+    // With the history excluded (and the ranking mixed) no list holds a history item, and every list holds all
     // the catalog's other items up to ten (ten beams over ten items search exhaustively).
     let n_items = engine.catalog().items.len();
     let open: Vec<_> = cases
@@ -229,6 +230,8 @@ fn the_library_scores_the_split_test_targets() {
             exact: false,
             exact_group: 4,
             exclude_seen: true,
+            // Mixed with the last two items alone: the lists stay as complete.
+            mix_recent: 2,
         },
         &Progress::new(true),
     )

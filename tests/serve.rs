@@ -163,6 +163,24 @@ fn endpoints_answer_and_bad_input_gets_4xx_json() {
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
     assert_eq!(r["history"], json!(["m1", "m2"]));
     assert!(r["took_ms"].as_f64().unwrap() > 0.0);
+    // The mixture with recent items alone: still k distinct items, best first; a bound.
+    let (st, r) = s.post(
+        "/v1/recommend",
+        json!({"history": ["m1", "m3", "m4"], "k": 4, "mix_recent": 2}),
+    );
+    assert_eq!(st, 200, "{r}");
+    let mut got = ids(&r);
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 4);
+    assert_error(
+        s.post(
+            "/v1/recommend",
+            json!({"history": ["m1"], "mix_recent": 99}),
+        ),
+        400,
+        "mix_recent must be 0 to 8",
+    );
 
     // Limits: types, filter; titles in the query join the history.
     let (st, r) = s.post(

@@ -16,6 +16,7 @@ use tokenizers::Tokenizer;
 use super::beam::{beam_search, BeamConfig, Hit};
 use super::filter::Filter;
 use super::generate::{generate, GenConfig, Segment};
+use super::mixture::{Component, MixtureSource};
 use super::query::{normalize, read_attributes, Reading};
 use super::{DecodeError, LogitSource};
 use crate::artifacts::{self, SidMap};
@@ -124,7 +125,17 @@ pub struct Request {
     pub k: usize,
     /// Beam width (default `2k`, at least 10).
     pub beams: Option<usize>,
+    /// Also ask for each of the last `mix_recent` history items alone and rank by the
+    /// mixture of these conditionals and the whole history's ([`super::mixture`]); the
+    /// k-th most recent item weighs [`RECENT_DECAY`]^(k-1) against the whole history's 1.
+    /// 0: the whole history alone. Only for ranked items with a history of two or more.
+    pub mix_recent: usize,
 }
+
+/// Weight of each further history item asked alone under [`Request::mix_recent`], after
+/// the last item's 1: the successors of older items count for less, as in decayed
+/// co-occurrence counts.
+pub const RECENT_DECAY: f32 = 0.5;
 
 /// A ranked item.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -461,15 +472,33 @@ impl Engine {
         let prompt = self.prompt_ids(req)?;
         let k = req.k.max(1);
         let beams = req.beams.unwrap_or((2 * k).max(10));
-        let mut src = ModelSource::new(&self.model);
-        beam_search(
-            &mut src,
-            &self.sids.trie,
-            &mask,
-            self.sidecar.sid_token_offset,
-            &prompt,
-            BeamConfig { k, beams },
-        )
+        let cfg = BeamConfig { k, beams };
+        let offset = self.sidecar.sid_token_offset;
+        let recent = req.mix_recent.min(req.history.len());
+        if recent == 0 || req.history.len() < 2 {
+            let mut src = ModelSource::new(&self.model);
+            return beam_search(&mut src, &self.sids.trie, &mask, offset, &prompt, cfg);
+        }
+        let mut parts = vec![Component {
+            source: Box::new(ModelSource::new(&self.model)),
+            prompt,
+            weight: 1.0,
+        }];
+        let mut weight = 1.0;
+        for &item in req.history.iter().rev().take(recent) {
+            let alone = Request {
+                history: vec![item],
+                ..req.clone()
+            };
+            parts.push(Component {
+                source: Box::new(ModelSource::new(&self.model)),
+                prompt: self.prompt_ids(&alone)?,
+                weight,
+            });
+            weight *= RECENT_DECAY;
+        }
+        let mut src = MixtureSource::new(parts)?;
+        beam_search(&mut src, &self.sids.trie, &mask, offset, &[], cfg)
     }
 
     /// Every item the request allows, scored by its exact SID log-probability and sorted

@@ -6,6 +6,8 @@
 //!   type token), written under the trie so every item named exists.
 //! * [`filter`]: attribute filters (`year>=1990`, `genre=Comedy`, `category~Lab`) turned
 //!   into masks.
+//! * [`mixture`]: several prompts of one model decoded as their mixture (the whole
+//!   history and each recent item alone).
 //! * [`engine`]: a trained model directory with its catalog: requests in, ranked items or
 //!   segments out. What `sidrec recommend`, `repl` and `serve` call.
 //!
@@ -19,6 +21,7 @@ pub mod beam;
 pub mod engine;
 pub mod filter;
 pub mod generate;
+pub mod mixture;
 pub mod query;
 
 pub use beam::{beam_search, beam_search_from, BeamConfig, Hit};

@@ -270,6 +270,9 @@ pub struct ModelOptions {
     /// Leave each history's items out of its ranking. Not the peers' protocol (they rank
     /// the whole catalog); on data without repeats it shows what repeated items cost.
     pub exclude_seen: bool,
+    /// Rank by the mixture of the whole history and its last N items alone
+    /// ([`Request::mix_recent`]; 0: off).
+    pub mix_recent: usize,
 }
 
 impl Default for ModelOptions {
@@ -279,6 +282,7 @@ impl Default for ModelOptions {
             exact: false,
             exact_group: 256,
             exclude_seen: false,
+            mix_recent: 0,
         }
     }
 }
@@ -343,6 +347,7 @@ pub fn evaluate_model(
     for (history, target) in cases {
         let req = Request {
             exclude_seen: opts.exclude_seen,
+            mix_recent: opts.mix_recent,
             ..history_request(history, beams)
         };
         let t = Instant::now();

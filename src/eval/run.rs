@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub exact: bool,
     /// Leave each user's history out of their ranking (not the peers' protocol).
     pub exclude_seen: bool,
+    /// Rank by the mixture of the whole history and its last N items alone (0: off).
+    pub mix_recent: usize,
     /// Users asked the steering requests (0: none).
     pub steer_users: usize,
     /// `None`: no peers.
@@ -79,6 +81,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         beams: opts.beams,
         exact: opts.exact,
         exclude_seen: opts.exclude_seen,
+        mix_recent: opts.mix_recent,
         ..ModelOptions::default()
     };
     let sidrec = evaluate_model(&engine, &cases, &model_opts, progress)?;
@@ -86,8 +89,13 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         name: "sidrec".into(),
         metrics: sidrec.metrics.clone(),
         note: format!(
-            "beam search, {} beams{}",
+            "beam search, {} beams{}{}",
             sidrec.beams,
+            if opts.mix_recent > 0 {
+                format!(", mixture with the last {} items alone", opts.mix_recent)
+            } else {
+                String::new()
+            },
             if opts.exclude_seen {
                 ", history items excluded"
             } else {
