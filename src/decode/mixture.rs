@@ -25,6 +25,8 @@ pub struct Component<'a> {
 pub struct MixtureSource<'a> {
     parts: Vec<Component<'a>>,
     vocab: usize,
+    /// Per component: `log λ_m` with the weights normalised.
+    log_prior: Vec<f32>,
     /// Per component, per live row: `log λ_m + log p_m(prefix)`.
     prefix: Vec<Vec<f32>>,
     /// Per component: the log-softmax rows of the last call (`rows × vocab`).
@@ -53,15 +55,13 @@ impl<'a> MixtureSource<'a> {
             }
         }
         let total: f32 = parts.iter().map(|p| p.weight).sum();
-        let prefix = parts
-            .iter()
-            .map(|p| vec![(p.weight / total).ln()])
-            .collect();
+        let log_prior: Vec<f32> = parts.iter().map(|p| (p.weight / total).ln()).collect();
         Ok(MixtureSource {
+            prefix: log_prior.iter().map(|&l| vec![l]).collect(),
             last: vec![Vec::new(); parts.len()],
             parts,
             vocab,
-            prefix,
+            log_prior,
         })
     }
 
@@ -105,12 +105,11 @@ impl<'a> MixtureSource<'a> {
 
 impl LogitSource for MixtureSource<'_> {
     fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>, DecodeError> {
-        let total: f32 = self.parts.iter().map(|p| p.weight).sum();
         let mut logits = Vec::with_capacity(self.parts.len());
         for (m, part) in self.parts.iter_mut().enumerate() {
             let full: Vec<u32> = part.prompt.iter().chain(prompt).copied().collect();
             logits.push(part.source.prefill(&full)?);
-            self.prefix[m] = vec![(part.weight / total).ln()];
+            self.prefix[m] = vec![self.log_prior[m]];
         }
         Ok(self.mix(logits))
     }
