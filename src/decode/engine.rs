@@ -474,8 +474,7 @@ impl Engine {
         let beams = req.beams.unwrap_or((2 * k).max(10));
         let cfg = BeamConfig { k, beams };
         let offset = self.sidecar.sid_token_offset;
-        let recent = req.mix_recent.min(req.history.len());
-        if recent == 0 || req.history.len() < 2 {
+        if req.mix_recent == 0 || req.history.len() < 2 {
             let mut src = ModelSource::new(&self.model);
             return beam_search(&mut src, &self.sids.trie, &mask, offset, &prompt, cfg);
         }
@@ -485,7 +484,7 @@ impl Engine {
             weight: 1.0,
         }];
         let mut weight = 1.0;
-        for &item in req.history.iter().rev().take(recent) {
+        for &item in req.history.iter().rev().take(req.mix_recent) {
             let alone = Request {
                 history: vec![item],
                 ..req.clone()
