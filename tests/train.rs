@@ -389,3 +389,97 @@ fn item_vectors_train_save_and_load() {
     let hf = HfDir::load(tmp.path().join("ft")).unwrap();
     assert_eq!(hf.tensors[ITEM_TABLE].dims(), [items, 64]);
 }
+
+/// `run_members`: members differ by seed, land under `members/NN` of one model
+/// directory, and the engine ranks by their equal mixture: every score is the mixture of
+/// each member's exact score, also with `mix_recent`. A member trained on another SID
+/// map is refused by name.
+#[test]
+fn members_train_together_and_rank_as_one_mixture() {
+    use sidrec::decode::{logsumexp, Engine, Request};
+    let tmp = tempfile::tempdir().unwrap();
+    let art = artifacts(tmp.path(), 0);
+    let inter = interactions(tmp.path());
+    let out = tmp.path().join("model");
+    let mut o = options(art.clone(), inter.clone(), scratch(tmp.path()), out.clone());
+    o.stage1 = None;
+    o.data.sequence = true;
+    o.data.history_titles = false;
+    let reports = pipeline::run_members(&o, 2, Progress::new(true)).unwrap();
+    assert_eq!(reports.len(), 2);
+    let member = out.join(hfdir::MEMBERS_DIR).join("01");
+    assert!(member.join("sidrec.json").is_file() && out.join("train_report.json").is_file());
+    assert!(
+        !out.with_extension("members").exists(),
+        "staging is cleaned up"
+    );
+    let weights = |d: &Path| fs::read(d.join("model.safetensors")).unwrap();
+    assert_ne!(weights(&out), weights(&member), "members differ by seed");
+    // The first member is the single model of the same seed.
+    let single = tmp.path().join("single");
+    o.out = single.clone();
+    pipeline::run(&o, Progress::new(true)).unwrap();
+    assert_eq!(weights(&out), weights(&single));
+
+    let both = Engine::load(&out).unwrap();
+    assert_eq!(both.ensemble_size(), 2);
+    let a = Engine::load(&single).unwrap();
+    let b = Engine::load(&member).unwrap();
+    let n = both.catalog().items.len();
+    let history: Vec<u32> = ["m1", "m3", "m4"]
+        .iter()
+        .map(|id| both.index_of(id).unwrap())
+        .collect();
+    for mix in [0, 1] {
+        let r = Request {
+            history: history.clone(),
+            k: n,
+            mix_recent: mix,
+            ..Default::default()
+        };
+        // Each member alone, under the same (possibly mixed) request.
+        let alone = |e: &Engine| -> HashMap<u32, f32> {
+            e.rank(&r)
+                .unwrap()
+                .into_iter()
+                .map(|h| (h.item, h.score))
+                .collect()
+        };
+        let (sa, sb) = (alone(&a), alone(&b));
+        let hits = both.rank(&r).unwrap();
+        assert_eq!(hits.len(), n);
+        for h in &hits {
+            let want = logsumexp(&[0.5f32.ln() + sa[&h.item], 0.5f32.ln() + sb[&h.item]]);
+            assert!(
+                (h.score - want).abs() < 1e-3,
+                "mix {mix}: {} vs {want}",
+                h.score
+            );
+        }
+    }
+    // A member from another SID map.
+    let other_dir = tmp.path().join("other");
+    fs::create_dir(&other_dir).unwrap();
+    let other_art = artifacts(&other_dir, 1);
+    let mut o2 = options(
+        other_art,
+        inter,
+        scratch(tmp.path()),
+        tmp.path().join("other-model"),
+    );
+    o2.stage1 = None;
+    o2.stage2.as_mut().unwrap().max_steps = 2;
+    pipeline::run(&o2, Progress::new(true)).unwrap();
+    let stray = out.join(hfdir::MEMBERS_DIR).join("02");
+    fs::rename(tmp.path().join("other-model"), &stray).unwrap();
+    let err = Engine::load(&out)
+        .err()
+        .expect("a member on another SID map");
+    assert!(err.to_string().contains("02"), "{err}");
+    // Resuming an ensemble is refused before anything is written.
+    o.resume = true;
+    o.out = tmp.path().join("resumed");
+    let err = pipeline::run_members(&o, 2, Progress::new(true)).unwrap_err();
+    assert!(err.to_string().contains("--members"), "{err}");
+    assert!(!o.out.exists());
+}

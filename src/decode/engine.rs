@@ -161,6 +161,11 @@ pub enum Output {
 /// A model, its tokenizer, its catalog and SID trie.
 pub struct Engine {
     model: Llama,
+    /// Further decoders trained on the same catalog and prompts (`MODEL/members/*`),
+    /// each with its own tokenizer (a BPE trained from scratch differs by seed; SID
+    /// tokens have the same ids in all): ranked items come from the mixture of all of
+    /// them ([`Engine::rank`]).
+    members: Vec<(Llama, Tokenizer)>,
     tokenizer: Tokenizer,
     catalog: Catalog,
     sids: SidMap,
@@ -211,28 +216,24 @@ impl Engine {
                 sids.vocab.len()
             )));
         }
-        let cfg = LlamaConfig::from_json_str(&hf.config.to_string(), &dir.display().to_string())?;
-        if sidecar.sid_token_offset as usize + sidecar.sid_tokens > cfg.vocab_size {
+        let model = decoder(dir, &hf.config, hf.tensors, &sids, &sidecar)?;
+        let members = load_members(dir, &artifacts_dir, &sids, &sidecar)?;
+        if let Some((m, _)) = members
+            .iter()
+            .find(|(m, _)| m.config().vocab_size != model.config().vocab_size)
+        {
             return Err(Error::Invalid(format!(
-                "{}: SID tokens end past the vocabulary ({} + {} > {})",
+                "{}: a member has {} tokens, the model {}: members must be trained with the same --vocab-size",
                 dir.display(),
-                sidecar.sid_token_offset,
-                sidecar.sid_tokens,
-                cfg.vocab_size
+                m.config().vocab_size,
+                model.config().vocab_size
             )));
-        }
-        let mut tensors = hf.tensors;
-        let item_table = tensors.remove(ITEM_TABLE);
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        let mut model = Llama::new(&cfg, vb)?;
-        if let Some(table) = item_table {
-            model = model.with_items(table, sids.item_keys(sidecar.sid_token_offset))?;
         }
         let chat = ChatFormat::default();
         let stop: Vec<u32> = [chat.end.as_str(), "<|endoftext|>"]
             .iter()
             .filter_map(|t| hf.tokenizer.token_to_id(t))
-            .chain(cfg.eos_token_id)
+            .chain(model.config().eos_token_id)
             .collect();
         // Histories are written as training wrote them.
         let data = DataOptions {
@@ -242,6 +243,7 @@ impl Engine {
         };
         Ok(Engine {
             model,
+            members,
             tokenizer: hf.tokenizer,
             catalog,
             sids,
@@ -268,6 +270,11 @@ impl Engine {
 
     pub fn model(&self) -> &Llama {
         &self.model
+    }
+
+    /// How many decoders rank items: the model and its members.
+    pub fn ensemble_size(&self) -> usize {
+        1 + self.members.len()
     }
 
     /// Catalog index of an item id.
@@ -406,9 +413,17 @@ impl Engine {
 
     /// Token ids of [`Engine::model_input`], as the model was trained to see them.
     fn prompt_ids(&self, req: &Request) -> std::result::Result<Vec<u32>, DecodeError> {
-        let text = self.model_input(req)?;
-        let enc = self
-            .tokenizer
+        self.encode_prompt(&self.tokenizer, self.model_input(req)?)
+    }
+
+    /// A model input as token ids of one decoder's tokenizer, checked against its
+    /// context length (all decoders of an engine share one config).
+    fn encode_prompt(
+        &self,
+        tokenizer: &Tokenizer,
+        text: String,
+    ) -> std::result::Result<Vec<u32>, DecodeError> {
+        let enc = tokenizer
             .encode(text, false)
             .map_err(|e| DecodeError::Tokenizer(e.to_string()))?;
         let ids = enc.get_ids().to_vec();
@@ -469,32 +484,43 @@ impl Engine {
     /// [`Engine::recommend`] as search hits (catalog indices, scores, SID paths).
     pub fn rank(&self, req: &Request) -> std::result::Result<Vec<Hit>, DecodeError> {
         let mask = self.mask(req)?;
-        let prompt = self.prompt_ids(req)?;
         let k = req.k.max(1);
         let beams = req.beams.unwrap_or((2 * k).max(10));
         let cfg = BeamConfig { k, beams };
         let offset = self.sidecar.sid_token_offset;
-        if req.mix_recent == 0 || req.history.len() < 2 {
+        // (model input, prior weight) per conditional: the whole history, then each
+        // recent item alone.
+        let mut inputs = vec![(self.model_input(req)?, 1.0)];
+        if req.history.len() >= 2 {
+            let mut weight = 1.0;
+            for &item in req.history.iter().rev().take(req.mix_recent) {
+                let alone = Request {
+                    history: vec![item],
+                    ..req.clone()
+                };
+                inputs.push((self.model_input(&alone)?, weight));
+                weight *= RECENT_DECAY;
+            }
+        }
+        if inputs.len() == 1 && self.members.is_empty() {
             let mut src = ModelSource::new(&self.model);
+            let prompt = self.prompt_ids(req)?;
             return beam_search(&mut src, &self.sids.trie, &mask, offset, &prompt, cfg);
         }
-        let mut parts = vec![Component {
-            source: Box::new(ModelSource::new(&self.model)),
-            prompt,
-            weight: 1.0,
-        }];
-        let mut weight = 1.0;
-        for &item in req.history.iter().rev().take(req.mix_recent) {
-            let alone = Request {
-                history: vec![item],
-                ..req.clone()
-            };
-            parts.push(Component {
-                source: Box::new(ModelSource::new(&self.model)),
-                prompt: self.prompt_ids(&alone)?,
-                weight,
-            });
-            weight *= RECENT_DECAY;
+        // Every decoder asks every input with the same weights: an equal-weight ensemble
+        // of the models' mixtures. Rows mix by token id, which only SID tokens (the ones
+        // the trie lets through) share across tokenizers.
+        let decoders = std::iter::once((&self.model, &self.tokenizer))
+            .chain(self.members.iter().map(|(m, t)| (m, t)));
+        let mut parts = Vec::with_capacity(inputs.len() * self.ensemble_size());
+        for (model, tokenizer) in decoders {
+            for (text, weight) in &inputs {
+                parts.push(Component {
+                    source: Box::new(ModelSource::new(model)),
+                    prompt: self.encode_prompt(tokenizer, text.clone())?,
+                    weight: *weight,
+                });
+            }
         }
         let mut src = MixtureSource::new(parts)?;
         beam_search(&mut src, &self.sids.trie, &mask, offset, &[], cfg)
@@ -856,6 +882,88 @@ fn describe_limits(req: &Request) -> String {
         parts.push(format!("{} seen items excluded", req.history.len()));
     }
     parts.join("; ")
+}
+
+/// The decoder of a model directory: its config and weights, with the item table when
+/// it was trained with item vectors.
+fn decoder(
+    dir: &Path,
+    config: &serde_json::Value,
+    mut tensors: std::collections::HashMap<String, Tensor>,
+    sids: &SidMap,
+    sidecar: &Sidecar,
+) -> Result<Llama> {
+    let cfg = LlamaConfig::from_json_str(&config.to_string(), &dir.display().to_string())?;
+    if sidecar.sid_token_offset as usize + sidecar.sid_tokens > cfg.vocab_size {
+        return Err(Error::Invalid(format!(
+            "{}: SID tokens end past the vocabulary ({} + {} > {})",
+            dir.display(),
+            sidecar.sid_token_offset,
+            sidecar.sid_tokens,
+            cfg.vocab_size
+        )));
+    }
+    let item_table = tensors.remove(ITEM_TABLE);
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let mut model = Llama::new(&cfg, vb)?;
+    if let Some(table) = item_table {
+        model = model.with_items(table, sids.item_keys(sidecar.sid_token_offset))?;
+    }
+    Ok(model)
+}
+
+/// The decoders under `dir/members/`, in name order, with their tokenizers. Each must
+/// have been trained on the same SID map, with its SID tokens at the same ids, and with
+/// the same way of writing histories, so that one prompt means the same to all of them.
+fn load_members(
+    dir: &Path,
+    artifacts_dir: &Path,
+    sids: &SidMap,
+    sidecar: &Sidecar,
+) -> Result<Vec<(Llama, Tokenizer)>> {
+    let root = dir.join(hfdir::MEMBERS_DIR);
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(&root).map_err(|e| Error::io(&root, e))? {
+        let path = entry.map_err(|e| Error::io(&root, e))?.path();
+        if path.is_dir() {
+            dirs.push(path);
+        }
+    }
+    dirs.sort();
+    let mut members = Vec::with_capacity(dirs.len());
+    for m in dirs {
+        let hf = HfDir::load(&m)?;
+        let Some(side) = hf.sidecar.as_ref() else {
+            return Err(Error::Invalid(format!(
+                "{}: no sidrec.json: an ensemble member must be a model trained by `sidrec train`",
+                m.display()
+            )));
+        };
+        hfdir::check_sid_map(&m, artifacts_dir.join(artifacts::SIDS_FILE))?;
+        let differs = if side.sid_token_offset != sidecar.sid_token_offset
+            || side.sid_tokens != sidecar.sid_tokens
+        {
+            Some("SID tokens")
+        } else if side.history_titles != sidecar.history_titles || side.sequence != sidecar.sequence
+        {
+            Some("way of writing histories")
+        } else {
+            None
+        };
+        if let Some(what) = differs {
+            return Err(Error::Invalid(format!(
+                "{}: this member's {what} differ from {}'s; members must be trained on the same artifacts with the same options",
+                m.display(),
+                dir.display()
+            )));
+        }
+        let model = decoder(&m, &hf.config, hf.tensors, sids, side)?;
+        members.push((model, hf.tokenizer));
+    }
+    Ok(members)
 }
 
 /// [`LogitSource`] over the decoder with a KV cache: the prompt is prefilled once, and

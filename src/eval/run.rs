@@ -89,8 +89,12 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         name: "sidrec".into(),
         metrics: sidrec.metrics.clone(),
         note: format!(
-            "beam search, {} beams{}{}",
+            "beam search, {} beams{}{}{}",
             sidrec.beams,
+            match engine.ensemble_size() {
+                1 => String::new(),
+                n => format!(", ensemble of {n} seeds"),
+            },
             if opts.mix_recent > 0 {
                 format!(", mixture with the last {} items alone", opts.mix_recent)
             } else {

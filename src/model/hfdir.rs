@@ -36,6 +36,10 @@ pub const SIDECAR_FILE: &str = "sidrec.json";
 /// The weight name that tied models leave out (it is `model.embed_tokens.weight`).
 const LM_HEAD: &str = "lm_head.weight";
 
+/// Subdirectory of a sidrec model directory holding its ensemble members, one model
+/// directory each (`sidrec train --members`).
+pub const MEMBERS_DIR: &str = "members";
+
 /// A model directory in memory. `tensors` are f32 on the CPU, keyed by their Hugging
 /// Face names.
 pub struct HfDir {

@@ -371,6 +371,124 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
     Ok(report)
 }
 
+/// Trains `members` models that differ only in their seed (`opts.seed`, `+ 1`, …) and
+/// writes them as one ensemble: the first as the model directory `opts.out`, the others
+/// under its `members/01/`, `members/02/`, …, where [`crate::decode::Engine`] finds them
+/// and ranks by the mixture of all of them.
+///
+/// Why: on a small catalog a model's ranking quality depends on its seed as much as on
+/// its recipe (README, Evaluation), and the mixture of a few seeds is steadier than any
+/// one of them. Members train at the same time, each in its own thread pool with an
+/// equal share of the worker threads: a model this small trains faster per core on
+/// one thread than on two.
+///
+/// Nothing is written to `opts.out` unless every member trained; the members are staged
+/// beside it (`OUT.members/`) and moved in at the end. Returns the reports in member
+/// order. `members <= 1` is [`run`].
+pub fn run_members(
+    opts: &TrainOptions,
+    members: usize,
+    progress: Progress,
+) -> Result<Vec<TrainReport>> {
+    if members <= 1 {
+        return Ok(vec![run(opts, progress)?]);
+    }
+    if opts.resume {
+        return Err(Error::Invalid(
+            "--resume continues one model: it cannot be combined with --members".into(),
+        ));
+    }
+    if opts.out.exists() && !opts.force {
+        return Err(Error::Invalid(format!(
+            "{} already exists: pass --force to replace it",
+            opts.out.display()
+        )));
+    }
+    let staging = opts.out.with_extension("members");
+    let _ = std::fs::remove_dir_all(&staging);
+    let result = train_members(opts, members, &staging, progress);
+    let _ = std::fs::remove_dir_all(&staging);
+    result
+}
+
+fn train_members(
+    opts: &TrainOptions,
+    members: usize,
+    staging: &std::path::Path,
+    progress: Progress,
+) -> Result<Vec<TrainReport>> {
+    let name = |i: usize| format!("{i:02}");
+    let member_opts: Vec<TrainOptions> = (0..members)
+        .map(|i| {
+            let mut o = opts.clone();
+            o.seed = opts.seed.wrapping_add(i as u64);
+            o.data.seed = opts.data.seed.wrapping_add(i as u64);
+            o.out = staging.join(name(i));
+            o.force = true;
+            o
+        })
+        .collect();
+    let threads = rayon::current_num_threads().max(1);
+    let at_once = members.min(threads);
+    let per_member = (threads / at_once).max(1);
+    let mut reports = Vec::with_capacity(members);
+    for wave in member_opts.chunks(at_once) {
+        let done: Vec<Result<TrainReport>> = std::thread::scope(|scope| {
+            let running: Vec<_> = wave
+                .iter()
+                .map(|o| {
+                    // Bars for the first member only: the others train alongside it.
+                    let p = Progress::new(progress.quiet || !std::ptr::eq(o, &member_opts[0]));
+                    scope.spawn(move || {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(per_member)
+                            .build()
+                            .map_err(|e| Error::Invalid(format!("thread pool: {e}")))?;
+                        pool.install(|| run(o, p))
+                    })
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Invalid("a member's training panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        for r in done {
+            reports.push(r?);
+        }
+        if !progress.quiet {
+            eprintln!("trained {} of {members} members", reports.len());
+        }
+    }
+    // The first member's files become the model directory, the others its members.
+    let first = staging.join(name(0));
+    crate::atomic::write_dir(
+        &opts.out,
+        true,
+        |p| Error::Invalid(format!("{} exists", p.display())),
+        |p, e| Error::io(p, e),
+        |tmp| {
+            for entry in std::fs::read_dir(&first).map_err(|e| Error::io(&first, e))? {
+                let from = entry.map_err(|e| Error::io(&first, e))?.path();
+                let to = tmp.join(from.file_name().unwrap_or_default());
+                std::fs::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
+            }
+            let dir = tmp.join(hfdir::MEMBERS_DIR);
+            std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+            for i in 1..members {
+                let from = staging.join(name(i));
+                std::fs::rename(&from, dir.join(name(i))).map_err(|e| Error::io(&from, e))?;
+            }
+            Ok(())
+        },
+    )?;
+    Ok(reports)
+}
+
 fn to_candle(e: llama::ModelError) -> candle_core::Error {
     match e {
         llama::ModelError::Candle(c) => c,
