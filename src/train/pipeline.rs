@@ -379,8 +379,10 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
 /// Why: on a small catalog a model's ranking quality depends on its seed as much as on
 /// its recipe (README, Evaluation), and the mixture of a few seeds is steadier than any
 /// one of them. Members train at the same time, each in its own thread pool with an
-/// equal share of the worker threads: a model this small trains faster per core on
-/// one thread than on two.
+/// equal share of the worker threads, since a model this small trains faster per core
+/// on one thread than on two. Measured: as separate processes two one-thread runs each
+/// keep a lone run's speed, but in one process each gets about half of it (README,
+/// Evaluation); the cause is not found yet.
 ///
 /// Nothing is written to `opts.out` unless every member trained; the members are staged
 /// beside it (`OUT.members/`) and moved in at the end. Returns the reports in member
