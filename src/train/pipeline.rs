@@ -141,12 +141,7 @@ pub struct StageReport {
 /// Runs training and writes the model directory.
 pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
     let t0 = Instant::now();
-    if opts.out.exists() && !opts.force && !opts.resume {
-        return Err(Error::Invalid(format!(
-            "{} already exists: pass --force to replace it",
-            opts.out.display()
-        )));
-    }
+    refuse_existing(opts)?;
     // 1. Catalog, SIDs, interactions, examples.
     let catalog = artifacts::read_catalog(&opts.artifacts)?;
     let sids = SidMap::load(&opts.artifacts)?;
@@ -400,17 +395,23 @@ pub fn run_members(
             "--resume continues one model: it cannot be combined with --members".into(),
         ));
     }
-    if opts.out.exists() && !opts.force {
-        return Err(Error::Invalid(format!(
-            "{} already exists: pass --force to replace it",
-            opts.out.display()
-        )));
-    }
+    refuse_existing(opts)?;
     let staging = opts.out.with_extension("members");
     let _ = std::fs::remove_dir_all(&staging);
     let result = train_members(opts, members, &staging, progress);
     let _ = std::fs::remove_dir_all(&staging);
     result
+}
+
+/// An existing output directory is an error unless `--force` or `--resume` asks for it.
+fn refuse_existing(opts: &TrainOptions) -> Result<()> {
+    if opts.out.exists() && !opts.force && !opts.resume {
+        return Err(Error::Invalid(format!(
+            "{} already exists: pass --force to replace it",
+            opts.out.display()
+        )));
+    }
+    Ok(())
 }
 
 fn train_members(
