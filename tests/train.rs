@@ -483,3 +483,60 @@ fn members_train_together_and_rank_as_one_mixture() {
     assert!(err.to_string().contains("--members"), "{err}");
     assert!(!o.out.exists());
 }
+
+/// `select_users`: the instruct stage ranks the held-out next items at every evaluation,
+/// records NDCG@10 per evaluation, and the saved model is the selected step's: ranked
+/// again from the directory, the same users score exactly the recorded best.
+#[test]
+fn selection_saves_the_weights_with_the_best_validation_ndcg() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = artifacts(tmp.path(), 0);
+    let inter = interactions(tmp.path());
+    let out = tmp.path().join("model");
+    let base = scratch(tmp.path());
+    let mut o = options(art, inter.clone(), base, out.clone());
+    o.stage1 = None;
+    o.data.sequence = true;
+    o.data.history_titles = false;
+    o.eval_every = 4;
+    // More than the fixture's 24 users: every user is ranked, in user order.
+    o.select_users = 100;
+    let report = pipeline::run(&o, Progress::new(true)).unwrap();
+    let stage = &report.stages[0].report;
+    let steps: Vec<usize> = stage.valid_metric.iter().map(|p| p.0).collect();
+    let mut want: Vec<usize> = (4..=stage.steps).step_by(4).collect();
+    if want.last() != Some(&stage.steps) {
+        want.push(stage.steps);
+    }
+    assert_eq!(steps, want);
+    assert!(stage
+        .valid_metric
+        .iter()
+        .all(|p| (0.0..=1.0).contains(&p.1)));
+    let best = stage
+        .valid_metric
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, p| m.max(p.1));
+    let selected = stage.selected_step.expect("a selected step");
+    let at = stage.valid_metric.iter().find(|p| p.0 == selected).unwrap();
+    assert_eq!(at.1, best, "{:?}", stage.valid_metric);
+    let json = fs::read_to_string(out.join("train_report.json")).unwrap();
+    assert!(json.contains("\"selected_step\""), "{json}");
+
+    let e = sidrec::decode::Engine::load(&out).unwrap();
+    let (seqs, _) = sidrec::interactions::Sequences::load(
+        &inter,
+        e.catalog(),
+        &sidrec::interactions::ReadOptions::default(),
+    )
+    .unwrap();
+    let split = seqs.split();
+    let r = sidrec::eval::evaluate_model(
+        &e,
+        &split.valid,
+        &sidrec::eval::ModelOptions::default(),
+        &Progress::new(true),
+    )
+    .unwrap();
+    assert_eq!(r.metrics.ndcg_10, best);
+}

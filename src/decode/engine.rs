@@ -229,10 +229,37 @@ impl Engine {
                 model.config().vocab_size
             )));
         }
+        let mut engine = Engine::from_model(
+            model,
+            hf.tokenizer,
+            catalog,
+            sids,
+            sidecar,
+            Prompts::builtin(),
+            dir,
+        );
+        engine.members = members;
+        Ok(engine)
+    }
+
+    /// An engine over a decoder in memory, with the tokenizer (SID tokens included),
+    /// catalog, SID map, sidecar and prompts it was trained with: what training ranks
+    /// its validation users with, on the very weights it is updating (a detached view
+    /// shares their storage), without writing a model directory. `dir` is only named in
+    /// messages.
+    pub fn from_model(
+        model: Llama,
+        tokenizer: Tokenizer,
+        catalog: Catalog,
+        sids: SidMap,
+        sidecar: Sidecar,
+        prompts: Prompts,
+        dir: &Path,
+    ) -> Engine {
         let chat = ChatFormat::default();
         let stop: Vec<u32> = [chat.end.as_str(), "<|endoftext|>"]
             .iter()
-            .filter_map(|t| hf.tokenizer.token_to_id(t))
+            .filter_map(|t| tokenizer.token_to_id(t))
             .chain(model.config().eos_token_id)
             .collect();
         // Histories are written as training wrote them.
@@ -241,19 +268,19 @@ impl Engine {
             sequence: sidecar.sequence,
             ..DataOptions::default()
         };
-        Ok(Engine {
+        Engine {
             model,
-            members,
-            tokenizer: hf.tokenizer,
+            members: Vec::new(),
+            tokenizer,
             catalog,
             sids,
             sidecar,
-            prompts: Prompts::builtin(),
+            prompts,
             chat,
             data,
             stop,
             dir: dir.to_path_buf(),
-        })
+        }
     }
 
     pub fn catalog(&self) -> &Catalog {

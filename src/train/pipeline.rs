@@ -15,7 +15,9 @@ use tokenizers::{AddedToken, Tokenizer};
 use super::data::{self, DataOptions, Example, Prompts, Task};
 use super::trainer::{self, ChatFormat, Checkpointing, Encoded, LoopConfig, LoopReport};
 use crate::artifacts::{self, SidMap};
+use crate::decode::Engine;
 use crate::error::{Error, Result};
+use crate::eval;
 use crate::interactions::{ReadOptions, Sequences};
 use crate::model::bpe;
 use crate::model::config::LlamaConfig;
@@ -109,6 +111,12 @@ pub struct TrainOptions {
     pub resume: bool,
     pub seed: u64,
     pub data: DataOptions,
+    /// Keep the instruct stage's weights from the evaluation (every `eval_every` steps)
+    /// with the best validation NDCG@10 over this many sampled users, ranked as `sidrec
+    /// eval` ranks them (0: keep the last step's weights).
+    pub select_users: usize,
+    /// Rank those users by the mixture with their last N items alone (as `--mix-recent`).
+    pub select_mix_recent: usize,
 }
 
 pub const REPORT_FILE: &str = "train_report.json";
@@ -235,6 +243,26 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         seconds: 0.0,
     };
 
+    let sidecar = Sidecar {
+        sids_sha256: sids_sha,
+        artifacts: opts.artifacts.display().to_string(),
+        stage: String::new(),
+        prompts_version: prompts.fingerprint().to_string(),
+        sid_tokens: sid_tokens.len(),
+        sid_token_offset: n_old as u32,
+        history_titles: opts.data.history_titles,
+        sequence: opts.data.sequence,
+    };
+    // Validation users for --select-best: held-out next items, ranked over the catalog.
+    let select_cases: Vec<(Vec<u32>, u32)> = match opts.select_users {
+        0 => Vec::new(),
+        n => eval::sample_users(split.valid.len(), Some(n), opts.seed ^ 0x5e1ec7)
+            .into_iter()
+            .map(|u| split.valid[u].clone())
+            .filter(|(history, _)| !history.is_empty())
+            .collect(),
+    };
+
     // 4. Stages.
     let stages: [(&str, &Option<StageConfig>, bool); 2] = [
         ("align", &opts.stage1, true),
@@ -298,6 +326,35 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         // and no dropout.
         let inference = model.detached();
         let eval_fn = |b: &trainer::Batch| loss_with(&inference, b, None);
+        // Ranking validation users on the same detached view: the engine sees every update.
+        let ranker = match !align_only && !select_cases.is_empty() {
+            true => Some(Engine::from_model(
+                inference.clone(),
+                tok.clone(),
+                catalog.clone(),
+                SidMap::load(&opts.artifacts)?,
+                sidecar.clone(),
+                prompts.clone(),
+                &opts.out,
+            )),
+            false => None,
+        };
+        let ndcg = || -> std::result::Result<f64, String> {
+            let Some(engine) = &ranker else {
+                return Ok(0.0);
+            };
+            let ranking = eval::ModelOptions {
+                mix_recent: opts.select_mix_recent,
+                ..eval::ModelOptions::default()
+            };
+            eval::evaluate_model(engine, &select_cases, &ranking, &Progress::new(true))
+                .map(|r| r.metrics.ndcg_10)
+                .map_err(|e| e.to_string())
+        };
+        let select = ranker.is_some().then_some(trainer::Selection {
+            name: "NDCG@10",
+            metric: &ndcg,
+        });
         if !progress.quiet {
             eprintln!(
                 "stage {name}: {} examples, mode {:?}, {trainable} trainable parameters",
@@ -313,6 +370,7 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
                 train: &loss_fn,
                 eval: &eval_fn,
             },
+            select,
             &loop_cfg,
             &ckpt,
             progress,
@@ -331,14 +389,8 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
 
     // 5. The model directory.
     let sidecar = Sidecar {
-        sids_sha256: sids_sha,
-        artifacts: opts.artifacts.display().to_string(),
         stage: last_stage,
-        prompts_version: prompts.fingerprint().to_string(),
-        sid_tokens: sid_tokens.len(),
-        sid_token_offset: n_old as u32,
-        history_titles: opts.data.history_titles,
-        sequence: opts.data.sequence,
+        ..sidecar
     };
     let config = serde_json::from_str(&cfg.to_json_string())
         .map_err(|e| Error::Invalid(format!("config: {e}")))?;

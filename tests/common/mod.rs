@@ -129,6 +129,8 @@ pub fn options(artifacts: PathBuf, inter: PathBuf, base: BaseModel, out: PathBuf
         valid_examples: 0,
         resume: false,
         seed: 1,
+        select_users: 0,
+        select_mix_recent: 0,
         data: DataOptions {
             seed: 1,
             ..Default::default()
