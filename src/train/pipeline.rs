@@ -2,6 +2,11 @@
 //! tokens → model (from scratch or pretrained) → stage 1 (alignment) → stage 2
 //! (instruction mix) → a Hugging Face model directory with `sidrec.json` and
 //! `train_report.json`.
+//!
+//! With `select_users`, the instruct stage also ranks held-out items while it trains,
+//! through [`crate::decode::Engine`] and [`crate::eval::evaluate_model`] on the weights in
+//! memory: the only place where training reads the decoding side, so that a model is
+//! selected by the very ranking `sidrec eval` measures.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
