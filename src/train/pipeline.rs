@@ -344,21 +344,21 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
             )),
             false => None,
         };
-        let ndcg = || -> std::result::Result<f64, String> {
-            let Some(engine) = &ranker else {
-                return Ok(0.0);
-            };
-            let ranking = eval::ModelOptions {
-                mix_recent: opts.select_mix_recent,
-                ..eval::ModelOptions::default()
-            };
-            eval::evaluate_model(engine, &select_cases, &ranking, &Progress::new(true))
-                .map(|r| r.metrics.ndcg_10)
-                .map_err(|e| e.to_string())
+        let ranking = eval::ModelOptions {
+            mix_recent: opts.select_mix_recent,
+            ..eval::ModelOptions::default()
         };
-        let select = ranker.is_some().then_some(trainer::Selection {
+        let (cases, ranking) = (&select_cases, &ranking);
+        let ndcg = ranker.as_ref().map(|engine| {
+            move || -> std::result::Result<f64, String> {
+                eval::evaluate_model(engine, cases, ranking, &Progress::new(true))
+                    .map(|r| r.metrics.ndcg_10)
+                    .map_err(|e| e.to_string())
+            }
+        });
+        let select = ndcg.as_ref().map(|f| trainer::Selection {
             name: "NDCG@10",
-            metric: &ndcg,
+            metric: f,
         });
         if !progress.quiet {
             eprintln!(

@@ -229,31 +229,23 @@ pub struct LoopReport {
 struct LoopState {
     step: usize,
     report: LoopReport,
-    /// The best metric so far under a [`Selection`] (its weights are `best.safetensors`).
-    #[serde(default)]
-    best: Option<f64>,
 }
 
 /// The weights of the best evaluation so far under a [`Selection`]: deep copies, since
-/// the optimiser updates the parameters in place.
+/// the optimiser updates the parameters in place. Its step is the report's `selected_step`.
 struct Best {
-    step: usize,
     value: f64,
     params: std::collections::HashMap<String, Tensor>,
 }
 
 impl Best {
-    fn take(opt: &AdamW, step: usize, value: f64) -> Result<Best> {
+    fn take(opt: &AdamW, value: f64) -> Result<Best> {
         let params = opt
             .params()
             .iter()
             .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
             .collect::<Result<_>>()?;
-        Ok(Best {
-            step,
-            value,
-            params,
-        })
+        Ok(Best { value, params })
     }
 }
 
@@ -338,14 +330,13 @@ pub fn run(
     if ckpt.resume {
         let (state, best_params) = load_checkpoint(&ckpt.dir, &mut opt)?;
         start = state.step;
-        if let (Some(value), Some(params), Some(step)) =
-            (state.best, best_params, state.report.selected_step)
-        {
-            best = Some(Best {
-                step,
-                value,
-                params,
-            });
+        // The best value is the report's metric at its selected step.
+        let value = state.report.selected_step.and_then(|step| {
+            let at = state.report.valid_metric.iter().find(|p| p.0 == step)?;
+            Some(at.1)
+        });
+        if let (Some(value), Some(params)) = (value, best_params) {
+            best = Some(Best { value, params });
         }
         report = state.report;
         report.resumed_from = Some(start);
@@ -403,7 +394,7 @@ pub fn run(
                     report.valid_metric.push((step, m));
                     line += &format!(", valid {} {m:.4}", sel.name);
                     if best.as_ref().is_none_or(|b| m > b.value) {
-                        best = Some(Best::take(&opt, step, m)?);
+                        best = Some(Best::take(&opt, m)?);
                         report.selected_step = Some(step);
                         line += " (best)";
                     }
@@ -422,13 +413,6 @@ pub fn run(
             if let Some(t) = b.params.get(name) {
                 var.set(t)?;
             }
-        }
-        if !progress.quiet && b.step != step {
-            let name = select.map_or("metric", |s| s.name);
-            eprintln!(
-                "kept the weights of step {} (validation {name} {:.4}) instead of step {step}'s",
-                b.step, b.value
-            );
         }
     }
     report.steps = step;
@@ -512,7 +496,6 @@ fn save_checkpoint(
     let state = LoopState {
         step,
         report: report.clone(),
-        best: best.map(|b| b.value),
     };
     let json = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Invalid(e.to_string()))?;
     crate::atomic::write_dir(
@@ -534,9 +517,11 @@ fn save_checkpoint(
     )
 }
 
+/// The best weights of a [`Selection`] in a checkpoint, when it has them.
+type BestParams = Option<std::collections::HashMap<String, Tensor>>;
+
 /// Restores parameters and optimiser state from `dir`; returns the loop state and the
 /// best weights of a selection, when the checkpoint has them.
-type BestParams = Option<std::collections::HashMap<String, Tensor>>;
 fn load_checkpoint(dir: &Path, opt: &mut AdamW) -> Result<(LoopState, BestParams)> {
     let state_path = dir.join(STATE_FILE);
     let raw = std::fs::read(&state_path).map_err(|e| {
@@ -559,7 +544,7 @@ fn load_checkpoint(dir: &Path, opt: &mut AdamW) -> Result<(LoopState, BestParams
     }
     opt.load(&dir.join(OPTIM_FILE))?;
     let best_path = dir.join(BEST_FILE);
-    let best = match state.best.is_some() && best_path.is_file() {
+    let best = match state.report.selected_step.is_some() && best_path.is_file() {
         true => Some(candle_core::safetensors::load(&best_path, &Device::Cpu)?),
         false => None,
     };
