@@ -76,7 +76,7 @@ enum Command {
 
 const SERVE_HELP: &str = "Serve a model over HTTP (JSON in and out).\n\n\
 Endpoints:\n  \
-POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filter\", \"k\", \"exclude_seen\", \"mode\", \"mix_recent\"}\n  \
+POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filter\", \"k\", \"exclude_seen\", \"mode\", \"mix_recent\", \"recent_decay\"}\n  \
 POST /v1/generate   {\"query\", \"history\", \"mode\": chat|describe, \"format\", \"max_tokens\", \"temperature\", \"top_p\", \"seed\"}\n  \
 GET  /v1/items/{id}\n  \
 GET  /healthz\n\n\
@@ -211,6 +211,10 @@ struct EvalArgs {
     /// alone (as `recommend --mix-recent`; 0: the whole history only).
     #[arg(long, default_value_t = 0, value_name = "N")]
     mix_recent: usize,
+    /// Under --mix-recent, each further recent item weighs this many times the one after
+    /// it [default: 0.5].
+    #[arg(long, value_name = "X")]
+    recent_decay: Option<f32>,
     /// Users asked the steering requests (0: skip steerability).
     #[arg(long, default_value_t = 200)]
     steer_users: usize,
@@ -287,6 +291,10 @@ pub(crate) struct RequestArgs {
     /// counts. N+1 decoder passes per request (README, Evaluation).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub mix_recent: usize,
+    /// Under --mix-recent, each further recent item weighs this many times the one after
+    /// it [default: 0.5].
+    #[arg(long, value_name = "X")]
+    pub recent_decay: Option<f32>,
     /// auto (recommend with a history, else search), recommend, search, describe, chat.
     #[arg(long, default_value = "auto")]
     pub mode: sidrec::decode::Mode,
@@ -488,6 +496,13 @@ struct TrainArgs {
     /// tokens per epoch on Amazon Scientific (README, Evaluation).
     #[arg(long, default_value_t = 0, value_name = "N")]
     short_windows: usize,
+    /// With --sequence-examples, also teach soon-after pairs under their own instruction
+    /// (prompts/soon.txt): an item and one D = 1..=N positions after it, each kept with
+    /// probability 1/D (0: none). `--mix-recent` then asks each recent item alone what
+    /// follows it within a few items, as decayed co-occurrence counts do, instead of
+    /// the very next item only (recorded in sidrec.json).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    soon_pairs: usize,
     /// User-profile (describe) examples per user (0: none).
     #[arg(long, default_value_t = 1)]
     describe_per_user: usize,
@@ -895,6 +910,9 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
     if a.short_windows > 0 && !a.sequence_examples {
         bail!("--short-windows cuts sequence examples: it needs --sequence-examples");
     }
+    if a.soon_pairs > 0 && !a.sequence_examples {
+        bail!("--soon-pairs adds sequence examples: it needs --sequence-examples");
+    }
     if a.item_dropout > 0.0 && !a.item_embeddings {
         bail!("--item-dropout drops item vectors: it needs --item-embeddings");
     }
@@ -987,6 +1005,7 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
             history_titles: !a.sid_only_histories,
             sequence: a.sequence_examples,
             sequence_short: a.short_windows,
+            sequence_soon: a.soon_pairs,
             describe_per_user: a.describe_per_user,
             steer_per_user: a.steer_per_user,
             align_per_item: a.align_per_item,
@@ -1075,6 +1094,7 @@ pub(crate) fn build_request(
         beams: a.beams,
         types_in_prompt_only: false,
         mix_recent: a.mix_recent,
+        recent_decay: a.recent_decay,
     };
     if !a.literal {
         for r in engine.read_request(&mut req) {
@@ -1195,6 +1215,7 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
         exact: a.exact,
         exclude_seen: a.exclude_seen,
         mix_recent: a.mix_recent,
+        recent_decay: a.recent_decay,
         steer_users: a.steer_users,
         peers,
         seed: a.seed,

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! POST /v1/recommend   {query, history, types, filter, k, exclude_seen, mode, beams,
-//!                       mix_recent}
+//!                       mix_recent, recent_decay}
 //!                      -> {items: [{rank, id, title, type, score, sid}], ...}
 //! POST /v1/generate    {query, history, mode, format, max_tokens, temperature, top_p, seed, ...}
 //!                      -> {output: [{kind: "text", text} | {kind: "item", ...}], text}
@@ -154,6 +154,9 @@ pub struct RecommendBody {
     /// Rank by the mixture of the whole history and each of its last N items alone
     /// (0, the default: the whole history only; at most [`MAX_MIX_RECENT`]).
     pub mix_recent: usize,
+    /// Under `mix_recent`, each further recent item weighs this many times the one
+    /// after it (default 0.5; must be positive).
+    pub recent_decay: Option<f32>,
     /// Give the words to the model only (no titles or attribute words read as limits).
     pub literal: bool,
 }
@@ -495,6 +498,7 @@ async fn recommend(
     }
     req.beams = beams;
     req.mix_recent = b.mix_recent;
+    req.recent_decay = b.recent_decay;
     req.format = Format::Items;
     let (items, req) = on_worker(&state, move |e| Ok((e.recommend(&req)?, req))).await?;
     let e = &state.engine;

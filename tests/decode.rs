@@ -505,29 +505,47 @@ fn engine_mixes_the_whole_history_with_recent_items_alone() {
     };
     let history = ["m1", "m3", "m4"];
     let whole = exact(&req(&history, n));
-    let last = exact(&req(&["m4"], n));
-    let second = exact(&req(&["m3"], n));
+    // The recent items alone, most recent first.
+    let alone: Vec<_> = ["m4", "m3", "m1"]
+        .iter()
+        .map(|id| exact(&req(&[id], n)))
+        .collect();
     let mut r = req(&history, n);
-    r.mix_recent = 2;
-    let hits = e.rank(&r).unwrap();
-    assert_eq!(hits.len(), n);
-    let w = [1.0f32, 1.0, RECENT_DECAY];
-    let total: f32 = w.iter().sum();
-    for h in &hits {
-        let terms = [
-            (w[0] / total).ln() + whole[&h.item],
-            (w[1] / total).ln() + last[&h.item],
-            (w[2] / total).ln() + second[&h.item],
-        ];
-        let want = logsumexp(&terms);
-        assert!(
-            (h.score - want).abs() < 1e-3,
-            "{}: {} vs {want}",
-            h.item,
-            h.score
-        );
+    // The default decay over two items, then a given one over all three.
+    for (mix, decay) in [(2, None), (3, Some(0.25f32))] {
+        r.mix_recent = mix;
+        r.recent_decay = decay;
+        let hits = e.rank(&r).unwrap();
+        assert_eq!(hits.len(), n);
+        let d = decay.unwrap_or(RECENT_DECAY);
+        let w: Vec<f32> = std::iter::once(1.0)
+            .chain((0..mix).map(|k| d.powi(k as i32)))
+            .collect();
+        let total: f32 = w.iter().sum();
+        for h in &hits {
+            let terms: Vec<f32> = std::iter::once(&whole)
+                .chain(&alone[..mix])
+                .zip(&w)
+                .map(|(scores, wk)| (wk / total).ln() + scores[&h.item])
+                .collect();
+            let want = logsumexp(&terms);
+            assert!(
+                (h.score - want).abs() < 1e-3,
+                "mix {mix}, decay {d}, {}: {} vs {want}",
+                h.item,
+                h.score
+            );
+        }
+        assert!(hits.windows(2).all(|p| p[0].score >= p[1].score));
     }
-    assert!(hits.windows(2).all(|p| p[0].score >= p[1].score));
+    // A decay that weighs nothing or is no number is refused, not ranked.
+    for bad in [0.0, -0.5, f32::NAN, f32::INFINITY] {
+        r.recent_decay = Some(bad);
+        let err = e.rank(&r).unwrap_err().to_string();
+        assert!(err.contains("decay"), "{bad}: {err}");
+    }
+    r.mix_recent = 2;
+    r.recent_decay = None;
     // Exclusions still apply to the whole history.
     r.exclude_seen = true;
     r.k = 5;

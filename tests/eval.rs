@@ -209,6 +209,7 @@ fn the_library_scores_the_split_test_targets() {
             exact_group: 4,
             exclude_seen: false,
             mix_recent: 0,
+            recent_decay: None,
         },
         &Progress::new(true),
     )
@@ -232,6 +233,7 @@ fn the_library_scores_the_split_test_targets() {
             exclude_seen: true,
             // Mixed with the last two items alone: the lists stay as complete.
             mix_recent: 2,
+            recent_decay: None,
         },
         &Progress::new(true),
     )

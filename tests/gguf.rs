@@ -548,6 +548,7 @@ fn sidecar(sha: &str) -> Sidecar {
         sid_tokens: 1029,
         sid_token_offset: 49152,
         sequence: false,
+        soon: false,
     }
 }
 

@@ -181,6 +181,14 @@ fn endpoints_answer_and_bad_input_gets_4xx_json() {
         400,
         "mix_recent must be 0 to 8",
     );
+    assert_error(
+        s.post(
+            "/v1/recommend",
+            json!({"history": ["m1", "m3"], "mix_recent": 1, "recent_decay": -1.0}),
+        ),
+        400,
+        "decay must be a positive number",
+    );
 
     // Limits: types, filter; titles in the query join the history.
     let (st, r) = s.post(

@@ -314,6 +314,72 @@ fn sequence_training_travels_to_inference() {
     );
 }
 
+/// Soon-after pairs: training adds them under their own instruction and says so in
+/// sidrec.json; `mix_recent` then asks each recent item alone with that instruction
+/// (a model without them asks the item as a one-item history), and ranks.
+#[test]
+fn soon_pairs_travel_to_inference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = artifacts(tmp.path(), 0);
+    let inter = interactions(tmp.path());
+    let base = scratch(tmp.path());
+    let mut o = options(art, inter, base, tmp.path().join("plain"));
+    o.stage1 = None;
+    o.data.sequence = true;
+    o.data.history_titles = false;
+    let plain = pipeline::run(&o, Progress::new(true)).unwrap();
+    o.out = tmp.path().join("soon");
+    o.data.sequence_soon = 2;
+    let soon = pipeline::run(&o, Progress::new(true)).unwrap();
+    assert!(
+        soon.examples["sequence"] > plain.examples["sequence"],
+        "{:?} vs {:?}",
+        soon.examples,
+        plain.examples
+    );
+    let json = fs::read_to_string(o.out.join("sidrec.json")).unwrap();
+    assert!(json.contains("\"soon\": true"), "{json}");
+    let plain_json = fs::read_to_string(tmp.path().join("plain/sidrec.json")).unwrap();
+    assert!(!plain_json.contains("soon"), "{plain_json}");
+
+    for (dir, with_soon) in [(tmp.path().join("plain"), false), (o.out.clone(), true)] {
+        let e = sidrec::decode::Engine::load(&dir).unwrap();
+        let instruction = sidrec::train::data::soon_prompt(
+            e.catalog(),
+            &sidrec::train::data::Prompts::builtin(),
+            0,
+        )
+        .unwrap();
+        let (m1, m2) = (e.index_of("m1").unwrap(), e.index_of("m2").unwrap());
+        let mut req = sidrec::decode::Request {
+            history: vec![m1, m2],
+            k: 3,
+            ..Default::default()
+        };
+        let asked = e.recent_input(&req, m2).unwrap();
+        let alone = e
+            .model_input(&sidrec::decode::Request {
+                history: vec![m2],
+                ..req.clone()
+            })
+            .unwrap();
+        let sid = &e.sids().records[m2 as usize].sid;
+        if with_soon {
+            assert!(asked.contains(&instruction), "{asked}");
+            assert!(asked.ends_with(&format!("{sid}; ")), "{asked}");
+            assert_ne!(asked, alone);
+        } else {
+            assert_eq!(asked, alone);
+        }
+        req.mix_recent = 2;
+        let hits = e.rank(&req).unwrap();
+        let mut items: Vec<u32> = hits.iter().map(|h| h.item).collect();
+        items.sort();
+        items.dedup();
+        assert_eq!(items.len(), 3);
+    }
+}
+
 /// `item_embeddings`: the item table is trained in every mode (beside the LoRA adapters
 /// too), saved under its own name, and read back by the engine, which then recommends
 /// with it.

@@ -10,8 +10,8 @@ use sidrec::interactions::{ReadOptions, Sequences, Split};
 use sidrec::sid::SidVocab;
 use sidrec::train::data::{
     build, build_validation, count_by_task, format_history, profile, recommend_prompt,
-    sequence_context, sequence_prompt, sequence_windows, DataError, DataOptions, Example,
-    PromptKind, Prompts, Slot, Task,
+    sequence_context, sequence_prompt, sequence_windows, soon_prompt, DataError, DataOptions,
+    Example, PromptKind, Prompts, Slot, Task,
 };
 
 fn root() -> &'static Path {
@@ -472,7 +472,9 @@ fn prompt_files_parse_and_use_only_known_slots() {
     assert_eq!(loaded.fingerprint().len(), 64);
     for kind in PromptKind::ALL {
         let set = loaded.phrasings(kind);
-        assert!(set.len() >= 3, "{kind}: only {} phrasings", set.len());
+        // soon.txt keeps the two phrasings the README's Amazon models were taught.
+        let least = if kind == PromptKind::Soon { 2 } else { 3 };
+        assert!(set.len() >= least, "{kind}: only {} phrasings", set.len());
         for p in set {
             for s in p.slots() {
                 assert!(
@@ -719,4 +721,73 @@ fn short_windows_add_half_overlapping_windows_of_long_histories() {
     assert_eq!(got, expected);
     assert!(short.len() > whole.len(), "no history was long enough");
     assert_no_leakage(&f.catalog, &f.sids.records, &f.split, &short);
+}
+
+/// Soon-after pairs come on top of the windows (which stay exactly as they were): each
+/// is an item and one 1 to 3 positions after it in the same user's training part, under
+/// the soon instruction, after that user's windows, drawn the same way for the same
+/// seed; none holds a held-out item.
+#[test]
+fn soon_pairs_add_an_item_and_one_a_few_positions_later() {
+    let f = fixture_data();
+    let base = DataOptions {
+        sequence_short: 1,
+        ..only_sequences()
+    };
+    let plain = examples(&f, &base);
+    let soon = DataOptions {
+        sequence_soon: 3,
+        ..base.clone()
+    };
+    let with = examples(&f, &soon);
+    assert_eq!(
+        with,
+        examples(&f, &soon),
+        "not deterministic for a fixed seed"
+    );
+    let prompts = Prompts::builtin();
+    let instructions: Vec<String> = (0..prompts.phrasings(PromptKind::Soon).len())
+        .map(|i| soon_prompt(&f.catalog, &prompts, i).unwrap())
+        .collect();
+    let sid = |i: u32| f.sids.records[i as usize].sid.clone();
+    let is_pair = |e: &Example| {
+        let train = &f.split.train[e.user.unwrap() as usize];
+        instructions.contains(&e.prompt)
+            && (1..=3).any(|d| {
+                (0..train.len().saturating_sub(d))
+                    .any(|i| e.answer == format!("{}; {}", sid(train[i]), sid(train[i + d])))
+            })
+    };
+    let mut pairs = 0;
+    let mut rest = with.iter().peekable();
+    for p in &plain {
+        // The windows keep their order and phrasing; a user's pairs come after them.
+        while let Some(e) = rest.next_if(|e| *e != p) {
+            assert!(is_pair(e), "{e:?} is no soon-after pair of its user");
+            assert!(
+                e.user < p.user,
+                "a pair of {:?} before its windows end",
+                e.user
+            );
+            pairs += 1;
+        }
+        assert_eq!(rest.next(), Some(p));
+    }
+    for e in rest {
+        assert!(is_pair(e), "{e:?} is no soon-after pair of its user");
+        pairs += 1;
+    }
+    // Every consecutive pair is kept (d = 1), and some further ones.
+    let consecutive: usize = f
+        .split
+        .train
+        .iter()
+        .map(|t| t.len().saturating_sub(1))
+        .sum();
+    assert!(
+        pairs > consecutive,
+        "{pairs} pairs for {consecutive} transitions"
+    );
+    assert_eq!(with.len(), plain.len() + pairs);
+    assert_no_leakage(&f.catalog, &f.sids.records, &f.split, &with);
 }

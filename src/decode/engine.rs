@@ -127,9 +127,11 @@ pub struct Request {
     pub beams: Option<usize>,
     /// Also ask for each of the last `mix_recent` history items alone and rank by the
     /// mixture of these conditionals and the whole history's ([`super::mixture`]); the
-    /// k-th most recent item weighs [`RECENT_DECAY`]^(k-1) against the whole history's 1.
+    /// k-th most recent item weighs `recent_decay`^(k-1) against the whole history's 1.
     /// 0: the whole history alone. Only for ranked items with a history of two or more.
     pub mix_recent: usize,
+    /// The decay under `mix_recent` (`None`: [`RECENT_DECAY`]).
+    pub recent_decay: Option<f32>,
 }
 
 /// Weight of each further history item asked alone under [`Request::mix_recent`], after
@@ -438,6 +440,28 @@ impl Engine {
         Ok(self.chat.prompt(&prompt) + &context)
     }
 
+    /// The model input that asks about one recent history item alone under
+    /// [`Request::mix_recent`]: what was taken soon after it, for a model that learned
+    /// soon-after pairs (`soon.txt`), else the request with that item as its history.
+    pub fn recent_input(
+        &self,
+        req: &Request,
+        item: ItemIdx,
+    ) -> std::result::Result<String, DecodeError> {
+        let alone = Request {
+            history: vec![item],
+            ..req.clone()
+        };
+        if !(self.sidecar.soon && self.continues_history(&alone)?) {
+            return self.model_input(&alone);
+        }
+        let prompt = data::soon_prompt(&self.catalog, &self.prompts, 0)
+            .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        let context =
+            data::sequence_context(&self.catalog, &self.sids.records, &[item], &self.data);
+        Ok(self.chat.prompt(&prompt) + &context)
+    }
+
     /// Token ids of [`Engine::model_input`], as the model was trained to see them.
     fn prompt_ids(&self, req: &Request) -> std::result::Result<Vec<u32>, DecodeError> {
         self.encode_prompt(&self.tokenizer, self.model_input(req)?)
@@ -518,15 +542,17 @@ impl Engine {
         // (model input, prior weight) per conditional: the whole history, then each
         // recent item alone.
         let mut inputs = vec![(self.model_input(req)?, 1.0)];
+        let decay = req.recent_decay.unwrap_or(RECENT_DECAY);
+        if !(decay.is_finite() && decay > 0.0) {
+            return Err(DecodeError::Invalid(format!(
+                "the recent-item decay must be a positive number, got {decay}"
+            )));
+        }
         if req.history.len() >= 2 {
             let mut weight = 1.0;
             for &item in req.history.iter().rev().take(req.mix_recent) {
-                let alone = Request {
-                    history: vec![item],
-                    ..req.clone()
-                };
-                inputs.push((self.model_input(&alone)?, weight));
-                weight *= RECENT_DECAY;
+                inputs.push((self.recent_input(req, item)?, weight));
+                weight *= decay;
             }
         }
         if inputs.len() == 1 && self.members.is_empty() {
@@ -974,7 +1000,9 @@ fn load_members(
             || side.sid_tokens != sidecar.sid_tokens
         {
             Some("SID tokens")
-        } else if side.history_titles != sidecar.history_titles || side.sequence != sidecar.sequence
+        } else if side.history_titles != sidecar.history_titles
+            || side.sequence != sidecar.sequence
+            || side.soon != sidecar.soon
         {
             Some("way of writing histories")
         } else {

@@ -273,6 +273,9 @@ pub struct ModelOptions {
     /// Rank by the mixture of the whole history and its last N items alone
     /// ([`Request::mix_recent`]; 0: off).
     pub mix_recent: usize,
+    /// Weight ratio of each further recent item under `mix_recent`
+    /// ([`Request::recent_decay`]; `None`: the default).
+    pub recent_decay: Option<f32>,
 }
 
 impl Default for ModelOptions {
@@ -283,6 +286,7 @@ impl Default for ModelOptions {
             exact_group: 256,
             exclude_seen: false,
             mix_recent: 0,
+            recent_decay: None,
         }
     }
 }
@@ -348,6 +352,7 @@ pub fn evaluate_model(
         let req = Request {
             exclude_seen: opts.exclude_seen,
             mix_recent: opts.mix_recent,
+            recent_decay: opts.recent_decay,
             ..history_request(history, beams)
         };
         let t = Instant::now();

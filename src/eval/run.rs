@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub exclude_seen: bool,
     /// Rank by the mixture of the whole history and its last N items alone (0: off).
     pub mix_recent: usize,
+    /// Weight ratio of each further recent item under `mix_recent` (`None`: the default).
+    pub recent_decay: Option<f32>,
     /// Users asked the steering requests (0: none).
     pub steer_users: usize,
     /// `None`: no peers.
@@ -82,6 +84,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         exact: opts.exact,
         exclude_seen: opts.exclude_seen,
         mix_recent: opts.mix_recent,
+        recent_decay: opts.recent_decay,
         ..ModelOptions::default()
     };
     let sidrec = evaluate_model(&engine, &cases, &model_opts, progress)?;
@@ -96,7 +99,11 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
                 n => format!(", ensemble of {n} seeds"),
             },
             if opts.mix_recent > 0 {
-                format!(", mixture with the last {} items alone", opts.mix_recent)
+                format!(
+                    ", mixture with the last {} items alone (decay {})",
+                    opts.mix_recent,
+                    opts.recent_decay.unwrap_or(crate::decode::RECENT_DECAY)
+                )
             } else {
                 String::new()
             },

@@ -382,6 +382,10 @@ pub struct Sidecar {
     /// [`Task::Sequence`]: crate::train::data::Task::Sequence
     #[serde(default, skip_serializing_if = "is_no")]
     pub sequence: bool,
+    /// Whether training taught soon-after pairs (`soon.txt`): `mix_recent` then asks
+    /// each recent item alone with that instruction. Written only when true.
+    #[serde(default, skip_serializing_if = "is_no")]
+    pub soon: bool,
 }
 
 fn is_no(b: &bool) -> bool {

@@ -14,6 +14,7 @@
 //! | [`Task::Steer`] | history + requested type | next item of that type |
 //! | [`Task::Describe`] | history | profile: top genres/categories, decade |
 //! | [`Task::Sequence`] | instruction (`sequence.txt`) | a whole history, ≤ `max_history + 1` items (and windows of `sequence_short + 1`) |
+//! | [`Task::Sequence`] | instruction (`soon.txt`) | an item and one 1..=`sequence_soon` positions later |
 //!
 //! **No leakage.** The user tasks (recommend, steer, describe, sequence) read only
 //! [`Split::train`], the training parts: a user's validation and test targets never
@@ -174,10 +175,13 @@ pub enum PromptKind {
     Describe,
     /// The instruction before a whole history written as the answer.
     Sequence,
+    /// The instruction before an item and one taken soon after it
+    /// ([`DataOptions::sequence_soon`]).
+    Soon,
 }
 
 impl PromptKind {
-    pub const ALL: [PromptKind; 7] = [
+    pub const ALL: [PromptKind; 8] = [
         PromptKind::AlignItem,
         PromptKind::AlignSid,
         PromptKind::Recommend,
@@ -185,6 +189,7 @@ impl PromptKind {
         PromptKind::Steer,
         PromptKind::Describe,
         PromptKind::Sequence,
+        PromptKind::Soon,
     ];
 
     /// The file under `prompts/`.
@@ -197,6 +202,7 @@ impl PromptKind {
             PromptKind::Steer => "steer.txt",
             PromptKind::Describe => "describe.txt",
             PromptKind::Sequence => "sequence.txt",
+            PromptKind::Soon => "soon.txt",
         }
     }
 
@@ -208,7 +214,7 @@ impl PromptKind {
             PromptKind::Search => Task::Search,
             PromptKind::Steer => Task::Steer,
             PromptKind::Describe => Task::Describe,
-            PromptKind::Sequence => Task::Sequence,
+            PromptKind::Sequence | PromptKind::Soon => Task::Sequence,
         }
     }
 
@@ -221,7 +227,7 @@ impl PromptKind {
             PromptKind::Search => &[Slot::Query, Slot::Type],
             PromptKind::Steer => &[Slot::History, Slot::Type],
             PromptKind::Describe => &[Slot::History],
-            PromptKind::Sequence => &[Slot::Type],
+            PromptKind::Sequence | PromptKind::Soon => &[Slot::Type],
         }
     }
 
@@ -235,7 +241,7 @@ impl PromptKind {
             PromptKind::Search => &[&[Slot::Query]],
             PromptKind::Steer => &[&[Slot::History], &[Slot::Type]],
             PromptKind::Describe => &[&[Slot::History]],
-            PromptKind::Sequence => &[],
+            PromptKind::Sequence | PromptKind::Soon => &[],
         }
     }
 
@@ -248,6 +254,7 @@ impl PromptKind {
             PromptKind::Steer => include_str!("../../prompts/steer.txt"),
             PromptKind::Describe => include_str!("../../prompts/describe.txt"),
             PromptKind::Sequence => include_str!("../../prompts/sequence.txt"),
+            PromptKind::Soon => include_str!("../../prompts/soon.txt"),
         }
     }
 }
@@ -497,7 +504,8 @@ impl Prompts {
     }
 
     /// Reads every prompt file from a directory (`align_item.txt`, `align_sid.txt`,
-    /// `recommend.txt`, `search.txt`, `steer.txt`, `describe.txt`, `sequence.txt`). All
+    /// `recommend.txt`, `search.txt`, `steer.txt`, `describe.txt`, `sequence.txt`,
+    /// `soon.txt`). All
     /// must exist: a model is taught every task, and its prompts must be the ones
     /// inference reads.
     pub fn load(dir: &Path) -> Result<Prompts, DataError> {
@@ -670,6 +678,15 @@ pub struct DataOptions {
     /// transition in one fixed long context, and a model trained on them recognises a
     /// transition seen in training far less often than transition counts do.
     pub sequence_short: usize,
+    /// With `sequence`, also write soon-after pairs: an item and one `d` positions after
+    /// it, for `d` in `1..=sequence_soon`, each kept with probability `1/d`, under their
+    /// own instruction (`soon.txt`; 0: none). The model then learns, apart from the
+    /// next item, what a user takes within a few items of another, weighted by
+    /// closeness as decayed co-occurrence counts are: most test transitions were never
+    /// seen in training (README, Evaluation), and an item a few steps on is often the
+    /// one that follows. The same pairs under the sequence instruction blurred the
+    /// next-item transitions and ranked worse (README).
+    pub sequence_soon: usize,
 }
 
 impl Default for DataOptions {
@@ -693,6 +710,7 @@ impl Default for DataOptions {
             describe_per_user: 1,
             sequence: false,
             sequence_short: 0,
+            sequence_soon: 0,
         }
     }
 }
@@ -888,6 +906,16 @@ pub fn sequence_prompt(
 ) -> Result<String, DataError> {
     let noun = catalog_noun(catalog);
     prompts.render(PromptKind::Sequence, phrasing, &[(Slot::Type, &noun)])
+}
+
+/// The soon-after instruction ([`PromptKind::Soon`]) in phrasing `phrasing`.
+pub fn soon_prompt(
+    catalog: &Catalog,
+    prompts: &Prompts,
+    phrasing: usize,
+) -> Result<String, DataError> {
+    let noun = catalog_noun(catalog);
+    prompts.render(PromptKind::Soon, phrasing, &[(Slot::Type, &noun)])
 }
 
 /// What follows a sequence instruction when the model is to name the next item: the
@@ -1177,6 +1205,10 @@ fn render_random(
     }
 }
 
+/// Random stream of the soon-after pairs ([`DataOptions::sequence_soon`]), apart from
+/// the tasks'.
+const SOON_STREAM: u64 = 0x5007;
+
 fn task_rng(seed: u64, task: Task) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(task as u64 + 1);
@@ -1224,7 +1256,14 @@ pub fn build(
     }
     if opts.sequence {
         let mut rng = task_rng(opts.seed, Task::Sequence);
+        // Soon-after pairs draw from their own stream: with them or without, the
+        // windows stay as they were. A user's pairs follow its windows.
+        let mut soon_rng = task_rng(opts.seed, Task::Sequence);
+        soon_rng.set_stream(SOON_STREAM);
         let count = prompts.phrasings(PromptKind::Sequence).len();
+        let soon_count = prompts.phrasings(PromptKind::Soon).len();
+        // A phrasing index, drawn only when there is a choice.
+        let pick = |rng: &mut ChaCha8Rng, n: usize| if n > 0 { rng.gen_range(0..n) } else { 0 };
         // Windows are already cut to size: write each out whole.
         let whole = DataOptions {
             max_history: usize::MAX,
@@ -1240,18 +1279,28 @@ pub fn build(
             }
             for r in windows {
                 let answer = format_history(catalog, sids, &train[r], &whole);
-                let phrasing = if count > 0 {
-                    rng.gen_range(0..count)
-                } else {
-                    0
-                };
                 out.push(Example {
                     task: Task::Sequence,
-                    prompt: sequence_prompt(catalog, prompts, phrasing)?,
+                    prompt: sequence_prompt(catalog, prompts, pick(&mut rng, count))?,
                     context: String::new(),
                     answer,
                     user: Some(u as u32),
                 });
+            }
+            for d in 1..=opts.sequence_soon {
+                for i in 0..train.len().saturating_sub(d) {
+                    if !soon_rng.gen_bool(1.0 / d as f64) {
+                        continue;
+                    }
+                    let phrasing = pick(&mut soon_rng, soon_count);
+                    out.push(Example {
+                        task: Task::Sequence,
+                        prompt: soon_prompt(catalog, prompts, phrasing)?,
+                        context: String::new(),
+                        answer: format_history(catalog, sids, &[train[i], train[i + d]], &whole),
+                        user: Some(u as u32),
+                    });
+                }
             }
         }
     }

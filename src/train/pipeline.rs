@@ -257,6 +257,7 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         sid_token_offset: n_old as u32,
         history_titles: opts.data.history_titles,
         sequence: opts.data.sequence,
+        soon: opts.data.sequence && opts.data.sequence_soon > 0,
     };
     // Validation users for --select-best: held-out next items, ranked over the catalog.
     let select_cases: Vec<(Vec<u32>, u32)> = match opts.select_users {
