@@ -338,13 +338,22 @@ impl Engine {
     /// request continues a history.
     fn prompt_parts(&self, req: &Request) -> std::result::Result<(String, String), DecodeError> {
         if self.continues_history(req)? {
-            let prompt = data::sequence_prompt(&self.catalog, &self.prompts, 0)
-                .map_err(|e| DecodeError::Invalid(e.to_string()))?;
-            let context =
-                data::sequence_context(&self.catalog, &self.sids.records, &req.history, &self.data);
-            return Ok((prompt, context));
+            return self.continuation_parts(PromptKind::Sequence, &req.history);
         }
         Ok((self.instruction(req)?, String::new()))
+    }
+
+    /// (instruction of `kind`, the history it continues) for a continuation prompt.
+    fn continuation_parts(
+        &self,
+        kind: PromptKind,
+        history: &[ItemIdx],
+    ) -> std::result::Result<(String, String), DecodeError> {
+        let prompt = data::continuation_prompt(&self.catalog, &self.prompts, kind, 0)
+            .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        let context =
+            data::sequence_context(&self.catalog, &self.sids.records, history, &self.data);
+        Ok((prompt, context))
     }
 
     /// The instruction a request renders to (before the chat wrapping).
@@ -455,10 +464,7 @@ impl Engine {
         if !(self.sidecar.soon && self.continues_history(&alone)?) {
             return self.model_input(&alone);
         }
-        let prompt = data::soon_prompt(&self.catalog, &self.prompts, 0)
-            .map_err(|e| DecodeError::Invalid(e.to_string()))?;
-        let context =
-            data::sequence_context(&self.catalog, &self.sids.records, &[item], &self.data);
+        let (prompt, context) = self.continuation_parts(PromptKind::Soon, &alone.history)?;
         Ok(self.chat.prompt(&prompt) + &context)
     }
 

@@ -904,8 +904,7 @@ pub fn sequence_prompt(
     prompts: &Prompts,
     phrasing: usize,
 ) -> Result<String, DataError> {
-    let noun = catalog_noun(catalog);
-    prompts.render(PromptKind::Sequence, phrasing, &[(Slot::Type, &noun)])
+    continuation_prompt(catalog, prompts, PromptKind::Sequence, phrasing)
 }
 
 /// The soon-after instruction ([`PromptKind::Soon`]) in phrasing `phrasing`.
@@ -914,8 +913,19 @@ pub fn soon_prompt(
     prompts: &Prompts,
     phrasing: usize,
 ) -> Result<String, DataError> {
+    continuation_prompt(catalog, prompts, PromptKind::Soon, phrasing)
+}
+
+/// The instruction before a list of items written as the answer ([`PromptKind::Sequence`]
+/// or [`PromptKind::Soon`]): its only slot is the catalog's noun.
+pub fn continuation_prompt(
+    catalog: &Catalog,
+    prompts: &Prompts,
+    kind: PromptKind,
+    phrasing: usize,
+) -> Result<String, DataError> {
     let noun = catalog_noun(catalog);
-    prompts.render(PromptKind::Soon, phrasing, &[(Slot::Type, &noun)])
+    prompts.render(kind, phrasing, &[(Slot::Type, &noun)])
 }
 
 /// What follows a sequence instruction when the model is to name the next item: the
