@@ -76,7 +76,7 @@ enum Command {
 
 const SERVE_HELP: &str = "Serve a model over HTTP (JSON in and out).\n\n\
 Endpoints:\n  \
-POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filter\", \"k\", \"exclude_seen\", \"mode\", \"mix_recent\", \"recent_decay\"}\n  \
+POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filter\", \"k\", \"exclude_seen\", \"mode\", \"mix_recent\", \"recent_decay\", \"memory\"}\n  \
 POST /v1/generate   {\"query\", \"history\", \"mode\": chat|describe, \"format\", \"max_tokens\", \"temperature\", \"top_p\", \"seed\"}\n  \
 GET  /v1/items/{id}\n  \
 GET  /healthz\n\n\
@@ -215,6 +215,12 @@ struct EvalArgs {
     /// it [default: 0.5].
     #[arg(long, value_name = "X")]
     recent_decay: Option<f32>,
+    /// Also mix in a transition memory built from the training parts (what followed each
+    /// of the last 5 history items within 3 positions) at weight W against the whole
+    /// history's 1, as `recommend --memory` does with the model's transitions.json.
+    /// The report also ranks by the memory alone, as a baseline.
+    #[arg(long, value_name = "W")]
+    memory: Option<f32>,
     /// Users asked the steering requests (0: skip steerability).
     #[arg(long, default_value_t = 200)]
     steer_users: usize,
@@ -295,6 +301,12 @@ pub(crate) struct RequestArgs {
     /// it [default: 0.5].
     #[arg(long, value_name = "X")]
     pub recent_decay: Option<f32>,
+    /// Also mix in the model's transition memory (transitions.json: what followed each
+    /// of the user's last 5 items within 3 positions in the training sequences) at
+    /// weight W against the whole history's 1. It recalls every training transition
+    /// exactly, which a small decoder does not (README, Evaluation). 0: off.
+    #[arg(long, value_name = "W")]
+    pub memory: Option<f32>,
     /// auto (recommend with a history, else search), recommend, search, describe, chat.
     #[arg(long, default_value = "auto")]
     pub mode: sidrec::decode::Mode,
@@ -1095,6 +1107,7 @@ pub(crate) fn build_request(
         types_in_prompt_only: false,
         mix_recent: a.mix_recent,
         recent_decay: a.recent_decay,
+        memory: a.memory,
     };
     if !a.literal {
         for r in engine.read_request(&mut req) {
@@ -1216,6 +1229,7 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
         exclude_seen: a.exclude_seen,
         mix_recent: a.mix_recent,
         recent_decay: a.recent_decay,
+        memory: a.memory,
         steer_users: a.steer_users,
         peers,
         seed: a.seed,

@@ -40,6 +40,8 @@ pub enum Error {
     ModelIo(#[from] crate::model::gguf::ModelIoError),
     #[error(transparent)]
     Eval(#[from] crate::eval::EvalError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -21,6 +21,7 @@ pub mod eval;
 pub mod hub;
 pub mod interactions;
 pub mod kmeans;
+pub mod memory;
 pub mod model;
 pub mod npy;
 pub mod progress;

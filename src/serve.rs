@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! POST /v1/recommend   {query, history, types, filter, k, exclude_seen, mode, beams,
-//!                       mix_recent, recent_decay}
+//!                       mix_recent, recent_decay, memory}
 //!                      -> {items: [{rank, id, title, type, score, sid}], ...}
 //! POST /v1/generate    {query, history, mode, format, max_tokens, temperature, top_p, seed, ...}
 //!                      -> {output: [{kind: "text", text} | {kind: "item", ...}], text}
@@ -157,6 +157,9 @@ pub struct RecommendBody {
     /// Under `mix_recent`, each further recent item weighs this many times the one
     /// after it (default 0.5; must be positive).
     pub recent_decay: Option<f32>,
+    /// Mix in the model's transition memory at this weight against the whole history's
+    /// 1 (default: off; a model without `transitions.json` answers 400).
+    pub memory: Option<f32>,
     /// Give the words to the model only (no titles or attribute words read as limits).
     pub literal: bool,
 }
@@ -499,6 +502,7 @@ async fn recommend(
     req.beams = beams;
     req.mix_recent = b.mix_recent;
     req.recent_decay = b.recent_decay;
+    req.memory = b.memory;
     req.format = Format::Items;
     let (items, req) = on_worker(&state, move |e| Ok((e.recommend(&req)?, req))).await?;
     let e = &state.engine;

@@ -8,7 +8,7 @@ use sidrec::decode::engine::{Output, RECENT_DECAY};
 use sidrec::decode::mixture::{Component, MixtureSource};
 use sidrec::decode::{
     beam_search, beam_search_from, logsumexp, BeamConfig, DecodeError, Engine, GenConfig,
-    LogitSource, Mode, Request,
+    LogitSource, MemorySource, Mode, Request,
 };
 use sidrec::trie::{ItemIdx, Mask, TokenId, Trie};
 
@@ -231,6 +231,53 @@ proptest! {
             let m = beam_search(&mut one, &trie, &all, offset, &[], BeamConfig { k, beams: 8 }).unwrap();
             prop_assert_eq!(p.iter().map(|h| h.item).collect::<Vec<_>>(), m.iter().map(|h| h.item).collect::<Vec<_>>());
         }
+    }
+
+    /// An item distribution (the transition memory's) as a trie source: alone it scores
+    /// every item of its support with its own log-probability, and mixed with a decoder
+    /// every item gets the exact `log(λ_d p_d(path) + λ_m p_m(item))`, including items
+    /// outside the memory's support (its component then has no mass).
+    #[test]
+    fn memory_source_mixes_exactly(
+        (types, levels, codes, tuples) in tuples_strategy(),
+        seed in any::<u64>(),
+        support in prop::collection::vec((any::<prop::sample::Index>(), 0.01f32..1.0), 1..8),
+        weights in (0.05f32..3.0, 0.05f32..3.0),
+    ) {
+        let (trie, n_tokens) = catalog(types, levels, codes, &tuples);
+        let offset = 5;
+        let vocab = (offset + n_tokens) as usize + 2;
+        let mut dist: std::collections::BTreeMap<ItemIdx, f32> = Default::default();
+        for (i, p) in &support {
+            *dist.entry(trie.items()[i.index(trie.len())]).or_default() += p;
+        }
+        let total: f32 = dist.values().sum();
+        let dist: Vec<(ItemIdx, f32)> = dist.into_iter().map(|(i, p)| (i, p / total)).collect();
+        let p_mem = |item: ItemIdx| dist.iter().find(|d| d.0 == item).map_or(0.0, |d| d.1);
+        let all = Mask::all(&trie);
+        let wide = BeamConfig { k: trie.len(), beams: trie.len() };
+
+        let mut alone = MemorySource::new(&trie, offset, vocab, &dist).unwrap();
+        let hits = beam_search(&mut alone, &trie, &all, offset, &[], wide).unwrap();
+        for h in hits.iter().filter(|h| p_mem(h.item) > 0.0) {
+            prop_assert!((h.score - p_mem(h.item).ln()).abs() < 1e-4, "{} vs {}", h.score, p_mem(h.item).ln());
+        }
+        prop_assert_eq!(hits.iter().filter(|h| h.score.is_finite()).count(), dist.len());
+
+        let prompt = vec![1, 2, 3];
+        let (wd, wm) = weights;
+        let mut mix = MixtureSource::new(vec![
+            Component { source: Box::new(HashModel::new(vocab, seed)), prompt: prompt.clone(), weight: wd },
+            Component { source: Box::new(MemorySource::new(&trie, offset, vocab, &dist).unwrap()), prompt: Vec::new(), weight: wm },
+        ]).unwrap();
+        let hits = beam_search(&mut mix, &trie, &all, offset, &[], wide).unwrap();
+        prop_assert_eq!(hits.len(), trie.len());
+        let model = HashModel::new(vocab, seed);
+        for h in &hits {
+            let want = ((wd * model.path_logprob(&prompt, &h.path, offset).exp() + wm * p_mem(h.item)) / (wd + wm)).ln();
+            prop_assert!((h.score - want).abs() < 1e-3, "item {}: {} vs {}", h.item, h.score, want);
+        }
+        prop_assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
     }
 
     /// Under a prefix: only items below it, and a prefix with nothing allowed below it is
@@ -558,6 +605,55 @@ fn engine_mixes_the_whole_history_with_recent_items_alone() {
         r.mix_recent = mix;
         assert_eq!(e.rank(&r).unwrap(), plain);
     }
+}
+
+/// `memory` on the real decoder: the model directory carries the transition memory
+/// `sidrec train` wrote, and every item's score is the exact mixture of the whole
+/// history's score and the memory's probability; bad weights are refused, 0 is off, and
+/// an engine without a memory says so.
+#[test]
+fn engine_mixes_the_transition_memory() {
+    let e = engine();
+    let n = e.catalog().items.len();
+    let memory = e.memory().expect("train writes transitions.json");
+    let history = ["m1", "m3", "m4"];
+    let mut r = req(&history, n);
+    let dist = memory.distribution(&r.history);
+    assert!(!dist.is_empty(), "the fixture's histories have successors");
+    let whole: std::collections::HashMap<ItemIdx, f32> = e
+        .rank_exact(&r, 64)
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.item, h.score))
+        .collect();
+    let p_mem = |i: ItemIdx| dist.iter().find(|d| d.0 == i).map_or(0.0, |d| d.1);
+    let w = 0.7f32;
+    r.memory = Some(w);
+    let hits = e.rank(&r).unwrap();
+    assert_eq!(hits.len(), n);
+    for h in &hits {
+        let want = ((whole[&h.item].exp() + w * p_mem(h.item)) / (1.0 + w)).ln();
+        assert!(
+            (h.score - want).abs() < 1e-3,
+            "{}: {} vs {want}",
+            h.item,
+            h.score
+        );
+    }
+    for bad in [-1.0, f32::NAN, f32::INFINITY] {
+        r.memory = Some(bad);
+        let err = e.rank(&r).unwrap_err().to_string();
+        assert!(err.contains("memory weight"), "{bad}: {err}");
+    }
+    r.memory = Some(0.0);
+    r.k = 5;
+    let plain = e.rank(&req(&history, 5)).unwrap();
+    assert_eq!(e.rank(&r).unwrap(), plain);
+    let mut bare = Engine::load(&fixture_model().1).unwrap();
+    bare.set_memory(None);
+    r.memory = Some(1.0);
+    let err = bare.rank(&r).unwrap_err().to_string();
+    assert!(err.contains("no transition memory"), "{err}");
 }
 
 /// The KV-cached beam search over the real decoder scores each item exactly as a full

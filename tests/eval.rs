@@ -109,7 +109,15 @@ fn eval_writes_the_report_and_a_full_beam_equals_exact_ranking() {
     assert_eq!(v["users"], 24);
     let rows = v["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["sidrec", "sidrec (exact)", "most popular"]);
+    assert_eq!(
+        names,
+        [
+            "sidrec",
+            "sidrec (exact)",
+            "most popular",
+            "transition memory"
+        ]
+    );
     for r in rows {
         for k in ["recall@5", "recall@10", "ndcg@5", "ndcg@10"] {
             let x = r[k].as_f64().unwrap();
@@ -210,6 +218,7 @@ fn the_library_scores_the_split_test_targets() {
             exclude_seen: false,
             mix_recent: 0,
             recent_decay: None,
+            memory: None,
         },
         &Progress::new(true),
     )
@@ -231,9 +240,11 @@ fn the_library_scores_the_split_test_targets() {
             exact: false,
             exact_group: 4,
             exclude_seen: true,
-            // Mixed with the last two items alone: the lists stay as complete.
+            // Mixed with the last two items alone and the transition memory: the lists
+            // stay as complete.
             mix_recent: 2,
             recent_decay: None,
+            memory: Some(1.0),
         },
         &Progress::new(true),
     )
@@ -337,4 +348,25 @@ fn bad_input_is_an_error_that_names_it() {
         .unwrap();
     assert!(!res.status.success());
     assert!(String::from_utf8_lossy(&res.stderr).contains("no-model"));
+}
+
+/// The transition memory as a ranker, on a hand-computed case: the memory's items by
+/// probability, then the most popular training items.
+#[test]
+fn memory_baseline_ranks_successors_then_popular_items() {
+    use sidrec::interactions::Split;
+    use sidrec::memory::{MemorySettings, TransitionMemory};
+    let split = Split {
+        train: vec![vec![0, 1], vec![0, 1], vec![0, 2], vec![3, 3, 3]],
+        valid: Vec::new(),
+        test: Vec::new(),
+    };
+    let m = TransitionMemory::build(6, &split.train, MemorySettings::default()).unwrap();
+    // After 0: 1 (two of three), 2 (one of three). Item 5 was never followed.
+    let ndcg = |target: u32| eval::memory_baseline(&m, &split, &[(vec![5, 0], target)], 6).ndcg_10;
+    assert!((ndcg(1) - 1.0).abs() < 1e-9);
+    assert!((ndcg(2) - 1.0 / 3f64.log2()).abs() < 1e-9);
+    // Then by popularity: 0 and 3 (three times each; the lower index first).
+    assert!((ndcg(0) - 1.0 / 4f64.log2()).abs() < 1e-9);
+    assert!((ndcg(3) - 1.0 / 5f64.log2()).abs() < 1e-9);
 }

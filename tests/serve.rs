@@ -189,6 +189,21 @@ fn endpoints_answer_and_bad_input_gets_4xx_json() {
         400,
         "decay must be a positive number",
     );
+    // The model's transition memory mixes in; a weight below zero is refused.
+    let (st, r) = s.post(
+        "/v1/recommend",
+        json!({"history": ["m1", "m3"], "k": 3, "memory": 1.0}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["items"].as_array().unwrap().len(), 3, "{r}");
+    assert_error(
+        s.post(
+            "/v1/recommend",
+            json!({"history": ["m1", "m3"], "memory": -1.0}),
+        ),
+        400,
+        "memory weight",
+    );
 
     // Limits: types, filter; titles in the query join the history.
     let (st, r) = s.post(

@@ -16,12 +16,14 @@ use tokenizers::Tokenizer;
 use super::beam::{beam_search, BeamConfig, Hit};
 use super::filter::Filter;
 use super::generate::{generate, GenConfig, Segment};
+use super::memory::MemorySource;
 use super::mixture::{Component, MixtureSource};
 use super::query::{normalize, read_attributes, Reading};
 use super::{DecodeError, LogitSource};
 use crate::artifacts::{self, SidMap};
 use crate::catalog::{Catalog, Item};
 use crate::error::{Error, Result};
+use crate::memory::{Distribution, TransitionMemory, MEMORY_FILE};
 use crate::model::config::LlamaConfig;
 use crate::model::hfdir::{self, HfDir, Sidecar};
 use crate::model::items::ITEM_TABLE;
@@ -132,6 +134,11 @@ pub struct Request {
     pub mix_recent: usize,
     /// The decay under `mix_recent` (`None`: [`RECENT_DECAY`]).
     pub recent_decay: Option<f32>,
+    /// Also mix in the engine's transition memory ([`crate::memory`]) at this weight,
+    /// against the whole history's 1 (per ensemble member). `None` or 0: off. Only for
+    /// ranked items; a history whose recent items the memory never saw followed by
+    /// anything is ranked without it.
+    pub memory: Option<f32>,
 }
 
 /// Weight of each further history item asked alone under [`Request::mix_recent`], after
@@ -177,6 +184,9 @@ pub struct Engine {
     data: DataOptions,
     stop: Vec<u32>,
     dir: PathBuf,
+    /// What followed each item in the training sequences (`MODEL/transitions.json`, or
+    /// set by `sidrec eval` from the training parts): asked under [`Request::memory`].
+    memory: Option<TransitionMemory>,
 }
 
 impl Engine {
@@ -241,6 +251,10 @@ impl Engine {
             dir,
         );
         engine.members = members;
+        let memory = dir.join(MEMORY_FILE);
+        if memory.is_file() {
+            engine.memory = Some(TransitionMemory::load(&memory, &engine.catalog)?);
+        }
         Ok(engine)
     }
 
@@ -282,7 +296,18 @@ impl Engine {
             data,
             stop,
             dir: dir.to_path_buf(),
+            memory: None,
         }
+    }
+
+    /// Replaces the transition memory (`None`: none), e.g. with one built from the
+    /// training parts of an evaluation's interactions.
+    pub fn set_memory(&mut self, memory: Option<TransitionMemory>) {
+        self.memory = memory;
+    }
+
+    pub fn memory(&self) -> Option<&TransitionMemory> {
+        self.memory.as_ref()
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -561,7 +586,8 @@ impl Engine {
                 weight *= decay;
             }
         }
-        if inputs.len() == 1 && self.members.is_empty() {
+        let memory = self.memory_distribution(req)?;
+        if inputs.len() == 1 && self.members.is_empty() && memory.is_none() {
             let mut src = ModelSource::new(&self.model);
             let prompt = self.prompt_ids(req)?;
             return beam_search(&mut src, &self.sids.trie, &mask, offset, &prompt, cfg);
@@ -581,8 +607,44 @@ impl Engine {
                 });
             }
         }
+        if let Some((dist, weight)) = memory {
+            let vocab = self.model.config().vocab_size;
+            parts.push(Component {
+                source: Box::new(MemorySource::new(&self.sids.trie, offset, vocab, &dist)?),
+                prompt: Vec::new(),
+                // Against every decoder's whole-history prompt, not the first one's only.
+                weight: weight * self.ensemble_size() as f32,
+            });
+        }
         let mut src = MixtureSource::new(parts)?;
         beam_search(&mut src, &self.sids.trie, &mask, offset, &[], cfg)
+    }
+
+    /// The memory's distribution for a request that asks for it, with its weight; `None`
+    /// when the request does not, or the memory has nothing to say about this history.
+    fn memory_distribution(
+        &self,
+        req: &Request,
+    ) -> std::result::Result<Option<(Distribution, f32)>, DecodeError> {
+        let Some(weight) = req.memory else {
+            return Ok(None);
+        };
+        if !(weight.is_finite() && weight >= 0.0) {
+            return Err(DecodeError::Invalid(format!(
+                "the memory weight must be a number 0 or above, got {weight}"
+            )));
+        }
+        if weight == 0.0 {
+            return Ok(None);
+        }
+        let Some(memory) = &self.memory else {
+            return Err(DecodeError::Invalid(format!(
+                "{}: this model has no transition memory ({MEMORY_FILE}; `sidrec train` writes one)",
+                self.dir.display()
+            )));
+        };
+        let dist = memory.distribution(&req.history);
+        Ok((!dist.is_empty()).then_some((dist, weight)))
     }
 
     /// Every item the request allows, scored by its exact SID log-probability and sorted

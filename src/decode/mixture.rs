@@ -72,7 +72,13 @@ impl<'a> MixtureSource<'a> {
         for (m, mut l) in logits.into_iter().enumerate() {
             for row in l.chunks_mut(v) {
                 let lse = logsumexp(row);
-                row.iter_mut().for_each(|x| *x -= lse);
+                if lse.is_finite() {
+                    row.iter_mut().for_each(|x| *x -= lse);
+                } else {
+                    // A component with no mass after this prefix (a memory whose items
+                    // lie elsewhere): zero probability for every token, not NaN.
+                    row.fill(f32::NEG_INFINITY);
+                }
             }
             self.last[m] = l;
         }

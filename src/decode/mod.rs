@@ -8,6 +8,8 @@
 //!   into masks.
 //! * [`mixture`]: several prompts of one model decoded as their mixture (the whole
 //!   history and each recent item alone).
+//! * [`memory`]: an item distribution (the transition memory's) as next-token
+//!   probabilities over the trie, so it can join the mixture.
 //! * [`engine`]: a trained model directory with its catalog: requests in, ranked items or
 //!   segments out. What `sidrec recommend`, `repl` and `serve` call.
 //!
@@ -21,6 +23,7 @@ pub mod beam;
 pub mod engine;
 pub mod filter;
 pub mod generate;
+pub mod memory;
 pub mod mixture;
 pub mod query;
 
@@ -28,6 +31,7 @@ pub use beam::{beam_search, beam_search_from, BeamConfig, Hit};
 pub use engine::{Engine, Format, Mode, Request, RECENT_DECAY};
 pub use filter::Filter;
 pub use generate::{GenConfig, Segment};
+pub use memory::MemorySource;
 pub use query::Reading;
 
 use crate::trie::TokenId;

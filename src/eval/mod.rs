@@ -31,6 +31,7 @@ use serde::Serialize;
 use crate::catalog::Catalog;
 use crate::decode::{DecodeError, Engine, Filter, Hit, Mode, Request};
 use crate::interactions::Split;
+use crate::memory::TransitionMemory;
 use crate::progress::Progress;
 use crate::train::data;
 use crate::trie::ItemIdx;
@@ -205,6 +206,45 @@ pub fn most_popular(split: &Split, n_items: usize) -> Vec<ItemIdx> {
     order
 }
 
+/// The transition memory alone as a ranker ([`crate::memory`]): each case's items by
+/// the memory's probability, ties and the rest of the list by training popularity. A
+/// baseline beside first-order counts: it also counts the successors of older history
+/// items and those a few positions on.
+pub fn memory_baseline(
+    memory: &TransitionMemory,
+    split: &Split,
+    cases: &[(Vec<ItemIdx>, ItemIdx)],
+    n_items: usize,
+) -> Metrics {
+    let mut counts = vec![0usize; n_items];
+    for &i in split.train.iter().flatten() {
+        if let Some(c) = counts.get_mut(i as usize) {
+            *c += 1;
+        }
+    }
+    let popular = most_popular(split, n_items);
+    let mut acc = Accumulator::default();
+    for (history, target) in cases {
+        let mut dist = memory.distribution(history);
+        dist.sort_by(|a, b| {
+            b.1.total_cmp(&a.1)
+                .then(counts[b.0 as usize].cmp(&counts[a.0 as usize]))
+                .then(a.0.cmp(&b.0))
+        });
+        let mut ranked: Vec<ItemIdx> = dist.iter().take(TOP).map(|&(i, _)| i).collect();
+        for &p in &popular {
+            if ranked.len() >= TOP {
+                break;
+            }
+            if !ranked.contains(&p) {
+                ranked.push(p);
+            }
+        }
+        acc.add(&ranked, *target);
+    }
+    acc.finish()
+}
+
 /// Metrics of one group of users (see [`transition_breakdown`]).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GroupMetrics {
@@ -276,6 +316,8 @@ pub struct ModelOptions {
     /// Weight ratio of each further recent item under `mix_recent`
     /// ([`Request::recent_decay`]; `None`: the default).
     pub recent_decay: Option<f32>,
+    /// Weight of the engine's transition memory ([`Request::memory`]; `None`: off).
+    pub memory: Option<f32>,
 }
 
 impl Default for ModelOptions {
@@ -287,6 +329,7 @@ impl Default for ModelOptions {
             exclude_seen: false,
             mix_recent: 0,
             recent_decay: None,
+            memory: None,
         }
     }
 }
@@ -353,6 +396,7 @@ pub fn evaluate_model(
             exclude_seen: opts.exclude_seen,
             mix_recent: opts.mix_recent,
             recent_decay: opts.recent_decay,
+            memory: opts.memory,
             ..history_request(history, beams)
         };
         let t = Instant::now();

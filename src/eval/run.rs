@@ -6,12 +6,14 @@ use std::time::Instant;
 
 use super::report::{self, Ranking, Report, Row};
 use super::{
-    constraints, evaluate_model, evaluate_steering, evaluate_type_steering, most_popular, run_peer,
-    sample_users, transition_breakdown, Accumulator, EvalError, ModelOptions,
+    constraints, evaluate_model, evaluate_steering, evaluate_type_steering, memory_baseline,
+    most_popular, run_peer, sample_users, transition_breakdown, Accumulator, EvalError,
+    ModelOptions,
 };
 use crate::decode::Engine;
 use crate::error::{Error, Result};
 use crate::interactions::{ReadOptions, Sequences};
+use crate::memory::{MemorySettings, TransitionMemory};
 use crate::progress::Progress;
 
 /// Where the peer scripts are and how to run them.
@@ -45,6 +47,9 @@ pub struct RunOptions {
     pub mix_recent: usize,
     /// Weight ratio of each further recent item under `mix_recent` (`None`: the default).
     pub recent_decay: Option<f32>,
+    /// Mix in a transition memory built from the training parts at this weight
+    /// ([`crate::decode::Request::memory`]; `None`: off).
+    pub memory: Option<f32>,
     /// Users asked the steering requests (0: none).
     pub steer_users: usize,
     /// `None`: no peers.
@@ -60,7 +65,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
     if opts.out.exists() && !opts.force {
         return Err(EvalError::Exists(opts.out.clone()).into());
     }
-    let engine = Engine::load(&opts.model)?;
+    let mut engine = Engine::load(&opts.model)?;
     let (seqs, _) = Sequences::load(
         &opts.interactions,
         engine.catalog(),
@@ -69,6 +74,15 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
     let split = seqs.split();
     if split.test.is_empty() {
         return Err(EvalError::NoUsers.into());
+    }
+    // Built from the training parts, as `sidrec train` builds the model's own.
+    let memory = TransitionMemory::build(
+        engine.catalog().items.len(),
+        &split.train,
+        MemorySettings::default(),
+    )?;
+    if opts.memory.is_some() {
+        engine.set_memory(Some(memory.clone()));
     }
     let users = sample_users(split.test.len(), opts.users, opts.seed);
     let cases: Vec<_> = users.iter().map(|&u| split.test[u].clone()).collect();
@@ -85,6 +99,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         exclude_seen: opts.exclude_seen,
         mix_recent: opts.mix_recent,
         recent_decay: opts.recent_decay,
+        memory: opts.memory,
         ..ModelOptions::default()
     };
     let sidrec = evaluate_model(&engine, &cases, &model_opts, progress)?;
@@ -92,7 +107,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         name: "sidrec".into(),
         metrics: sidrec.metrics.clone(),
         note: format!(
-            "beam search, {} beams{}{}{}",
+            "beam search, {} beams{}{}{}{}",
             sidrec.beams,
             match engine.ensemble_size() {
                 1 => String::new(),
@@ -106,6 +121,10 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
                 )
             } else {
                 String::new()
+            },
+            match opts.memory {
+                Some(w) if w > 0.0 => format!(", transition memory at weight {w}"),
+                _ => String::new(),
             },
             if opts.exclude_seen {
                 ", history items excluded"
@@ -137,6 +156,15 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         name: "most popular".into(),
         metrics: acc.finish(),
         note: "training counts".into(),
+    });
+    let s = memory.settings();
+    rows.push(Row {
+        name: "transition memory".into(),
+        metrics: memory_baseline(&memory, &split, &cases, engine.catalog().items.len()),
+        note: format!(
+            "what followed the last {} items within {} positions in training (decay {})",
+            s.recent, s.window, s.decay
+        ),
     });
     let sampled = users.len() < split.test.len();
     if let Some(peers) = &opts.peers {

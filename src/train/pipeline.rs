@@ -24,6 +24,7 @@ use crate::decode::Engine;
 use crate::error::{Error, Result};
 use crate::eval;
 use crate::interactions::{ReadOptions, Sequences};
+use crate::memory::{MemorySettings, TransitionMemory, MEMORY_FILE};
 use crate::model::bpe;
 use crate::model::config::LlamaConfig;
 use crate::model::gguf::GgufModel;
@@ -417,6 +418,9 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
     .map(|f| (f, opts.artifacts.join(f)));
     let extra = files.each_ref().map(|(f, p)| (*f, p.as_path()));
     dir.save_with_files(&opts.out, opts.force || opts.resume, &extra)?;
+    // What followed each item in the same training parts: `--memory` at inference.
+    TransitionMemory::build(catalog.items.len(), &split.train, MemorySettings::default())?
+        .save(&opts.out.join(MEMORY_FILE), &catalog)?;
     let report_path = opts.out.join(REPORT_FILE);
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(e.to_string()))?;
     std::fs::write(&report_path, json + "\n").map_err(|e| Error::io(&report_path, e))?;
