@@ -192,18 +192,22 @@ impl Accumulator {
 /// The [`TOP`] most frequent items of the training parts (ties: lower index first), the
 /// same counts the Markov peer falls back to.
 pub fn most_popular(split: &Split, n_items: usize) -> Vec<ItemIdx> {
-    let mut counts = vec![0usize; n_items];
-    for seq in &split.train {
-        for &i in seq {
-            if let Some(c) = counts.get_mut(i as usize) {
-                *c += 1;
-            }
-        }
-    }
+    let counts = train_counts(split, n_items);
     let mut order: Vec<ItemIdx> = (0..n_items as ItemIdx).collect();
     order.sort_by(|&a, &b| counts[b as usize].cmp(&counts[a as usize]).then(a.cmp(&b)));
     order.truncate(TOP);
     order
+}
+
+/// How often each item occurs in the training parts (indices past `n_items` ignored).
+fn train_counts(split: &Split, n_items: usize) -> Vec<usize> {
+    let mut counts = vec![0usize; n_items];
+    for &i in split.train.iter().flatten() {
+        if let Some(c) = counts.get_mut(i as usize) {
+            *c += 1;
+        }
+    }
+    counts
 }
 
 /// The transition memory alone as a ranker ([`crate::memory`]): each case's items by
@@ -216,12 +220,7 @@ pub fn memory_baseline(
     cases: &[(Vec<ItemIdx>, ItemIdx)],
     n_items: usize,
 ) -> Metrics {
-    let mut counts = vec![0usize; n_items];
-    for &i in split.train.iter().flatten() {
-        if let Some(c) = counts.get_mut(i as usize) {
-            *c += 1;
-        }
-    }
+    let counts = train_counts(split, n_items);
     let popular = most_popular(split, n_items);
     let mut acc = Accumulator::default();
     for (history, target) in cases {
