@@ -7,11 +7,13 @@ use clap::{Args, Parser, Subcommand};
 
 use sidrec::artifacts::{self, SidMap};
 use sidrec::catalog::{Format, LoadOptions};
+use sidrec::collab::CollabConfig;
 use sidrec::embed::DEFAULT_MAX_TOKENS;
+use sidrec::interactions::ReadOptions;
 use sidrec::progress::Progress;
 use sidrec::quantize::{Assign, QuantizeConfig};
 use sidrec::template::Template;
-use sidrec::tokenize::{self, EmbeddingSource, Report, TokenizeOptions};
+use sidrec::tokenize::{self, CollabOptions, EmbeddingSource, Report, TokenizeOptions};
 
 #[derive(Parser)]
 #[command(
@@ -629,6 +631,25 @@ struct TokenizeArgs {
     /// Also write the embeddings that were quantized (embeddings.npy).
     #[arg(long)]
     save_embeddings: bool,
+    /// Interactions (the file `sidrec train` will read): join collaborative vectors,
+    /// built from what users took within a few positions of each other, to the text
+    /// embeddings, so that SID prefixes follow co-consumption too. Only each user's
+    /// training part (all but the last two items) is read, so evaluation targets never
+    /// shape a code.
+    #[arg(long)]
+    interactions: Option<PathBuf>,
+    /// With --interactions: the collaborative share of every squared distance, 0..1
+    /// (0.3 kept the most Amazon Scientific validation transitions within one first code;
+    /// 0.5 and more lost to it).
+    #[arg(long, default_value_t = 0.3, requires = "interactions")]
+    collab_weight: f32,
+    /// With --interactions: dimensions of the collaborative vectors (PPMI factorised).
+    #[arg(long, default_value_t = CollabConfig::default().dim, requires = "interactions")]
+    collab_dim: usize,
+    /// With --interactions: items at most this many positions apart co-occur (weight
+    /// 1/distance).
+    #[arg(long, default_value_t = CollabConfig::default().window, requires = "interactions")]
+    collab_window: usize,
     /// Print report.json to stdout instead of the human summary.
     #[arg(long)]
     json: bool,
@@ -781,6 +802,17 @@ fn cmd_tokenize(a: TokenizeArgs, progress: Progress) -> Result<()> {
         out: out.clone(),
         force: a.force,
         save_embeddings: a.save_embeddings,
+        collab: a.interactions.as_ref().map(|path| CollabOptions {
+            interactions: path.clone(),
+            read: ReadOptions::default(),
+            weight: a.collab_weight,
+            config: CollabConfig {
+                dim: a.collab_dim,
+                window: a.collab_window,
+                seed: a.seed,
+                ..Default::default()
+            },
+        }),
     };
     let report = tokenize::run(&opts, progress)?;
     if a.json {
@@ -813,6 +845,18 @@ fn print_summary(r: &Report, out: &Path) {
         r.seed
     );
     println!("  encoder      {}", r.encoder);
+    if let Some(c) = &r.collab {
+        println!(
+            "  collab       weight {} dim {} window {} from {} ({} users, {} training interactions, {} items covered)",
+            c.weight,
+            c.stats.eigenvalues.len(),
+            c.config.window,
+            c.interactions,
+            c.users,
+            c.training_interactions,
+            c.stats.items_covered
+        );
+    }
     for (l, lv) in r.quantization.levels.iter().enumerate() {
         println!(
             "  level {}      mse {:.5}  usage {:5.1}%  perplexity {:7.1}  fit {:.2}s",

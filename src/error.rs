@@ -42,6 +42,8 @@ pub enum Error {
     Eval(#[from] crate::eval::EvalError),
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Collab(#[from] crate::collab::CollabError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

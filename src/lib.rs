@@ -14,6 +14,7 @@
 pub mod artifacts;
 pub mod atomic;
 pub mod catalog;
+pub mod collab;
 pub mod decode;
 pub mod embed;
 pub mod error;

@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{self, Artifacts, SidRecord};
 use crate::catalog::{Catalog, Item, LoadOptions};
+use crate::collab::{self, CollabConfig, CollabStats};
 use crate::embed::{self, BertEncoder, Embeddings, Encoder};
 use crate::error::{Error, Result};
+use crate::interactions::{ReadOptions, Sequences};
 use crate::kmeans::Rows;
 use crate::progress::Progress;
 use crate::quantize::{self, LevelTiming, QuantizeConfig, QuantizeReport};
@@ -46,6 +48,33 @@ pub struct TokenizeOptions {
     pub out: PathBuf,
     pub force: bool,
     pub save_embeddings: bool,
+    /// Collaborative vectors joined to the text embeddings before quantization (`None`:
+    /// text alone).
+    pub collab: Option<CollabOptions>,
+}
+
+/// Where collaborative vectors come from and how much they weigh (see [`crate::collab`]).
+#[derive(Clone, Debug)]
+pub struct CollabOptions {
+    /// Interactions over the catalog's items; only each user's leave-one-out training
+    /// part (all but the last two items) is used, so no evaluation target shapes a code.
+    pub interactions: PathBuf,
+    pub read: ReadOptions,
+    /// The collaborative share of every squared distance, in `[0, 1]`.
+    pub weight: f32,
+    pub config: CollabConfig,
+}
+
+/// What the collaborative vectors were built from, in `report.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CollabReport {
+    pub interactions: String,
+    pub users: usize,
+    /// Interactions in the training parts the vectors were built from.
+    pub training_interactions: usize,
+    pub weight: f32,
+    pub config: CollabConfig,
+    pub stats: CollabStats,
 }
 
 /// Wall-clock seconds per stage.
@@ -85,6 +114,9 @@ pub struct Report {
     pub template: Option<String>,
     pub quantization: QuantizeReport,
     pub vocab: SidVocab,
+    /// Present when collaborative vectors were joined to the text embeddings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collab: Option<CollabReport>,
     pub timings: Timings,
 }
 
@@ -114,9 +146,14 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
             ))
         }
     };
+    let collab_input = opts
+        .collab
+        .as_ref()
+        .map(|c| read_collab(&catalog, c))
+        .transpose()?;
     timings.load = t0.elapsed().as_secs_f64();
 
-    // 2. Embeddings.
+    // 2. Embeddings (text, then the collaborative part joined to it).
     let te = Instant::now();
     let (emb, encoder_name, template) = match (&opts.embeddings, precomputed) {
         (EmbeddingSource::Precomputed(p), Some(e)) => {
@@ -151,6 +188,13 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
         (EmbeddingSource::Precomputed(_), None) => unreachable!("loaded above"),
     };
     emb.validate(&encoder_name)?;
+    let (emb, collab_report) = match &collab_input {
+        Some(c) => {
+            let (e, r) = join_collab(emb, c)?;
+            (e, Some(r))
+        }
+        None => (emb, None),
+    };
     timings.embed = te.elapsed().as_secs_f64();
 
     // 3. Residual k-means.
@@ -217,6 +261,7 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
         template,
         quantization: q.report.clone(),
         vocab: vocab.clone(),
+        collab: collab_report,
         timings: timings.clone(),
     };
 
@@ -242,6 +287,52 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
         opts.force,
     )?;
     Ok(report)
+}
+
+/// The interactions' training parts, read and checked before the expensive embedding
+/// step, so a bad file or weight fails at once.
+struct CollabInput<'a> {
+    opts: &'a CollabOptions,
+    users: usize,
+    train: Vec<Vec<u32>>,
+}
+
+fn read_collab<'a>(catalog: &Catalog, c: &'a CollabOptions) -> Result<CollabInput<'a>> {
+    if !(0.0..=1.0).contains(&c.weight) {
+        return Err(Error::Invalid(format!(
+            "--collab-weight {}: must be between 0 and 1 (the collaborative share of distances)",
+            c.weight
+        )));
+    }
+    let (seqs, _) = Sequences::load(&c.interactions, catalog, &c.read)?;
+    Ok(CollabInput {
+        opts: c,
+        users: seqs.len(),
+        train: seqs.split().train,
+    })
+}
+
+/// Builds collaborative vectors from the training parts and joins them to the text
+/// embeddings (see [`collab::combine`]).
+fn join_collab(text: Embeddings, c: &CollabInput<'_>) -> Result<(Embeddings, CollabReport)> {
+    let (vecs, dim, stats) = collab::vectors(&c.train, text.n, &c.opts.config)?;
+    let data = collab::combine(&text.data, text.d, &vecs, dim, c.opts.weight);
+    let report = CollabReport {
+        interactions: c.opts.interactions.display().to_string(),
+        users: c.users,
+        training_interactions: c.train.iter().map(Vec::len).sum(),
+        weight: c.opts.weight,
+        config: c.opts.config.clone(),
+        stats,
+    };
+    Ok((
+        Embeddings {
+            n: text.n,
+            d: text.d + dim,
+            data,
+        },
+        report,
+    ))
 }
 
 fn encode(

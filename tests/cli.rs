@@ -442,3 +442,80 @@ fn inspect_lists_dedup_siblings_first() {
         );
     }
 }
+
+/// `--interactions` joins collaborative vectors: the summary says so, flags that need it
+/// are refused without it, and a bad interaction line is named with its file and line.
+#[test]
+fn tokenize_with_interactions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_clustered_npy(&dir.join("vectors.npy"), 60, 8, 6);
+    let lines: Vec<String> = (0..30)
+        .map(|u| {
+            let items: Vec<String> = (0..5)
+                .map(|k| format!("\"{}\"", (u * 7 + k) % 60))
+                .collect();
+            format!(r#"{{"user": "u{u}", "items": [{}]}}"#, items.join(", "))
+        })
+        .collect();
+    fs::write(dir.join("inter.jsonl"), lines.join("\n") + "\n").unwrap();
+    let args = |out: &str, inter: &str| {
+        vec![
+            "tokenize".to_string(),
+            "--embeddings".into(),
+            "vectors.npy".into(),
+            "--interactions".into(),
+            inter.into(),
+            "--collab-dim".into(),
+            "4".into(),
+            "-o".into(),
+            out.into(),
+            "--codes".into(),
+            "4".into(),
+            "--levels".into(),
+            "2".into(),
+            "--quiet".into(),
+        ]
+    };
+    let summary = stdout_of(sidrec(dir).args(args("art", "inter.jsonl")));
+    assert!(summary.contains("d=12,"), "{summary}");
+    assert!(
+        summary.contains("collab       weight 0.3 dim 4 window 3 from inter.jsonl (30 users, 90 training interactions"),
+        "{summary}"
+    );
+    let inspect = stdout_of(sidrec(dir).args(["inspect", "art"]));
+    assert!(inspect.contains("collab       weight 0.3"), "{inspect}");
+
+    // A weight without interactions is a usage error.
+    let out = sidrec(dir)
+        .args([
+            "tokenize",
+            "--embeddings",
+            "vectors.npy",
+            "--collab-weight",
+            "0.3",
+            "-o",
+            "x",
+        ])
+        .assert()
+        .failure()
+        .code(2)
+        .get_output()
+        .stderr
+        .clone();
+    let err = String::from_utf8(out).unwrap();
+    assert!(err.contains("--interactions"), "{err}");
+
+    // An unknown item on line 2 is named, and nothing is written.
+    fs::write(
+        dir.join("bad.jsonl"),
+        "{\"user\": \"a\", \"items\": [\"1\", \"2\", \"3\"]}\n{\"user\": \"b\", \"items\": [\"1\", \"nope\", \"3\"]}\n",
+    )
+    .unwrap();
+    let err = stderr_of_failure(sidrec(dir).args(args("bad-out", "bad.jsonl")));
+    assert!(
+        err.contains("bad.jsonl") && err.contains('2') && err.contains("nope"),
+        "{err}"
+    );
+    assert!(!dir.join("bad-out").exists());
+}

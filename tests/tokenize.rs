@@ -68,6 +68,7 @@ fn options(
         out: out.to_path_buf(),
         force: false,
         save_embeddings: false,
+        collab: None,
     }
 }
 
@@ -711,6 +712,7 @@ fn ml100k_full_catalog_with_defaults() {
         out: out.clone(),
         force: false,
         save_embeddings: false,
+        collab: None,
     };
     let report = tokenize::run(&opts, quiet()).unwrap();
     eprintln!(

@@ -56,6 +56,7 @@ pub fn artifacts(dir: &Path, seed: u64) -> PathBuf {
         out: out.clone(),
         force: false,
         save_embeddings: false,
+        collab: None,
     };
     tokenize::run(&opts, Progress::new(true)).unwrap();
     out
