@@ -15,6 +15,8 @@
 //! leave-one-out training parts (every user's items but the last two), so the codes
 //! never see an evaluation target.
 
+use std::collections::BTreeMap;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use thiserror::Error;
@@ -173,19 +175,15 @@ pub fn vectors(
 /// Symmetric co-occurrence within `window` positions (weight 1/distance, an item with
 /// itself ignored), then `max(0, log(c_ab · T / (c_a · c_b)))`.
 fn ppmi(seqs: &[Vec<u32>], n: usize, window: usize) -> Result<Csr, CollabError> {
-    let mut rows: Vec<std::collections::BTreeMap<u32, f64>> = vec![Default::default(); n];
-    for s in seqs {
-        if let Some(&item) = s.iter().find(|&&i| i as usize >= n) {
-            return Err(CollabError::ItemOutOfRange { item, n });
-        }
-        for (i, &a) in s.iter().enumerate() {
-            for (d, &b) in s.iter().skip(i + 1).take(window).enumerate() {
-                if a == b {
-                    continue;
-                }
-                let w = 1.0 / (d + 1) as f64;
-                *rows[a as usize].entry(b).or_insert(0.0) += w;
-                *rows[b as usize].entry(a).or_insert(0.0) += w;
+    let successors = crate::interactions::windowed_successors(seqs, n, window)
+        .map_err(|item| CollabError::ItemOutOfRange { item, n })?;
+    // Both directions; an item with itself does not count.
+    let mut rows: Vec<BTreeMap<u32, f64>> = vec![BTreeMap::new(); n];
+    for (a, succ) in successors.iter().enumerate() {
+        for (&b, &c) in succ {
+            if b as usize != a {
+                *rows[a].entry(b).or_insert(0.0) += c;
+                *rows[b as usize].entry(a as u32).or_insert(0.0) += c;
             }
         }
     }

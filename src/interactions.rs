@@ -29,7 +29,7 @@
 //! = training part + validation target. Training data must only ever be built from the
 //! training parts, or the model sees the answers it is evaluated on.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -714,6 +714,30 @@ fn raw_items(
             })
         })
         .collect()
+}
+
+/// What followed each item within `window` positions in `sequences` (catalog indices
+/// below `n_items`, oldest first): `counts[a][b]` adds `1 / d` for every `b` that came
+/// `d ≤ window` positions after `a`. Ordered maps, so sums over a row are the same on
+/// every run. The transition memory and the collaborative vectors both start here.
+/// `Err` carries the first index outside the catalog.
+pub fn windowed_successors(
+    sequences: &[Vec<u32>],
+    n_items: usize,
+    window: usize,
+) -> Result<Vec<BTreeMap<u32, f64>>, u32> {
+    let mut counts: Vec<BTreeMap<u32, f64>> = vec![BTreeMap::new(); n_items];
+    for seq in sequences {
+        if let Some(&bad) = seq.iter().find(|&&i| i as usize >= n_items) {
+            return Err(bad);
+        }
+        for (i, &a) in seq.iter().enumerate() {
+            for (d, &b) in seq[i + 1..].iter().take(window).enumerate() {
+                *counts[a as usize].entry(b).or_default() += 1.0 / (d + 1) as f64;
+            }
+        }
+    }
+    Ok(counts)
 }
 
 #[cfg(test)]

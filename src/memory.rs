@@ -114,29 +114,20 @@ impl TransitionMemory {
         settings: MemorySettings,
     ) -> Result<TransitionMemory, MemoryError> {
         settings.check()?;
-        let mut counts: Vec<HashMap<ItemIdx, f64>> = vec![HashMap::new(); n_items];
-        for seq in sequences {
-            if let Some(&bad) = seq.iter().find(|&&i| i as usize >= n_items) {
-                return Err(MemoryError::Settings(format!(
+        let counts = crate::interactions::windowed_successors(sequences, n_items, settings.window)
+            .map_err(|bad| {
+                MemoryError::Settings(format!(
                     "item index {bad} is outside the catalog of {n_items}"
-                )));
-            }
-            for (i, &a) in seq.iter().enumerate() {
-                for (d, &b) in seq[i + 1..].iter().take(settings.window).enumerate() {
-                    *counts[a as usize].entry(b).or_default() += 1.0 / (d + 1) as f64;
-                }
-            }
-        }
+                ))
+            })?;
         let successors = counts
             .into_iter()
             .map(|c| {
                 let total: f64 = c.values().sum();
-                let mut v: Vec<(ItemIdx, f32)> = c
-                    .into_iter()
+                // In index order: the map is ordered.
+                c.into_iter()
                     .map(|(b, w)| (b, (w / total) as f32))
-                    .collect();
-                v.sort_unstable_by_key(|&(b, _)| b);
-                v
+                    .collect()
             })
             .collect();
         Ok(TransitionMemory {
