@@ -78,7 +78,7 @@ enum Command {
 
 const SERVE_HELP: &str = "Serve a model over HTTP (JSON in and out).\n\n\
 Endpoints:\n  \
-POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filter\", \"k\", \"exclude_seen\", \"mode\", \"mix_recent\", \"recent_decay\", \"memory\", \"memory_gate\"}\n  \
+POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filter\", \"k\", \"exclude_seen\", \"mode\", \"mix_recent\", \"recent_decay\", \"memory\"}\n  \
 POST /v1/generate   {\"query\", \"history\", \"mode\": chat|describe, \"format\", \"max_tokens\", \"temperature\", \"top_p\", \"seed\"}\n  \
 GET  /v1/items/{id}\n  \
 GET  /healthz\n\n\
@@ -223,11 +223,6 @@ struct EvalArgs {
     /// The report also ranks by the memory alone, as a baseline.
     #[arg(long, value_name = "W")]
     memory: Option<f32>,
-    /// Under --memory, scale its weight by min(1, S / G), where S is how often the last
-    /// history item's most frequent training successor followed it (1/d for d positions
-    /// apart): a transition seen once is weak evidence, one seen G times full weight.
-    #[arg(long, value_name = "G", requires = "memory")]
-    memory_gate: Option<f32>,
     /// Users asked the steering requests (0: skip steerability).
     #[arg(long, default_value_t = 200)]
     steer_users: usize,
@@ -314,11 +309,6 @@ pub(crate) struct RequestArgs {
     /// exactly, which a small decoder does not (README, Evaluation). 0: off.
     #[arg(long, value_name = "W")]
     pub memory: Option<f32>,
-    /// Under --memory, scale its weight by min(1, S / G), where S is how often the last
-    /// history item's most frequent training successor followed it (1/d for d positions
-    /// apart): a transition seen once is weak evidence, one seen G times full weight.
-    #[arg(long, value_name = "G", requires = "memory")]
-    pub memory_gate: Option<f32>,
     /// auto (recommend with a history, else search), recommend, search, describe, chat.
     #[arg(long, default_value = "auto")]
     pub mode: sidrec::decode::Mode,
@@ -1162,7 +1152,6 @@ pub(crate) fn build_request(
         mix_recent: a.mix_recent,
         recent_decay: a.recent_decay,
         memory: a.memory,
-        memory_gate: a.memory_gate,
     };
     if !a.literal {
         for r in engine.read_request(&mut req) {
@@ -1285,7 +1274,6 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
         mix_recent: a.mix_recent,
         recent_decay: a.recent_decay,
         memory: a.memory,
-        memory_gate: a.memory_gate,
         steer_users: a.steer_users,
         peers,
         seed: a.seed,

@@ -96,10 +96,6 @@ pub struct TransitionMemory {
     settings: MemorySettings,
     /// Per catalog item: `(successor, weight)`, by successor index.
     successors: Vec<Vec<(ItemIdx, f32)>>,
-    /// Per catalog item: the raw count (at `1 / d`) of its most frequent successor, the
-    /// evidence behind its row ([`TransitionMemory::support`]); empty for a memory read
-    /// from a file written before it was kept.
-    support: Vec<f32>,
 }
 
 /// The file layout: ids, not catalog indices, so a memory names what it counted.
@@ -107,9 +103,6 @@ pub struct TransitionMemory {
 struct MemoryFile {
     settings: MemorySettings,
     successors: BTreeMap<String, Vec<(String, f32)>>,
-    /// Item id → [`TransitionMemory::support`]; absent in files from before it was kept.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    support: BTreeMap<String, f32>,
 }
 
 impl TransitionMemory {
@@ -127,10 +120,6 @@ impl TransitionMemory {
                     "item index {bad} is outside the catalog of {n_items}"
                 ))
             })?;
-        let support = counts
-            .iter()
-            .map(|c| c.values().copied().fold(0.0, f64::max) as f32)
-            .collect();
         let successors = counts
             .into_iter()
             .map(|c| {
@@ -144,7 +133,6 @@ impl TransitionMemory {
         Ok(TransitionMemory {
             settings,
             successors,
-            support,
         })
     }
 
@@ -158,22 +146,6 @@ impl TransitionMemory {
             .get(item as usize)
             .map(Vec::as_slice)
             .unwrap_or(&[])
-    }
-
-    /// How often, counting `1 / d` for `d` positions apart, the most frequent successor
-    /// of `item` followed it in training: 0 for an item never followed by anything.
-    /// `None` for a memory read from a file that does not keep it.
-    ///
-    /// Why it matters: a successor seen once is weak evidence, a successor seen four
-    /// times is strong, and on Amazon Scientific the next item is a transition seen in
-    /// training for 4% of users whose last item's strongest successor has a count below
-    /// 2, but for most of those at 4 and above (README, Evaluation): the memory's
-    /// weight in a mixture can follow it ([`crate::decode::Request::memory_gate`]).
-    pub fn support(&self, item: ItemIdx) -> Option<f32> {
-        if self.support.is_empty() {
-            return None;
-        }
-        Some(self.support.get(item as usize).copied().unwrap_or(0.0))
     }
 
     /// The memory's distribution for a history (oldest first): `(item, probability)` by
@@ -215,17 +187,9 @@ impl TransitionMemory {
                 )
             })
             .collect();
-        let support = self
-            .support
-            .iter()
-            .enumerate()
-            .filter(|(_, &s)| s > 0.0)
-            .map(|(a, &s)| (id(a as ItemIdx), s))
-            .collect();
         let file = MemoryFile {
             settings: self.settings,
             successors,
-            support,
         };
         let json = serde_json::to_string(&file).map_err(|e| MemoryError::Parse {
             path: path.to_path_buf(),
@@ -275,23 +239,9 @@ impl TransitionMemory {
             v.sort_unstable_by_key(|&(b, _)| b);
             successors[index(a)? as usize] = v;
         }
-        let mut support = Vec::new();
-        if !file.support.is_empty() {
-            support = vec![0.0; catalog.items.len()];
-            for (a, &s) in &file.support {
-                if !(s.is_finite() && s >= 0.0) {
-                    return Err(MemoryError::Parse {
-                        path: path.to_path_buf(),
-                        msg: format!("support of {a:?} is {s}"),
-                    });
-                }
-                support[index(a)? as usize] = s;
-            }
-        }
         Ok(TransitionMemory {
             settings: file.settings,
             successors,
-            support,
         })
     }
 }

@@ -7,8 +7,8 @@ use proptest::prelude::*;
 use sidrec::decode::engine::{Output, RECENT_DECAY};
 use sidrec::decode::mixture::{Component, MixtureSource};
 use sidrec::decode::{
-    beam_search, beam_search_from, gated_weight, logsumexp, BeamConfig, DecodeError, Engine,
-    GenConfig, LogitSource, MemorySource, Mode, Request,
+    beam_search, beam_search_from, logsumexp, BeamConfig, DecodeError, Engine, GenConfig,
+    LogitSource, MemorySource, Mode, Request,
 };
 use sidrec::trie::{ItemIdx, Mask, TokenId, Trie};
 
@@ -645,42 +645,6 @@ fn engine_mixes_the_transition_memory() {
         let err = e.rank(&r).unwrap_err().to_string();
         assert!(err.contains("memory weight"), "{bad}: {err}");
     }
-    // The gate scales the weight by min(1, support / gate): the same mixture as the
-    // scaled weight given directly, full weight once the support reaches the gate.
-    let support = memory.support(*r.history.last().unwrap()).unwrap();
-    assert!(support > 0.0);
-    r.memory = Some(w);
-    for gate in [support * 4.0, support, support / 2.0] {
-        r.memory_gate = Some(gate);
-        let gated = e.rank(&r).unwrap();
-        assert_eq!(
-            gated_weight(w, support, gate),
-            w * (support / gate).min(1.0)
-        );
-        let mut direct = r.clone();
-        direct.memory = Some(gated_weight(w, support, gate));
-        direct.memory_gate = None;
-        let want = e.rank(&direct).unwrap();
-        for (g, d) in gated.iter().zip(&want) {
-            assert_eq!(g.item, d.item);
-            assert!((g.score - d.score).abs() < 1e-6);
-        }
-    }
-    // A quarter of the weight is a different mixture: some item's score moves.
-    r.memory_gate = Some(support * 4.0);
-    let quarter = e.rank(&r).unwrap();
-    let score = |hits: &[sidrec::decode::Hit], i: ItemIdx| {
-        hits.iter().find(|h| h.item == i).map(|h| h.score).unwrap()
-    };
-    assert!(hits
-        .iter()
-        .any(|h| (score(&quarter, h.item) - h.score).abs() > 1e-3));
-    for bad in [0.0, -1.0, f32::NAN] {
-        r.memory_gate = Some(bad);
-        let err = e.rank(&r).unwrap_err().to_string();
-        assert!(err.contains("memory gate"), "{bad}: {err}");
-    }
-    r.memory_gate = None;
     r.memory = Some(0.0);
     r.k = 5;
     let plain = e.rank(&req(&history, 5)).unwrap();

@@ -219,7 +219,6 @@ fn the_library_scores_the_split_test_targets() {
             mix_recent: 0,
             recent_decay: None,
             memory: None,
-            memory_gate: None,
         },
         &Progress::new(true),
     )
@@ -241,12 +240,11 @@ fn the_library_scores_the_split_test_targets() {
             exact: false,
             exact_group: 4,
             exclude_seen: true,
-            // Mixed with the last two items alone and the transition memory (gated by its
-            // support): the lists stay as complete.
+            // Mixed with the last two items alone and the transition memory: the lists
+            // stay as complete.
             mix_recent: 2,
             recent_decay: None,
             memory: Some(1.0),
-            memory_gate: Some(2.0),
         },
         &Progress::new(true),
     )

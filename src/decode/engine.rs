@@ -139,17 +139,6 @@ pub struct Request {
     /// ranked items; a history whose recent items the memory never saw followed by
     /// anything is ranked without it.
     pub memory: Option<f32>,
-    /// Scale the memory's weight by the evidence behind it: `min(1, s / gate)`, where `s`
-    /// is how often the last history item's most frequent training successor followed it
-    /// ([`TransitionMemory::support`]). `None`: the weight as given. A transition seen
-    /// once is weak evidence and pushes the decoder's own answers out of the list; one
-    /// seen four times is usually right (README, Evaluation).
-    pub memory_gate: Option<f32>,
-}
-
-/// The memory's weight under [`Request::memory_gate`]: `weight · min(1, support / gate)`.
-pub fn gated_weight(weight: f32, support: f32, gate: f32) -> f32 {
-    weight * (support / gate).min(1.0)
 }
 
 /// Weight of each further history item asked alone under [`Request::mix_recent`], after
@@ -654,31 +643,6 @@ impl Engine {
                 self.dir.display()
             )));
         };
-        let weight = match req.memory_gate {
-            None => weight,
-            Some(gate) => {
-                if !(gate.is_finite() && gate > 0.0) {
-                    return Err(DecodeError::Invalid(format!(
-                        "the memory gate must be a positive number, got {gate}"
-                    )));
-                }
-                let last = req.history.last().copied();
-                let support = match last {
-                    None => 0.0,
-                    Some(item) => memory.support(item).ok_or_else(|| {
-                        DecodeError::Invalid(format!(
-                            "{}: this transition memory keeps no support counts (written by an \
-                             older sidrec; `sidrec train` writes them), so it cannot be gated",
-                            self.dir.display()
-                        ))
-                    })?,
-                };
-                gated_weight(weight, support, gate)
-            }
-        };
-        if weight == 0.0 {
-            return Ok(None);
-        }
         let dist = memory.distribution(&req.history);
         Ok((!dist.is_empty()).then_some((dist, weight)))
     }

@@ -50,8 +50,6 @@ pub struct RunOptions {
     /// Mix in a transition memory built from the training parts at this weight
     /// ([`crate::decode::Request::memory`]; `None`: off).
     pub memory: Option<f32>,
-    /// Scale the memory's weight by its evidence ([`crate::decode::Request::memory_gate`]).
-    pub memory_gate: Option<f32>,
     /// Users asked the steering requests (0: none).
     pub steer_users: usize,
     /// `None`: no peers.
@@ -102,7 +100,6 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         mix_recent: opts.mix_recent,
         recent_decay: opts.recent_decay,
         memory: opts.memory,
-        memory_gate: opts.memory_gate,
         ..ModelOptions::default()
     };
     let sidrec = evaluate_model(&engine, &cases, &model_opts, progress)?;
@@ -125,10 +122,8 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
             } else {
                 String::new()
             },
-            match (opts.memory, opts.memory_gate) {
-                (Some(w), None) if w > 0.0 => format!(", transition memory at weight {w}"),
-                (Some(w), Some(g)) if w > 0.0 =>
-                    format!(", transition memory at weight {w} x min(1, support / {g})"),
+            match opts.memory {
+                Some(w) if w > 0.0 => format!(", transition memory at weight {w}"),
                 _ => String::new(),
             },
             if opts.exclude_seen {
