@@ -4,7 +4,7 @@
 # evaluate it beside the baselines. One command per dataset:
 #
 #   scripts/eval.sh ml-100k            # about 20 min on 2 cores
-#   scripts/eval.sh amazon-scientific  # about 45 min on 2 cores (needs ../shared/data)
+#   scripts/eval.sh amazon-scientific  # 45-70 min on 2 cores (needs ../shared/data)
 #   scripts/eval.sh ml-1m              # about 1.5 h on 2 cores
 #   scripts/eval.sh mixed              # movies + products in one catalog: type steering
 #
