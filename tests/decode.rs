@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use sidrec::decode::engine::{Output, RECENT_DECAY};
 use sidrec::decode::mixture::{Component, MixtureSource};
 use sidrec::decode::{
-    beam_search, beam_search_from, logsumexp, BeamConfig, DecodeError, Engine, GenConfig,
+    beam_search, beam_search_from, logsumexp, BeamConfig, DecodeError, Engine, GenConfig, Hit,
     LogitSource, MemorySource, Mode, Request,
 };
 use sidrec::trie::{ItemIdx, Mask, TokenId, Trie};
@@ -654,6 +654,35 @@ fn engine_mixes_the_transition_memory() {
     r.memory = Some(1.0);
     let err = bare.rank(&r).unwrap_err().to_string();
     assert!(err.contains("no transition memory"), "{err}");
+}
+
+/// Exact ranking ranks the same model as beam search: with recent items asked alone and
+/// the memory mixed in, every item's exact score (taken in small groups) is its score
+/// from a beam as wide as the catalog, and the plain request still ranks differently.
+#[test]
+fn exact_ranking_mixes_what_beam_search_mixes() {
+    let e = engine();
+    let n = e.catalog().items.len();
+    let scores = |hits: Vec<Hit>| -> std::collections::HashMap<ItemIdx, f32> {
+        hits.into_iter().map(|h| (h.item, h.score)).collect()
+    };
+    let mut r = req(&["m1", "m3", "m4"], n);
+    let plain = scores(e.rank_exact(&r, 3).unwrap());
+    r.mix_recent = 2;
+    r.memory = Some(0.7);
+    let beam = scores(e.rank(&r).unwrap());
+    let exact = scores(e.rank_exact(&r, 3).unwrap());
+    assert_eq!(exact.len(), n);
+    let mut moved = 0;
+    for (item, s) in &exact {
+        assert!(
+            (s - beam[item]).abs() < 1e-3,
+            "{item}: exact {s}, beam {}",
+            beam[item]
+        );
+        moved += usize::from((s - plain[item]).abs() > 1e-3);
+    }
+    assert!(moved > 0, "the mixture changed no score");
 }
 
 /// The KV-cached beam search over the real decoder scores each item exactly as a full

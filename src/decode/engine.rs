@@ -568,8 +568,22 @@ impl Engine {
         let mask = self.mask(req)?;
         let k = req.k.max(1);
         let beams = req.beams.unwrap_or((2 * k).max(10));
-        let cfg = BeamConfig { k, beams };
+        let plan = self.rank_plan(req)?;
+        let (mut src, prompt) = self.plan_source(&plan)?;
         let offset = self.sidecar.sid_token_offset;
+        beam_search(
+            &mut *src,
+            &self.sids.trie,
+            &mask,
+            offset,
+            &prompt,
+            BeamConfig { k, beams },
+        )
+    }
+
+    /// What a ranking of `req` decodes: every decoder under the whole history and under
+    /// each recent item alone (`mix_recent`), and the memory's distribution.
+    fn rank_plan(&self, req: &Request) -> std::result::Result<RankPlan, DecodeError> {
         // (model input, prior weight) per conditional: the whole history, then each
         // recent item alone.
         let mut inputs = vec![(self.model_input(req)?, 1.0)];
@@ -586,38 +600,62 @@ impl Engine {
                 weight *= decay;
             }
         }
-        let memory = self.memory_distribution(req)?;
-        if inputs.len() == 1 && self.members.is_empty() && memory.is_none() {
-            let mut src = ModelSource::new(&self.model);
-            let prompt = self.prompt_ids(req)?;
-            return beam_search(&mut src, &self.sids.trie, &mask, offset, &prompt, cfg);
-        }
         // Every decoder asks every input with the same weights: an equal-weight ensemble
         // of the models' mixtures. Rows mix by token id, which only SID tokens (the ones
         // the trie lets through) share across tokenizers.
-        let decoders = std::iter::once((&self.model, &self.tokenizer))
-            .chain(self.members.iter().map(|(m, t)| (m, t)));
-        let mut parts = Vec::with_capacity(inputs.len() * self.ensemble_size());
-        for (model, tokenizer) in decoders {
+        let tokenizers =
+            std::iter::once(&self.tokenizer).chain(self.members.iter().map(|(_, t)| t));
+        let mut prompts = Vec::with_capacity(inputs.len() * self.ensemble_size());
+        for (decoder, tokenizer) in tokenizers.enumerate() {
             for (text, weight) in &inputs {
-                parts.push(Component {
-                    source: Box::new(ModelSource::new(model)),
-                    prompt: self.encode_prompt(tokenizer, text.clone())?,
-                    weight: *weight,
-                });
+                prompts.push((
+                    decoder,
+                    self.encode_prompt(tokenizer, text.clone())?,
+                    *weight,
+                ));
             }
         }
-        if let Some((dist, weight)) = memory {
+        let memory = self.memory_distribution(req)?;
+        Ok(RankPlan { prompts, memory })
+    }
+
+    /// The source a plan decodes, with the prompt to prefill: one decoder under one
+    /// prompt as itself, anything more as their exact mixture (empty prompt: each
+    /// component carries its own).
+    fn plan_source<'s>(
+        &'s self,
+        plan: &RankPlan,
+    ) -> std::result::Result<(Box<dyn LogitSource + 's>, Vec<u32>), DecodeError> {
+        let decoder = |i: usize| {
+            if i == 0 {
+                &self.model
+            } else {
+                &self.members[i - 1].0
+            }
+        };
+        if let ([(i, prompt, _)], None) = (plan.prompts.as_slice(), &plan.memory) {
+            return Ok((Box::new(ModelSource::new(decoder(*i))), prompt.clone()));
+        }
+        let mut parts: Vec<Component<'s>> = plan
+            .prompts
+            .iter()
+            .map(|(i, prompt, weight)| Component {
+                source: Box::new(ModelSource::new(decoder(*i))),
+                prompt: prompt.clone(),
+                weight: *weight,
+            })
+            .collect();
+        if let Some((dist, weight)) = &plan.memory {
             let vocab = self.model.config().vocab_size;
+            let offset = self.sidecar.sid_token_offset;
             parts.push(Component {
-                source: Box::new(MemorySource::new(&self.sids.trie, offset, vocab, &dist)?),
+                source: Box::new(MemorySource::new(&self.sids.trie, offset, vocab, dist)?),
                 prompt: Vec::new(),
                 // Against every decoder's whole-history prompt, not the first one's only.
                 weight: weight * self.ensemble_size() as f32,
             });
         }
-        let mut src = MixtureSource::new(parts)?;
-        beam_search(&mut src, &self.sids.trie, &mask, offset, &[], cfg)
+        Ok((Box::new(MixtureSource::new(parts)?), Vec::new()))
     }
 
     /// The memory's distribution for a request that asks for it, with its weight; `None`
@@ -648,7 +686,9 @@ impl Engine {
     }
 
     /// Every item the request allows, scored by its exact SID log-probability and sorted
-    /// best first: the ranking beam search approximates.
+    /// best first: the ranking beam search approximates. The same model as
+    /// [`Engine::rank`]'s: ensemble members, recent items asked alone and the memory
+    /// are mixed in exactly as there.
     ///
     /// The items are taken in groups that share a first code, about `group_items` at a
     /// time; within a group a beam as wide as the group is exact (the property tests
@@ -661,7 +701,7 @@ impl Engine {
         group_items: usize,
     ) -> std::result::Result<Vec<Hit>, DecodeError> {
         let mask = self.mask(req)?;
-        let prompt = self.prompt_ids(req)?;
+        let plan = self.rank_plan(req)?;
         let trie = &self.sids.trie;
         // Items by their first two trie tokens (type and first code), in trie order.
         let mut groups: Vec<Vec<ItemIdx>> = Vec::new();
@@ -682,10 +722,10 @@ impl Engine {
         let mut hits = Vec::with_capacity(mask.allowed_items());
         for group in groups {
             let gmask = Mask::from_items(trie, &group);
-            let mut src = ModelSource::new(&self.model);
+            let (mut src, prompt) = self.plan_source(&plan)?;
             let n = group.len();
             hits.extend(beam_search(
-                &mut src,
+                &mut *src,
                 trie,
                 &gmask,
                 self.sidecar.sid_token_offset,
@@ -1087,6 +1127,16 @@ fn load_members(
         members.push((model, hf.tokenizer));
     }
     Ok(members)
+}
+
+/// What one ranking decodes, built once per request so that exact ranking, which decodes
+/// it group by group, asks the same mixture as beam search.
+struct RankPlan {
+    /// `(decoder, prompt ids, prior weight)`: decoder 0 is the engine's model, `i` its
+    /// member `i - 1`.
+    prompts: Vec<(usize, Vec<u32>, f32)>,
+    /// The memory's distribution and weight, when asked for and it has an answer.
+    memory: Option<(Distribution, f32)>,
 }
 
 /// [`LogitSource`] over the decoder with a KV cache: the prompt is prefilled once, and
