@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates models/demo/, the model `sidrec recommend`, `repl` and `serve` use when no
 # --model is given: the tiny config trained from scratch on MovieLens-100k (item text:
-# title, year, genres; training sequences: the user histories), about 35 min on 2 cores.
+# title, year, genres; training sequences: the user histories), about 35 min on 2 cores
+# (27 of them training).
 #
 #   scripts/demo-model.sh          # fetch, tokenize, train, replace models/demo/
 #   scripts/demo-model.sh --check  # the same into out/demo-build/, then compare every
