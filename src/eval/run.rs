@@ -144,7 +144,9 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         rows.push(Row {
             name: "sidrec (exact)".into(),
             metrics: m.clone(),
-            note: "every item's SID log-probability".into(),
+            // The same ranking as the row above (mixture, memory and members included),
+            // with every item scored instead of a beam's.
+            note: "every item scored exactly by the model above (no beam)".into(),
         });
     }
     let popular = most_popular(&split, engine.catalog().items.len());
