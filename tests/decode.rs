@@ -536,6 +536,11 @@ fn mixtures_need_components_with_positive_weights() {
     assert!(MixtureSource::new(vec![c(1.0), other]).is_err());
 }
 
+/// Each ranked item's score, by item.
+fn scores(hits: Vec<Hit>) -> std::collections::HashMap<ItemIdx, f32> {
+    hits.into_iter().map(|h| (h.item, h.score)).collect()
+}
+
 /// `mix_recent` on the real decoder: every item's score is the mixture of the exact
 /// scores under the whole history and under each recent item alone, with the documented
 /// weights; a single-item history and `mix_recent = 0` are the plain ranking.
@@ -543,13 +548,7 @@ fn mixtures_need_components_with_positive_weights() {
 fn engine_mixes_the_whole_history_with_recent_items_alone() {
     let e = engine();
     let n = e.catalog().items.len();
-    let exact = |r: &Request| -> std::collections::HashMap<ItemIdx, f32> {
-        e.rank_exact(r, 64)
-            .unwrap()
-            .into_iter()
-            .map(|h| (h.item, h.score))
-            .collect()
-    };
+    let exact = |r: &Request| scores(e.rank_exact(r, 64).unwrap());
     let history = ["m1", "m3", "m4"];
     let whole = exact(&req(&history, n));
     // The recent items alone, most recent first.
@@ -620,12 +619,7 @@ fn engine_mixes_the_transition_memory() {
     let mut r = req(&history, n);
     let dist = memory.distribution(&r.history);
     assert!(!dist.is_empty(), "the fixture's histories have successors");
-    let whole: std::collections::HashMap<ItemIdx, f32> = e
-        .rank_exact(&r, 64)
-        .unwrap()
-        .into_iter()
-        .map(|h| (h.item, h.score))
-        .collect();
+    let whole = scores(e.rank_exact(&r, 64).unwrap());
     let p_mem = |i: ItemIdx| dist.iter().find(|d| d.0 == i).map_or(0.0, |d| d.1);
     let w = 0.7f32;
     r.memory = Some(w);
@@ -663,9 +657,6 @@ fn engine_mixes_the_transition_memory() {
 fn exact_ranking_mixes_what_beam_search_mixes() {
     let e = engine();
     let n = e.catalog().items.len();
-    let scores = |hits: Vec<Hit>| -> std::collections::HashMap<ItemIdx, f32> {
-        hits.into_iter().map(|h| (h.item, h.score)).collect()
-    };
     let mut r = req(&["m1", "m3", "m4"], n);
     let plain = scores(e.rank_exact(&r, 3).unwrap());
     r.mix_recent = 2;
