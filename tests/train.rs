@@ -14,7 +14,7 @@ use sidrec::progress::Progress;
 use sidrec::train::pipeline::{self, BaseModel, Mode, StageConfig};
 
 mod common;
-use common::{artifacts, fixture, interactions, options, tiny_config};
+use common::{artifacts, fixture, interactions, llama_config, options, tiny_config};
 
 /// The tiny config from scratch with a 400-token BPE: the base of most tests here.
 fn scratch(dir: &Path) -> BaseModel {
@@ -458,8 +458,8 @@ fn item_vectors_train_save_and_load() {
 
 /// `run_members`: members differ by seed, land under `members/NN` of one model
 /// directory, and the engine ranks by their equal mixture: every score is the mixture of
-/// each member's exact score, also with `mix_recent`. A member trained on another SID
-/// map is refused by name.
+/// each member's exact score, also with `mix_recent`; a member of another size joins the
+/// same mixture. A member trained on another SID map is refused by name.
 #[test]
 fn members_train_together_and_rank_as_one_mixture() {
     use sidrec::decode::{logsumexp, Engine, Request};
@@ -496,6 +496,14 @@ fn members_train_together_and_rank_as_one_mixture() {
         .iter()
         .map(|id| both.index_of(id).unwrap())
         .collect();
+    // Each member alone, under the same (possibly mixed) request: score by item.
+    let alone = |e: &Engine, r: &Request| -> HashMap<u32, f32> {
+        e.rank(r)
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.item, h.score))
+            .collect()
+    };
     for mix in [0, 1] {
         let r = Request {
             history: history.clone(),
@@ -503,15 +511,7 @@ fn members_train_together_and_rank_as_one_mixture() {
             mix_recent: mix,
             ..Default::default()
         };
-        // Each member alone, under the same (possibly mixed) request.
-        let alone = |e: &Engine| -> HashMap<u32, f32> {
-            e.rank(&r)
-                .unwrap()
-                .into_iter()
-                .map(|h| (h.item, h.score))
-                .collect()
-        };
-        let (sa, sb) = (alone(&a), alone(&b));
+        let (sa, sb) = (alone(&a, &r), alone(&b, &r));
         let hits = both.rank(&r).unwrap();
         assert_eq!(hits.len(), n);
         for h in &hits {
@@ -523,6 +523,38 @@ fn members_train_together_and_rank_as_one_mixture() {
             );
         }
     }
+    // A member of another size (any decoder trained on the same artifacts with the same
+    // history options) joins the mixture with its own config.
+    let narrow_cfg = llama_config(tmp.path(), "narrow", [32, 64, 1, 2, 1]);
+    let mut on = o.clone();
+    on.base = BaseModel::Scratch {
+        config: narrow_cfg,
+        vocab_size: 400,
+    };
+    on.out = tmp.path().join("narrow");
+    on.stage2.as_mut().unwrap().max_steps = 3;
+    pipeline::run(&on, Progress::new(true)).unwrap();
+    let c = Engine::load(&on.out).unwrap();
+    let narrow = out.join(hfdir::MEMBERS_DIR).join("02");
+    fs::rename(&on.out, &narrow).unwrap();
+    let three = Engine::load(&out).unwrap();
+    assert_eq!(three.ensemble_size(), 3);
+    let r = Request {
+        history: history.clone(),
+        k: n,
+        ..Default::default()
+    };
+    let (sa, sb, sc) = (alone(&a, &r), alone(&b, &r), alone(&c, &r));
+    for h in three.rank(&r).unwrap() {
+        let third = (1.0f32 / 3.0).ln();
+        let want = logsumexp(&[
+            third + sa[&h.item],
+            third + sb[&h.item],
+            third + sc[&h.item],
+        ]);
+        assert!((h.score - want).abs() < 1e-3, "{} vs {want}", h.score);
+    }
+    fs::remove_dir_all(&narrow).unwrap();
     // A member from another SID map.
     let other_dir = tmp.path().join("other");
     fs::create_dir(&other_dir).unwrap();

@@ -111,7 +111,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
             sidrec.beams,
             match engine.ensemble_size() {
                 1 => String::new(),
-                n => format!(", ensemble of {n} seeds"),
+                n => format!(", ensemble of {n} decoders"),
             },
             if opts.mix_recent > 0 {
                 format!(

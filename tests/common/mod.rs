@@ -83,13 +83,22 @@ pub fn interactions(dir: &Path) -> PathBuf {
 }
 
 pub fn tiny_config(dir: &Path) -> PathBuf {
-    let p = dir.join("tiny.json");
+    llama_config(dir, "tiny", [64, 128, 2, 4, 2])
+}
+
+/// A scratch Llama config file `NAME.json` in `dir`: `[hidden, intermediate, layers,
+/// heads, kv_heads]`, vocabulary set by the trainer.
+pub fn llama_config(dir: &Path, name: &str, shape: [usize; 5]) -> PathBuf {
+    let [hidden, intermediate, layers, heads, kv] = shape;
+    let p = dir.join(format!("{name}.json"));
     fs::write(
         &p,
-        r#"{"vocab_size": 0, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        format!(
+            r#"{{"vocab_size": 0, "hidden_size": {hidden}, "intermediate_size": {intermediate},
+            "num_hidden_layers": {layers}, "num_attention_heads": {heads}, "num_key_value_heads": {kv},
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-            "tie_word_embeddings": true}"#,
+            "tie_word_embeddings": true}}"#
+        ),
     )
     .unwrap();
     p
