@@ -545,7 +545,9 @@ fn members_train_together_and_rank_as_one_mixture() {
         ..Default::default()
     };
     let (sa, sb, sc) = (alone(&a, &r), alone(&b, &r), alone(&c, &r));
-    for h in three.rank(&r).unwrap() {
+    let hits = three.rank(&r).unwrap();
+    assert_eq!(hits.len(), n);
+    for h in hits {
         let third = (1.0f32 / 3.0).ln();
         let want = logsumexp(&[
             third + sa[&h.item],
