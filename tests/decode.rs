@@ -7,12 +7,13 @@ use proptest::prelude::*;
 use sidrec::decode::engine::{Output, RECENT_DECAY};
 use sidrec::decode::mixture::{Component, MixtureSource};
 use sidrec::decode::{
-    beam_search, beam_search_from, logsumexp, BeamConfig, DecodeError, Engine, GenConfig, Hit,
+    beam_search, beam_search_from, logsumexp, BeamConfig, DecodeError, Engine, GenConfig,
     LogitSource, MemorySource, Mode, Request,
 };
 use sidrec::trie::{ItemIdx, Mask, TokenId, Trie};
 
 mod common;
+use common::scores;
 
 /// Logits that depend only on the token sequence so far (a hash of it), so any search
 /// order sees one consistent "model".
@@ -534,11 +535,6 @@ fn mixtures_need_components_with_positive_weights() {
         weight: 1.0,
     };
     assert!(MixtureSource::new(vec![c(1.0), other]).is_err());
-}
-
-/// Each ranked item's score, by item.
-fn scores(hits: Vec<Hit>) -> std::collections::HashMap<ItemIdx, f32> {
-    hits.into_iter().map(|h| (h.item, h.score)).collect()
 }
 
 /// `mix_recent` on the real decoder: every item's score is the mixture of the exact

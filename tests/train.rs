@@ -14,7 +14,7 @@ use sidrec::progress::Progress;
 use sidrec::train::pipeline::{self, BaseModel, Mode, StageConfig};
 
 mod common;
-use common::{artifacts, fixture, interactions, llama_config, options, tiny_config};
+use common::{artifacts, fixture, interactions, llama_config, options, scores, tiny_config};
 
 /// The tiny config from scratch with a 400-token BPE: the base of most tests here.
 fn scratch(dir: &Path) -> BaseModel {
@@ -496,14 +496,8 @@ fn members_train_together_and_rank_as_one_mixture() {
         .iter()
         .map(|id| both.index_of(id).unwrap())
         .collect();
-    // Each member alone, under the same (possibly mixed) request: score by item.
-    let alone = |e: &Engine, r: &Request| -> HashMap<u32, f32> {
-        e.rank(r)
-            .unwrap()
-            .into_iter()
-            .map(|h| (h.item, h.score))
-            .collect()
-    };
+    // Each member alone, under the same (possibly mixed) request.
+    let alone = |e: &Engine, r: &Request| scores(e.rank(r).unwrap());
     for mix in [0, 1] {
         let r = Request {
             history: history.clone(),
@@ -547,8 +541,8 @@ fn members_train_together_and_rank_as_one_mixture() {
     let (sa, sb, sc) = (alone(&a, &r), alone(&b, &r), alone(&c, &r));
     let hits = three.rank(&r).unwrap();
     assert_eq!(hits.len(), n);
+    let third = (1.0f32 / 3.0).ln();
     for h in hits {
-        let third = (1.0f32 / 3.0).ln();
         let want = logsumexp(&[
             third + sa[&h.item],
             third + sb[&h.item],

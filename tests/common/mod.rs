@@ -3,10 +3,12 @@
 //! learnable order, a tiny from-scratch config and training options.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use sidrec::catalog::LoadOptions;
+use sidrec::decode::Hit;
 use sidrec::npy;
 use sidrec::progress::Progress;
 use sidrec::quantize::QuantizeConfig;
@@ -80,6 +82,11 @@ pub fn interactions(dir: &Path) -> PathBuf {
     let p = dir.join("seqs.jsonl");
     fs::write(&p, lines).unwrap();
     p
+}
+
+/// Each ranked item's score, by item: to compare rankings item for item.
+pub fn scores(hits: Vec<Hit>) -> HashMap<u32, f32> {
+    hits.into_iter().map(|h| (h.item, h.score)).collect()
 }
 
 pub fn tiny_config(dir: &Path) -> PathBuf {
