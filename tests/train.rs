@@ -380,6 +380,79 @@ fn soon_pairs_travel_to_inference() {
     }
 }
 
+/// Hinted examples: training says so in sidrec.json; `hint_input` names the model's
+/// memory's candidates for the request's history, then its last items, as training
+/// wrote them; ranking with `hint` mixes that prompt in; a model trained without them,
+/// or a bad weight, is refused with an error that says why.
+#[test]
+fn hinted_prompts_travel_to_inference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = artifacts(tmp.path(), 0);
+    let inter = interactions(tmp.path());
+    let mut o = options(art, inter, scratch(tmp.path()), tmp.path().join("plain"));
+    o.stage1 = None;
+    o.data.sequence = true;
+    o.data.history_titles = false;
+    let plain = pipeline::run(&o, Progress::new(true)).unwrap();
+    o.out = tmp.path().join("hint");
+    o.data.hint_candidates = 2;
+    o.data.hint_history = 1;
+    let hinted = pipeline::run(&o, Progress::new(true)).unwrap();
+    assert!(hinted.examples["sequence"] > plain.examples["sequence"]);
+    let json = fs::read_to_string(o.out.join("sidrec.json")).unwrap();
+    assert!(json.contains("\"hint_candidates\": 2"), "{json}");
+    let plain_json = fs::read_to_string(tmp.path().join("plain/sidrec.json")).unwrap();
+    assert!(!plain_json.contains("hint"), "{plain_json}");
+
+    let e = sidrec::decode::Engine::load(&o.out).unwrap();
+    let (m1, m2) = (e.index_of("m1").unwrap(), e.index_of("m2").unwrap());
+    let mut req = sidrec::decode::Request {
+        history: vec![m1, m2],
+        k: 3,
+        ..Default::default()
+    };
+    let memory = sidrec::memory::TransitionMemory::load(
+        &o.out.join(sidrec::memory::MEMORY_FILE),
+        e.catalog(),
+    )
+    .unwrap();
+    let candidates = sidrec::memory::top_items(&memory.distribution(&req.history), 2);
+    assert_eq!(
+        candidates.len(),
+        2,
+        "m2 is followed by something in training"
+    );
+    let instruction = sidrec::train::data::hint_prompt(
+        e.catalog(),
+        &e.sids().records,
+        &sidrec::train::data::Prompts::builtin(),
+        &candidates,
+        0,
+    )
+    .unwrap();
+    let asked = e.hint_input(&req).unwrap();
+    let sid = &e.sids().records[m2 as usize].sid;
+    let chat = sidrec::train::trainer::ChatFormat::default();
+    assert_eq!(asked, chat.prompt(&instruction) + &format!("{sid}; "));
+    let without = e.rank(&req).unwrap();
+    req.hint = Some(1.0);
+    let with = e.rank(&req).unwrap();
+    assert_eq!(with.len(), 3);
+    assert_ne!(
+        scores(with),
+        scores(without),
+        "the hinted prompt changed nothing"
+    );
+    req.hint = Some(-1.0);
+    let err = e.rank(&req).unwrap_err().to_string();
+    assert!(err.contains("hint weight"), "{err}");
+
+    let p = sidrec::decode::Engine::load(tmp.path().join("plain")).unwrap();
+    req.hint = Some(1.0);
+    let err = p.rank(&req).unwrap_err().to_string();
+    assert!(err.contains("not trained with hinted examples"), "{err}");
+}
+
 /// `item_embeddings`: the item table is trained in every mode (beside the LoRA adapters
 /// too), saved under its own name, and read back by the engine, which then recommends
 /// with it.
