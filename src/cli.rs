@@ -78,7 +78,7 @@ enum Command {
 
 const SERVE_HELP: &str = "Serve a model over HTTP (JSON in and out).\n\n\
 Endpoints:\n  \
-POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filter\", \"k\", \"exclude_seen\", \"mode\", \"mix_recent\", \"recent_decay\", \"memory\", \"hint\"}\n  \
+POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filter\", \"k\", \"exclude_seen\", \"mode\", \"mix_recent\", \"recent_decay\", \"memory\"}\n  \
 POST /v1/generate   {\"query\", \"history\", \"mode\": chat|describe, \"format\", \"max_tokens\", \"temperature\", \"top_p\", \"seed\"}\n  \
 GET  /v1/items/{id}\n  \
 GET  /healthz\n\n\
@@ -223,11 +223,6 @@ struct EvalArgs {
     /// The report also ranks by the memory alone, as a baseline.
     #[arg(long, value_name = "W")]
     memory: Option<f32>,
-    /// Also ask a model trained with --hint-candidates under the hinted prompt (the
-    /// memory's candidates, then the last history items) at weight W, as `recommend
-    /// --hint` does, with the memory built from the training parts.
-    #[arg(long, value_name = "W")]
-    hint: Option<f32>,
     /// Users asked the steering requests (0: skip steerability).
     #[arg(long, default_value_t = 200)]
     steer_users: usize,
@@ -314,12 +309,6 @@ pub(crate) struct RequestArgs {
     /// exactly, which a small decoder does not (README, Evaluation). 0: off.
     #[arg(long, value_name = "W")]
     pub memory: Option<f32>,
-    /// For a model trained with --hint-candidates: also ask it under the hinted prompt
-    /// (prompts/hint.txt: the memory's most likely next items, then the last history
-    /// items) at weight W against the whole history's 1, so that the model, not a fixed
-    /// weight, chooses among the memory's candidates. 0: off.
-    #[arg(long, value_name = "W")]
-    pub hint: Option<f32>,
     /// auto (recommend with a history, else search), recommend, search, describe, chat.
     #[arg(long, default_value = "auto")]
     pub mode: sidrec::decode::Mode,
@@ -528,16 +517,6 @@ struct TrainArgs {
     /// the very next item only (recorded in sidrec.json).
     #[arg(long, default_value_t = 0, value_name = "N")]
     soon_pairs: usize,
-    /// With --sequence-examples, also write one hinted example per position of each
-    /// training history (prompts/hint.txt): the transition memory's M most likely next
-    /// items, counted from every other user (so an example never finds its own answer
-    /// counted), then the last --hint-history items; the answer is the next item.
-    /// `--hint W` asks the model so at inference (0: none; recorded in sidrec.json).
-    #[arg(long, default_value_t = 0, value_name = "M")]
-    hint_candidates: usize,
-    /// History items after a hinted prompt.
-    #[arg(long, default_value_t = 1, value_name = "L")]
-    hint_history: usize,
     /// User-profile (describe) examples per user (0: none).
     #[arg(long, default_value_t = 1)]
     describe_per_user: usize,
@@ -990,12 +969,6 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
     if a.soon_pairs > 0 && !a.sequence_examples {
         bail!("--soon-pairs adds sequence examples: it needs --sequence-examples");
     }
-    if a.hint_candidates > 0 && !a.sequence_examples {
-        bail!("--hint-candidates adds sequence examples: it needs --sequence-examples");
-    }
-    if a.hint_history == 0 {
-        bail!("--hint-history must be at least 1: a hinted example continues a history");
-    }
     if a.item_dropout > 0.0 && !a.item_embeddings {
         bail!("--item-dropout drops item vectors: it needs --item-embeddings");
     }
@@ -1089,8 +1062,6 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
             sequence: a.sequence_examples,
             sequence_short: a.short_windows,
             sequence_soon: a.soon_pairs,
-            hint_candidates: a.hint_candidates,
-            hint_history: a.hint_history,
             describe_per_user: a.describe_per_user,
             steer_per_user: a.steer_per_user,
             align_per_item: a.align_per_item,
@@ -1181,7 +1152,6 @@ pub(crate) fn build_request(
         mix_recent: a.mix_recent,
         recent_decay: a.recent_decay,
         memory: a.memory,
-        hint: a.hint,
     };
     if !a.literal {
         for r in engine.read_request(&mut req) {
@@ -1304,7 +1274,6 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
         mix_recent: a.mix_recent,
         recent_decay: a.recent_decay,
         memory: a.memory,
-        hint: a.hint,
         steer_users: a.steer_users,
         peers,
         seed: a.seed,

@@ -113,7 +113,27 @@ impl TransitionMemory {
         sequences: &[Vec<ItemIdx>],
         settings: MemorySettings,
     ) -> Result<TransitionMemory, MemoryError> {
-        Ok(TransitionCounts::build(n_items, sequences, settings)?.memory())
+        settings.check()?;
+        let counts = crate::interactions::windowed_successors(sequences, n_items, settings.window)
+            .map_err(|bad| {
+                MemoryError::Settings(format!(
+                    "item index {bad} is outside the catalog of {n_items}"
+                ))
+            })?;
+        let successors = counts
+            .into_iter()
+            .map(|c| {
+                let total: f64 = c.values().sum();
+                // In index order: the map is ordered.
+                c.into_iter()
+                    .map(|(b, w)| (b, (w / total) as f32))
+                    .collect()
+            })
+            .collect();
+        Ok(TransitionMemory {
+            settings,
+            successors,
+        })
     }
 
     pub fn settings(&self) -> MemorySettings {
@@ -132,11 +152,24 @@ impl TransitionMemory {
     /// item index, summing to one. Empty when none of the recent items was ever followed
     /// by anything: the memory then has nothing to say.
     pub fn distribution(&self, history: &[ItemIdx]) -> Distribution {
-        mix_successors(history, self.settings, |h, add| {
+        let mut scores: HashMap<ItemIdx, f64> = HashMap::new();
+        let mut weight = 1.0f64;
+        for &h in history.iter().rev().take(self.settings.recent) {
             for &(b, w) in self.successors(h) {
-                add(b, w as f64);
+                *scores.entry(b).or_default() += weight * w as f64;
             }
-        })
+            weight *= self.settings.decay as f64;
+        }
+        let total: f64 = scores.values().sum();
+        if total <= 0.0 {
+            return Vec::new();
+        }
+        let mut out: Vec<(ItemIdx, f32)> = scores
+            .into_iter()
+            .map(|(b, s)| (b, (s / total) as f32))
+            .collect();
+        out.sort_unstable_by_key(|&(b, _)| b);
+        out
     }
 
     /// Writes the memory as JSON (item ids from `catalog`).
@@ -211,143 +244,4 @@ impl TransitionMemory {
             successors,
         })
     }
-}
-
-/// The memory's scores for a history, `Σ_k decay^k · p(b | h_k)` over its `recent` most
-/// recent items, normalised to sum to one (empty when nothing follows any of them).
-/// `successors(h, add)` calls `add(b, p(b | h))` for each successor of `h`.
-fn mix_successors(
-    history: &[ItemIdx],
-    settings: MemorySettings,
-    successors: impl Fn(ItemIdx, &mut dyn FnMut(ItemIdx, f64)),
-) -> Distribution {
-    let mut scores: HashMap<ItemIdx, f64> = HashMap::new();
-    let mut weight = 1.0f64;
-    for &h in history.iter().rev().take(settings.recent) {
-        successors(h, &mut |b, p| *scores.entry(b).or_default() += weight * p);
-        weight *= settings.decay as f64;
-    }
-    let total: f64 = scores.values().sum();
-    if total <= 0.0 {
-        return Vec::new();
-    }
-    let mut out: Vec<(ItemIdx, f32)> = scores
-        .into_iter()
-        .map(|(b, s)| (b, (s / total) as f32))
-        .collect();
-    out.sort_unstable_by_key(|&(b, _)| b);
-    out
-}
-
-/// The `m` most likely items of a distribution, most likely first (ties by index): the
-/// candidates a hinted prompt names (`prompts/hint.txt`).
-pub fn top_items(dist: &Distribution, m: usize) -> Vec<ItemIdx> {
-    let mut v = dist.clone();
-    v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    v.into_iter().take(m).map(|(b, _)| b).collect()
-}
-
-/// The raw successor counts a [`TransitionMemory`] is normalised from, kept so that a
-/// sequence's own transitions can be left out of the memory it is asked about.
-///
-/// A training example whose prompt names the memory's candidates must not find its own
-/// answer among them because the answer was counted from that very sequence: at
-/// inference the next item was never counted. [`TransitionCounts::distribution_without`]
-/// asks the memory built from every other sequence, so the model learns how far to
-/// trust the candidates from what others did, as it will see them.
-#[derive(Clone, Debug)]
-pub struct TransitionCounts {
-    settings: MemorySettings,
-    /// Per item: `(successor, count)` by successor index.
-    counts: Vec<BTreeMap<ItemIdx, f64>>,
-    /// Per item: the sum of its counts.
-    totals: Vec<f64>,
-}
-
-impl TransitionCounts {
-    /// Counts the successors in `sequences` as [`TransitionMemory::build`] does.
-    pub fn build(
-        n_items: usize,
-        sequences: &[Vec<ItemIdx>],
-        settings: MemorySettings,
-    ) -> Result<TransitionCounts, MemoryError> {
-        settings.check()?;
-        let counts = crate::interactions::windowed_successors(sequences, n_items, settings.window)
-            .map_err(|bad| {
-                MemoryError::Settings(format!(
-                    "item index {bad} is outside the catalog of {n_items}"
-                ))
-            })?;
-        let totals = counts.iter().map(|c| c.values().sum()).collect();
-        Ok(TransitionCounts {
-            settings,
-            counts,
-            totals,
-        })
-    }
-
-    /// The normalised memory.
-    pub fn memory(&self) -> TransitionMemory {
-        let successors = self
-            .counts
-            .iter()
-            .zip(&self.totals)
-            .map(|(c, &total)| {
-                // In index order: the map is ordered.
-                c.iter().map(|(&b, &w)| (b, (w / total) as f32)).collect()
-            })
-            .collect();
-        TransitionMemory {
-            settings: self.settings,
-            successors,
-        }
-    }
-
-    /// One counted sequence's own counts, to leave out with
-    /// [`TransitionCounts::distribution_without`] (built once per sequence, asked at each
-    /// of its positions).
-    pub fn own(&self, sequence: &[ItemIdx]) -> OwnCounts {
-        let mut own = OwnCounts::default();
-        for (i, &a) in sequence.iter().enumerate() {
-            for (d, &b) in sequence[i + 1..]
-                .iter()
-                .take(self.settings.window)
-                .enumerate()
-            {
-                let w = 1.0 / (d + 1) as f64;
-                *own.pairs.entry((a, b)).or_default() += w;
-                *own.totals.entry(a).or_default() += w;
-            }
-        }
-        own
-    }
-
-    /// [`TransitionMemory::distribution`] of `history` under the memory built without
-    /// one counted sequence ([`TransitionCounts::own`]: its counts are subtracted).
-    /// Items out of range have no successors.
-    pub fn distribution_without(&self, history: &[ItemIdx], own: &OwnCounts) -> Distribution {
-        mix_successors(history, self.settings, |h, add| {
-            let Some(counts) = self.counts.get(h as usize) else {
-                return;
-            };
-            let total = self.totals[h as usize] - own.totals.get(&h).copied().unwrap_or(0.0);
-            // Float sums: what is left of a count less itself is rounding.
-            if total <= 1e-9 {
-                return;
-            }
-            for (&b, &c) in counts {
-                let left = c - own.pairs.get(&(h, b)).copied().unwrap_or(0.0);
-                if left > 1e-9 {
-                    add(b, left / total);
-                }
-            }
-        })
-    }
-}
-
-/// A sequence's own successor counts ([`TransitionCounts::own`]).
-#[derive(Clone, Debug, Default)]
-pub struct OwnCounts {
-    pairs: HashMap<(ItemIdx, ItemIdx), f64>,
-    totals: HashMap<ItemIdx, f64>,
 }

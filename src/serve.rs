@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! POST /v1/recommend   {query, history, types, filter, k, exclude_seen, mode, beams,
-//!                       mix_recent, recent_decay, memory, hint}
+//!                       mix_recent, recent_decay, memory}
 //!                      -> {items: [{rank, id, title, type, score, sid}], ...}
 //! POST /v1/generate    {query, history, mode, format, max_tokens, temperature, top_p, seed, ...}
 //!                      -> {output: [{kind: "text", text} | {kind: "item", ...}], text}
@@ -160,10 +160,6 @@ pub struct RecommendBody {
     /// Mix in the model's transition memory at this weight against the whole history's
     /// 1 (default: off; a model without `transitions.json` answers 400).
     pub memory: Option<f32>,
-    /// Also ask a model trained with hinted examples under the hinted prompt (the
-    /// memory's candidates, then the last history items) at this weight (default: off;
-    /// a model without them answers 400).
-    pub hint: Option<f32>,
     /// Give the words to the model only (no titles or attribute words read as limits).
     pub literal: bool,
 }
@@ -507,7 +503,6 @@ async fn recommend(
     req.mix_recent = b.mix_recent;
     req.recent_decay = b.recent_decay;
     req.memory = b.memory;
-    req.hint = b.hint;
     req.format = Format::Items;
     let (items, req) = on_worker(&state, move |e| Ok((e.recommend(&req)?, req))).await?;
     let e = &state.engine;

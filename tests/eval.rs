@@ -219,7 +219,6 @@ fn the_library_scores_the_split_test_targets() {
             mix_recent: 0,
             recent_decay: None,
             memory: None,
-            hint: None,
         },
         &Progress::new(true),
     )
@@ -246,7 +245,6 @@ fn the_library_scores_the_split_test_targets() {
             mix_recent: 2,
             recent_decay: None,
             memory: Some(1.0),
-            hint: None,
         },
         &Progress::new(true),
     )

@@ -549,8 +549,6 @@ fn sidecar(sha: &str) -> Sidecar {
         sid_token_offset: 49152,
         sequence: false,
         soon: false,
-        hint_candidates: 0,
-        hint_history: 0,
     }
 }
 

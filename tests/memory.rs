@@ -1,7 +1,7 @@
 //! The transition memory on hand-computed cases: counting, asking, its file.
 
 use sidrec::catalog::{Catalog, Item};
-use sidrec::memory::{top_items, MemoryError, MemorySettings, TransitionCounts, TransitionMemory};
+use sidrec::memory::{MemoryError, MemorySettings, TransitionMemory};
 
 fn catalog(n: usize) -> Catalog {
     let items = (0..n)
@@ -124,70 +124,4 @@ fn the_file_round_trips_and_names_what_is_wrong() {
     assert!(e.contains("weight -1"), "{e}");
     let e = TransitionMemory::load(&dir.path().join("missing.json"), &cat).unwrap_err();
     assert!(matches!(e, MemoryError::Io { .. }));
-}
-
-/// Leaving one counted sequence out asks the memory built from all the others, at every
-/// prefix of that sequence and for any history; the counts normalise to the memory
-/// `build` gives, to the bit.
-#[test]
-fn leaving_a_sequence_out_asks_the_memory_of_the_others() {
-    let settings = MemorySettings {
-        window: 2,
-        recent: 2,
-        decay: 0.5,
-    };
-    let seqs = vec![
-        vec![0, 1, 2, 3],
-        vec![0, 2],
-        vec![1, 2, 0, 2, 4],
-        vec![3, 0],
-    ];
-    let counts = TransitionCounts::build(5, &seqs, settings).unwrap();
-    assert_eq!(
-        counts.memory(),
-        TransitionMemory::build(5, &seqs, settings).unwrap()
-    );
-    for (j, own) in seqs.iter().enumerate() {
-        let others: Vec<Vec<u32>> = seqs
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != j)
-            .map(|(_, s)| s.clone())
-            .collect();
-        let want = TransitionMemory::build(5, &others, settings).unwrap();
-        let mine = counts.own(own);
-        for t in 0..=own.len() {
-            for history in [&own[..t], &[3, 0, 1][..], &[4][..]] {
-                close(
-                    &counts.distribution_without(history, &mine),
-                    &want.distribution(history),
-                );
-            }
-        }
-    }
-    // A transition only one sequence made is gone without it: 4 follows only 0 and 2 in
-    // the third sequence.
-    let third = counts.own(&seqs[2]);
-    assert!(counts
-        .distribution_without(&[2], &third)
-        .iter()
-        .all(|&(b, _)| b != 4));
-    assert!(counts
-        .memory()
-        .distribution(&[2])
-        .iter()
-        .any(|&(b, _)| b == 4));
-    // Alone in the counts, a sequence leaves nothing to say.
-    let one = TransitionCounts::build(3, &[vec![0, 1, 2]], settings).unwrap();
-    assert!(one
-        .distribution_without(&[0, 1], &one.own(&[0, 1, 2]))
-        .is_empty());
-}
-
-#[test]
-fn top_items_are_the_most_likely_first_ties_by_index() {
-    let d = vec![(0, 0.2), (1, 0.4), (2, 0.2), (3, 0.2)];
-    assert_eq!(top_items(&d, 3), vec![1, 0, 2]);
-    assert_eq!(top_items(&d, 9), vec![1, 0, 2, 3]);
-    assert!(top_items(&Vec::new(), 3).is_empty());
 }

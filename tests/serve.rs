@@ -204,15 +204,6 @@ fn endpoints_answer_and_bad_input_gets_4xx_json() {
         400,
         "memory weight",
     );
-    // This model was not trained with hinted examples: asking for them says so.
-    assert_error(
-        s.post(
-            "/v1/recommend",
-            json!({"history": ["m1", "m3"], "hint": 1.0}),
-        ),
-        400,
-        "not trained with hinted examples",
-    );
 
     // Limits: types, filter; titles in the query join the history.
     let (st, r) = s.post(

@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use sidrec::artifacts::{SidMap, SidRecord};
 use sidrec::catalog::{Catalog, LoadOptions};
 use sidrec::interactions::{ReadOptions, Sequences, Split};
-use sidrec::memory::{MemorySettings, TransitionMemory};
 use sidrec::sid::SidVocab;
 use sidrec::train::data::{
-    build, build_validation, count_by_task, format_history, hint_prompt, profile, recommend_prompt,
+    build, build_validation, count_by_task, format_history, profile, recommend_prompt,
     sequence_context, sequence_prompt, sequence_windows, soon_prompt, DataError, DataOptions,
     Example, PromptKind, Prompts, Slot, Task,
 };
@@ -473,12 +472,8 @@ fn prompt_files_parse_and_use_only_known_slots() {
     assert_eq!(loaded.fingerprint().len(), 64);
     for kind in PromptKind::ALL {
         let set = loaded.phrasings(kind);
-        // soon.txt and hint.txt keep the two phrasings the README's Amazon models were
-        // taught.
-        let least = match kind {
-            PromptKind::Soon | PromptKind::Hint => 2,
-            _ => 3,
-        };
+        // soon.txt keeps the two phrasings the README's Amazon models were taught.
+        let least = if kind == PromptKind::Soon { 2 } else { 3 };
         assert!(set.len() >= least, "{kind}: only {} phrasings", set.len());
         for p in set {
             for s in p.slots() {
@@ -795,90 +790,4 @@ fn soon_pairs_add_an_item_and_one_a_few_positions_later() {
     );
     assert_eq!(with.len(), plain.len() + pairs);
     assert_no_leakage(&f.catalog, &f.sids.records, &f.split, &with);
-}
-
-/// Hinted examples come on top of the windows (which stay as they were), one per
-/// position of each training part: the prompt names the most likely next items of the
-/// memory built from every *other* user's training part (so no answer is ever counted
-/// from its own sequence; ties in any order), the context is the last `hint_history`
-/// items before the position as a sequence writes them, the answer the item there.
-#[test]
-fn hinted_examples_name_the_candidates_of_the_other_users_memory() {
-    let f = fixture_data();
-    let base = only_sequences();
-    let plain = examples(&f, &base);
-    let hinted = DataOptions {
-        hint_candidates: 3,
-        hint_history: 2,
-        ..base.clone()
-    };
-    let with = examples(&f, &hinted);
-    assert_eq!(
-        with,
-        examples(&f, &hinted),
-        "not deterministic for a fixed seed"
-    );
-    let (hints, windows): (Vec<&Example>, Vec<&Example>) =
-        with.iter().partition(|e| !e.context.is_empty());
-    assert_eq!(windows, plain.iter().collect::<Vec<_>>());
-    let prompts = Prompts::builtin();
-    let phrasings = prompts.phrasings(PromptKind::Hint).len();
-    let sid = |i: u32| f.sids.records[i as usize].sid.clone();
-    let recent = DataOptions {
-        max_history: 2,
-        ..hinted.clone()
-    };
-    let mut hints = hints.into_iter();
-    let (mut named_any, mut none) = (false, false);
-    for (u, train) in f.split.train.iter().enumerate() {
-        let others: Vec<Vec<u32>> = f
-            .split
-            .train
-            .iter()
-            .enumerate()
-            .filter(|&(v, _)| v != u)
-            .map(|(_, s)| s.clone())
-            .collect();
-        let memory =
-            TransitionMemory::build(f.catalog.len(), &others, MemorySettings::default()).unwrap();
-        for t in 1..train.len() {
-            let e = hints.next().expect("one hinted example per position");
-            assert_eq!((e.task, e.user), (Task::Sequence, Some(u as u32)));
-            assert_eq!(e.answer, sid(train[t]));
-            let context = sequence_context(&f.catalog, &f.sids.records, &train[..t], &recent);
-            assert_eq!(e.context, context);
-            let dist = memory.distribution(&train[..t]);
-            // The items the prompt names, in the order it names them.
-            let mut named: Vec<(usize, u32)> = (0..f.catalog.len() as u32)
-                .filter_map(|i| e.prompt.find(&sid(i)).map(|at| (at, i)))
-                .collect();
-            named.sort();
-            let named: Vec<u32> = named.into_iter().map(|(_, i)| i).collect();
-            assert!(
-                (0..phrasings).any(|p| e.prompt
-                    == hint_prompt(&f.catalog, &f.sids.records, &prompts, &named, p).unwrap()),
-                "{e:?}"
-            );
-            assert_eq!(named.len(), dist.len().min(3), "{e:?} for {dist:?}");
-            let p = |i: u32| dist.iter().find(|d| d.0 == i).map_or(0.0, |d| d.1);
-            for w in named.windows(2) {
-                assert!(p(w[0]) >= p(w[1]) - 1e-6, "{e:?} out of order: {dist:?}");
-            }
-            if let Some(&last) = named.last() {
-                for &(b, q) in &dist {
-                    assert!(named.contains(&b) || q <= p(last) + 1e-6, "{e:?}: {dist:?}");
-                }
-            }
-            named_any |= !named.is_empty();
-            none |= named.is_empty() && e.prompt.contains("none");
-        }
-    }
-    assert!(
-        hints.next().is_none(),
-        "more hinted examples than positions"
-    );
-    assert!(
-        named_any && none,
-        "the fixture should show candidates and none"
-    );
 }

@@ -139,11 +139,6 @@ pub struct Request {
     /// ranked items; a history whose recent items the memory never saw followed by
     /// anything is ranked without it.
     pub memory: Option<f32>,
-    /// Also ask the model under the hinted prompt (`hint.txt`: the memory's candidates,
-    /// then the last history items) at this weight against the whole history's 1; for a
-    /// model trained with hinted examples and an engine with a memory. `None` or 0: off.
-    /// Only for ranked items.
-    pub hint: Option<f32>,
 }
 
 /// Weight of each further history item asked alone under [`Request::mix_recent`], after
@@ -498,45 +493,6 @@ impl Engine {
         Ok(self.chat.prompt(&prompt) + &context)
     }
 
-    /// The hinted model input ([`Request::hint`]): the instruction naming the memory's
-    /// candidates for the history, then its last items, as training wrote them.
-    pub fn hint_input(&self, req: &Request) -> std::result::Result<String, DecodeError> {
-        let m = self.sidecar.hint_candidates;
-        if m == 0 {
-            return Err(DecodeError::Invalid(format!(
-                "{}: this model was not trained with hinted examples (`sidrec train --hint-candidates`)",
-                self.dir.display()
-            )));
-        }
-        let Some(memory) = &self.memory else {
-            return Err(DecodeError::Invalid(format!(
-                "{}: this model has no transition memory ({MEMORY_FILE}) to name candidates from",
-                self.dir.display()
-            )));
-        };
-        if !self.continues_history(req)? {
-            return Err(DecodeError::Invalid(
-                "a hinted prompt continues a history: it needs a history, no query and no single type".into(),
-            ));
-        }
-        let candidates = crate::memory::top_items(&memory.distribution(&req.history), m);
-        let prompt = data::hint_prompt(
-            &self.catalog,
-            &self.sids.records,
-            &self.prompts,
-            &candidates,
-            0,
-        )
-        .map_err(|e| DecodeError::Invalid(e.to_string()))?;
-        let recent = DataOptions {
-            max_history: self.sidecar.hint_history.max(1),
-            ..self.data.clone()
-        };
-        let context =
-            data::sequence_context(&self.catalog, &self.sids.records, &req.history, &recent);
-        Ok(self.chat.prompt(&prompt) + &context)
-    }
-
     /// Token ids of [`Engine::model_input`], as the model was trained to see them.
     fn prompt_ids(&self, req: &Request) -> std::result::Result<Vec<u32>, DecodeError> {
         self.encode_prompt(&self.tokenizer, self.model_input(req)?)
@@ -643,15 +599,6 @@ impl Engine {
                 inputs.push((self.recent_input(req, item)?, weight));
                 weight *= decay;
             }
-        }
-        match req.hint {
-            Some(w) if !(w.is_finite() && w >= 0.0) => {
-                return Err(DecodeError::Invalid(format!(
-                    "the hint weight must be a number 0 or above, got {w}"
-                )))
-            }
-            Some(w) if w > 0.0 => inputs.push((self.hint_input(req)?, w)),
-            _ => {}
         }
         // Every decoder asks every input with the same weights: an equal-weight ensemble
         // of the models' mixtures. Rows mix by token id, which only SID tokens (the ones
@@ -1164,8 +1111,6 @@ fn load_members(
         } else if side.history_titles != sidecar.history_titles
             || side.sequence != sidecar.sequence
             || side.soon != sidecar.soon
-            || side.hint_candidates != sidecar.hint_candidates
-            || side.hint_history != sidecar.hint_history
         {
             Some("way of writing histories")
         } else {

@@ -317,8 +317,6 @@ pub struct ModelOptions {
     pub recent_decay: Option<f32>,
     /// Weight of the engine's transition memory ([`Request::memory`]; `None`: off).
     pub memory: Option<f32>,
-    /// Weight of the hinted prompt ([`Request::hint`]; `None`: off).
-    pub hint: Option<f32>,
 }
 
 impl Default for ModelOptions {
@@ -331,7 +329,6 @@ impl Default for ModelOptions {
             mix_recent: 0,
             recent_decay: None,
             memory: None,
-            hint: None,
         }
     }
 }
@@ -399,7 +396,6 @@ pub fn evaluate_model(
             mix_recent: opts.mix_recent,
             recent_decay: opts.recent_decay,
             memory: opts.memory,
-            hint: opts.hint,
             ..history_request(history, beams)
         };
         let t = Instant::now();

@@ -50,9 +50,6 @@ pub struct RunOptions {
     /// Mix in a transition memory built from the training parts at this weight
     /// ([`crate::decode::Request::memory`]; `None`: off).
     pub memory: Option<f32>,
-    /// Weight of the hinted prompt ([`crate::decode::Request::hint`]; `None`: off), its
-    /// candidates from the same memory.
-    pub hint: Option<f32>,
     /// Users asked the steering requests (0: none).
     pub steer_users: usize,
     /// `None`: no peers.
@@ -84,7 +81,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         &split.train,
         MemorySettings::default(),
     )?;
-    if opts.memory.is_some() || opts.hint.is_some() {
+    if opts.memory.is_some() {
         engine.set_memory(Some(memory.clone()));
     }
     let users = sample_users(split.test.len(), opts.users, opts.seed);
@@ -103,7 +100,6 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         mix_recent: opts.mix_recent,
         recent_decay: opts.recent_decay,
         memory: opts.memory,
-        hint: opts.hint,
         ..ModelOptions::default()
     };
     let sidrec = evaluate_model(&engine, &cases, &model_opts, progress)?;
@@ -111,7 +107,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         name: "sidrec".into(),
         metrics: sidrec.metrics.clone(),
         note: format!(
-            "beam search, {} beams{}{}{}{}{}",
+            "beam search, {} beams{}{}{}{}",
             sidrec.beams,
             match engine.ensemble_size() {
                 1 => String::new(),
@@ -128,10 +124,6 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
             },
             match opts.memory {
                 Some(w) if w > 0.0 => format!(", transition memory at weight {w}"),
-                _ => String::new(),
-            },
-            match opts.hint {
-                Some(w) if w > 0.0 => format!(", hinted prompt at weight {w}"),
                 _ => String::new(),
             },
             if opts.exclude_seen {

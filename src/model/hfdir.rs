@@ -386,17 +386,6 @@ pub struct Sidecar {
     /// each recent item alone with that instruction. Written only when true.
     #[serde(default, skip_serializing_if = "is_no")]
     pub soon: bool,
-    /// Candidates per hinted example training wrote (`hint.txt`; 0: none): `--hint`
-    /// then names as many of the memory's candidates. Written only when not 0.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub hint_candidates: usize,
-    /// History items after a hinted prompt in training. Written only when not 0.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub hint_history: usize,
-}
-
-fn is_zero(n: &usize) -> bool {
-    *n == 0
 }
 
 fn is_no(b: &bool) -> bool {

@@ -49,7 +49,6 @@ use serde_json::Value;
 use crate::artifacts::SidRecord;
 use crate::catalog::{Catalog, Item};
 use crate::interactions::Split;
-use crate::memory::{top_items, MemorySettings, TransitionCounts};
 
 /// Training tasks.
 #[derive(
@@ -131,13 +130,10 @@ pub enum Slot {
     Description,
     /// The item's short text ([`item_text`]).
     Item,
-    /// The transition memory's candidates for what comes next, as SIDs (`none` when it
-    /// has none): [`PromptKind::Hint`].
-    Candidates,
 }
 
 impl Slot {
-    pub const ALL: [Slot; 8] = [
+    pub const ALL: [Slot; 7] = [
         Slot::History,
         Slot::Query,
         Slot::Type,
@@ -145,7 +141,6 @@ impl Slot {
         Slot::Sid,
         Slot::Description,
         Slot::Item,
-        Slot::Candidates,
     ];
 
     pub fn name(self) -> &'static str {
@@ -157,7 +152,6 @@ impl Slot {
             Slot::Sid => "sid",
             Slot::Description => "description",
             Slot::Item => "item",
-            Slot::Candidates => "candidates",
         }
     }
 }
@@ -184,13 +178,10 @@ pub enum PromptKind {
     /// The instruction before an item and one taken soon after it
     /// ([`DataOptions::sequence_soon`]).
     Soon,
-    /// The instruction naming the transition memory's candidates before the last items
-    /// of a history ([`DataOptions::hint_candidates`]).
-    Hint,
 }
 
 impl PromptKind {
-    pub const ALL: [PromptKind; 9] = [
+    pub const ALL: [PromptKind; 8] = [
         PromptKind::AlignItem,
         PromptKind::AlignSid,
         PromptKind::Recommend,
@@ -199,7 +190,6 @@ impl PromptKind {
         PromptKind::Describe,
         PromptKind::Sequence,
         PromptKind::Soon,
-        PromptKind::Hint,
     ];
 
     /// The file under `prompts/`.
@@ -213,7 +203,6 @@ impl PromptKind {
             PromptKind::Describe => "describe.txt",
             PromptKind::Sequence => "sequence.txt",
             PromptKind::Soon => "soon.txt",
-            PromptKind::Hint => "hint.txt",
         }
     }
 
@@ -225,7 +214,7 @@ impl PromptKind {
             PromptKind::Search => Task::Search,
             PromptKind::Steer => Task::Steer,
             PromptKind::Describe => Task::Describe,
-            PromptKind::Sequence | PromptKind::Soon | PromptKind::Hint => Task::Sequence,
+            PromptKind::Sequence | PromptKind::Soon => Task::Sequence,
         }
     }
 
@@ -239,7 +228,6 @@ impl PromptKind {
             PromptKind::Steer => &[Slot::History, Slot::Type],
             PromptKind::Describe => &[Slot::History],
             PromptKind::Sequence | PromptKind::Soon => &[Slot::Type],
-            PromptKind::Hint => &[Slot::Candidates, Slot::Type],
         }
     }
 
@@ -254,7 +242,6 @@ impl PromptKind {
             PromptKind::Steer => &[&[Slot::History], &[Slot::Type]],
             PromptKind::Describe => &[&[Slot::History]],
             PromptKind::Sequence | PromptKind::Soon => &[],
-            PromptKind::Hint => &[&[Slot::Candidates]],
         }
     }
 
@@ -268,7 +255,6 @@ impl PromptKind {
             PromptKind::Describe => include_str!("../../prompts/describe.txt"),
             PromptKind::Sequence => include_str!("../../prompts/sequence.txt"),
             PromptKind::Soon => include_str!("../../prompts/soon.txt"),
-            PromptKind::Hint => include_str!("../../prompts/hint.txt"),
         }
     }
 }
@@ -329,9 +315,6 @@ pub enum DataError {
         "unknown task {name:?}: expected one of align, recommend, search, steer, describe, sequence"
     )]
     UnknownTask { name: String },
-    /// The transition memory behind hinted examples could not be built.
-    #[error("transition memory: {0}")]
-    Memory(String),
 }
 
 /// One training (or validation) example.
@@ -522,7 +505,7 @@ impl Prompts {
 
     /// Reads every prompt file from a directory (`align_item.txt`, `align_sid.txt`,
     /// `recommend.txt`, `search.txt`, `steer.txt`, `describe.txt`, `sequence.txt`,
-    /// `soon.txt`, `hint.txt`). All
+    /// `soon.txt`). All
     /// must exist: a model is taught every task, and its prompts must be the ones
     /// inference reads.
     pub fn load(dir: &Path) -> Result<Prompts, DataError> {
@@ -704,18 +687,6 @@ pub struct DataOptions {
     /// one that follows. The same pairs under the sequence instruction blurred the
     /// next-item transitions and ranked worse (README).
     pub sequence_soon: usize,
-    /// With `sequence`, also write one hinted example per position of each training
-    /// history (0: none): an instruction naming the transition memory's `hint_candidates`
-    /// most likely next items (`hint.txt`), the last `hint_history` items before the
-    /// position as the unscored context, and the item at the position as the answer.
-    /// The candidates come from the memory of every other user's training part
-    /// ([`crate::memory::TransitionCounts::distribution_without`]): at inference the
-    /// next item was never counted, so in training it must not be either. The model
-    /// learns when to trust a candidate from the history beside it, where a fixed
-    /// mixture weight cannot tell.
-    pub hint_candidates: usize,
-    /// Items of history after a hinted prompt (at least 1).
-    pub hint_history: usize,
 }
 
 impl Default for DataOptions {
@@ -740,8 +711,6 @@ impl Default for DataOptions {
             sequence: false,
             sequence_short: 0,
             sequence_soon: 0,
-            hint_candidates: 0,
-            hint_history: 1,
         }
     }
 }
@@ -945,32 +914,6 @@ pub fn soon_prompt(
     phrasing: usize,
 ) -> Result<String, DataError> {
     continuation_prompt(catalog, prompts, PromptKind::Soon, phrasing)
-}
-
-/// The hinted instruction ([`PromptKind::Hint`]) in phrasing `phrasing`, naming
-/// `candidates` (most likely first) by their SIDs.
-pub fn hint_prompt(
-    catalog: &Catalog,
-    sids: &[SidRecord],
-    prompts: &Prompts,
-    candidates: &[u32],
-    phrasing: usize,
-) -> Result<String, DataError> {
-    let named = if candidates.is_empty() {
-        "none".to_string()
-    } else {
-        candidates
-            .iter()
-            .map(|&i| sids[i as usize].sid.as_str())
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    let noun = catalog_noun(catalog);
-    prompts.render(
-        PromptKind::Hint,
-        phrasing,
-        &[(Slot::Candidates, &named), (Slot::Type, &noun)],
-    )
 }
 
 /// The instruction before a list of items written as the answer ([`PromptKind::Sequence`]
@@ -1275,8 +1218,6 @@ fn render_random(
 /// Random stream of the soon-after pairs ([`DataOptions::sequence_soon`]), apart from
 /// the tasks'.
 const SOON_STREAM: u64 = 0x5007;
-/// Random stream of the hinted examples ([`DataOptions::hint_candidates`]).
-const HINT_STREAM: u64 = 0x4147;
 
 fn task_rng(seed: u64, task: Task) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -1331,20 +1272,6 @@ pub fn build(
         soon_rng.set_stream(SOON_STREAM);
         let count = prompts.phrasings(PromptKind::Sequence).len();
         let soon_count = prompts.phrasings(PromptKind::Soon).len();
-        let mut hint_rng = task_rng(opts.seed, Task::Sequence);
-        hint_rng.set_stream(HINT_STREAM);
-        let hint_count = prompts.phrasings(PromptKind::Hint).len();
-        let counts = match opts.hint_candidates {
-            0 => None,
-            _ => Some(
-                TransitionCounts::build(catalog.len(), &split.train, MemorySettings::default())
-                    .map_err(|e| DataError::Memory(e.to_string()))?,
-            ),
-        };
-        let recent = DataOptions {
-            max_history: opts.hint_history.max(1),
-            ..opts.clone()
-        };
         // A phrasing index, drawn only when there is a choice.
         let pick = |rng: &mut ChaCha8Rng, n: usize| if n > 0 { rng.gen_range(0..n) } else { 0 };
         // Windows are already cut to size: write each out whole.
@@ -1381,22 +1308,6 @@ pub fn build(
                         prompt: soon_prompt(catalog, prompts, phrasing)?,
                         context: String::new(),
                         answer: format_history(catalog, sids, &[train[i], train[i + d]], &whole),
-                        user: Some(u as u32),
-                    });
-                }
-            }
-            if let Some(counts) = &counts {
-                let own = counts.own(train);
-                for t in 1..train.len() {
-                    let history = &train[..t];
-                    let dist = counts.distribution_without(history, &own);
-                    let candidates = top_items(&dist, opts.hint_candidates);
-                    let phrasing = pick(&mut hint_rng, hint_count);
-                    out.push(Example {
-                        task: Task::Sequence,
-                        prompt: hint_prompt(catalog, sids, prompts, &candidates, phrasing)?,
-                        context: sequence_context(catalog, sids, history, &recent),
-                        answer: sids[train[t] as usize].sid.clone(),
                         user: Some(u as u32),
                     });
                 }

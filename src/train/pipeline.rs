@@ -259,14 +259,6 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         history_titles: opts.data.history_titles,
         sequence: opts.data.sequence,
         soon: opts.data.sequence && opts.data.sequence_soon > 0,
-        hint_candidates: match opts.data.sequence {
-            true => opts.data.hint_candidates,
-            false => 0,
-        },
-        hint_history: match opts.data.sequence && opts.data.hint_candidates > 0 {
-            true => opts.data.hint_history.max(1),
-            false => 0,
-        },
     };
     // Validation users for --select-best: held-out next items, ranked over the catalog.
     let select_cases: Vec<(Vec<u32>, u32)> = match opts.select_users {
