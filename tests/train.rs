@@ -498,6 +498,21 @@ fn members_train_together_and_rank_as_one_mixture() {
         .collect();
     // Each member alone, under the same (possibly mixed) request.
     let alone = |e: &Engine, r: &Request| scores(e.rank(r).unwrap());
+    // The whole catalog, every score the equal mixture of the members' own scores.
+    let assert_mixture =
+        |hits: Vec<sidrec::decode::Hit>, members: &[HashMap<u32, f32>], what: &str| {
+            assert_eq!(hits.len(), n);
+            let share = (1.0f32 / members.len() as f32).ln();
+            for h in hits {
+                let parts: Vec<f32> = members.iter().map(|s| share + s[&h.item]).collect();
+                let want = logsumexp(&parts);
+                assert!(
+                    (h.score - want).abs() < 1e-3,
+                    "{what}: {} vs {want}",
+                    h.score
+                );
+            }
+        };
     for mix in [0, 1] {
         let r = Request {
             history: history.clone(),
@@ -505,17 +520,8 @@ fn members_train_together_and_rank_as_one_mixture() {
             mix_recent: mix,
             ..Default::default()
         };
-        let (sa, sb) = (alone(&a, &r), alone(&b, &r));
-        let hits = both.rank(&r).unwrap();
-        assert_eq!(hits.len(), n);
-        for h in &hits {
-            let want = logsumexp(&[0.5f32.ln() + sa[&h.item], 0.5f32.ln() + sb[&h.item]]);
-            assert!(
-                (h.score - want).abs() < 1e-3,
-                "mix {mix}: {} vs {want}",
-                h.score
-            );
-        }
+        let members = [alone(&a, &r), alone(&b, &r)];
+        assert_mixture(both.rank(&r).unwrap(), &members, &format!("mix {mix}"));
     }
     // A member of another size (any decoder trained on the same artifacts with the same
     // history options) joins the mixture with its own config.
@@ -538,18 +544,8 @@ fn members_train_together_and_rank_as_one_mixture() {
         k: n,
         ..Default::default()
     };
-    let (sa, sb, sc) = (alone(&a, &r), alone(&b, &r), alone(&c, &r));
-    let hits = three.rank(&r).unwrap();
-    assert_eq!(hits.len(), n);
-    let third = (1.0f32 / 3.0).ln();
-    for h in hits {
-        let want = logsumexp(&[
-            third + sa[&h.item],
-            third + sb[&h.item],
-            third + sc[&h.item],
-        ]);
-        assert!((h.score - want).abs() < 1e-3, "{} vs {want}", h.score);
-    }
+    let members = [alone(&a, &r), alone(&b, &r), alone(&c, &r)];
+    assert_mixture(three.rank(&r).unwrap(), &members, "three decoders");
     fs::remove_dir_all(&narrow).unwrap();
     // A member from another SID map.
     let other_dir = tmp.path().join("other");
