@@ -1068,16 +1068,7 @@ fn decoder(
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let mut model = Llama::new(&cfg, vb)?;
     if let Some(table) = item_table {
-        let keys = sids.item_keys(sidecar.sid_token_offset);
-        model = match std::fs::read_to_string(dir.join("items_at"))
-            .as_deref()
-            .map(str::trim)
-        {
-            Ok("mlp") => model.with_items_at(table, keys, crate::model::llama::ItemsAt::LastMlp)?,
-            Ok("out") => model.with_items_at(table, keys, crate::model::llama::ItemsAt::Output)?,
-            Ok(_) => model.with_items_at(table, keys, crate::model::llama::ItemsAt::Input)?,
-            Err(_) => model.with_items(table, keys)?,
-        };
+        model = model.with_items(table, sids.item_keys(sidecar.sid_token_offset))?;
     }
     Ok(model)
 }

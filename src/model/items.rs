@@ -37,9 +37,6 @@ pub struct ItemKeys {
     sid_tokens: u32,
     /// Type tokens: local ids `0..types`.
     types: u32,
-    /// Keep the last item over the next item's codes too (for vectors added where no later
-    /// position can read them, see [`ItemKeys::holding`]).
-    hold: bool,
 }
 
 /// Where a sequence stands while [`ItemKeys::step`] reads it; `Default` is the start.
@@ -61,17 +58,7 @@ impl ItemKeys {
             offset,
             sid_tokens,
             types,
-            hold: false,
         }
-    }
-
-    /// The same keys, holding the last completed item over the codes of the item being
-    /// written: right for vectors added after the last attention, where a position's vector
-    /// reaches only its own prediction (the previous item conditions every code of the
-    /// next), wrong for input-side vectors (teacher forcing would see them there).
-    pub fn holding(mut self, hold: bool) -> Self {
-        self.hold = hold;
-        self
     }
 
     /// Number of items (rows the table must have).
@@ -96,9 +83,7 @@ impl ItemKeys {
             state.node = self.trie.child(self.trie.root(), local as TokenId);
             return state.last;
         }
-        if !self.hold {
-            state.last = 0;
-        }
+        state.last = 0;
         state.node = state
             .node
             .and_then(|n| self.trie.child(n, local as TokenId));

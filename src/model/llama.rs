@@ -421,16 +421,11 @@ impl Block {
         bias: Option<&Tensor>,
         kv: Option<KvSlot<'_>>,
         drop: Option<(Dropout, u64)>,
-        extra: Option<&Tensor>,
     ) -> Result<Tensor> {
         let attn = self
             .attn
             .forward(&self.input_norm.forward(x)?, cos, sin, bias, kv)?;
-        let mut h = (x + apply_dropout(&attn, drop.map(|(d, site)| (d, 2 * site)))?)?;
-        if let Some(v) = extra {
-            // After the attention: this position's vector reaches only its own prediction.
-            h = (h + v)?;
-        }
+        let h = (x + apply_dropout(&attn, drop.map(|(d, site)| (d, 2 * site)))?)?;
         let mlp = self.mlp.forward(&self.post_norm.forward(&h)?)?;
         let out = (&h + apply_dropout(&mlp, drop.map(|(d, site)| (d, 2 * site + 1)))?)?;
         Ok(out)
@@ -778,18 +773,6 @@ pub struct Llama {
 struct ItemInput {
     table: Tensor,
     keys: std::sync::Arc<ItemKeys>,
-    at: ItemsAt,
-}
-
-/// Where the item vectors enter the residual stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ItemsAt {
-    /// With the token embeddings: every later position reads them through attention.
-    Input,
-    /// Before the last layer's MLP: only the position's own prediction sees its vector.
-    LastMlp,
-    /// After the last layer, before the final norm.
-    Output,
 }
 
 impl Llama {
@@ -883,17 +866,7 @@ impl Llama {
     /// The same model reading item vectors ([`super::items`]): `table` `[items, hidden]`
     /// (a trainable `Var`'s tensor while training, the saved [`ITEM_TABLE`] after), row
     /// `i` for item `i` of `keys`.
-    pub fn with_items(self, table: Tensor, keys: ItemKeys) -> Result<Llama> {
-        let at = match std::env::var("SIDREC_ITEMS_AT").as_deref() {
-            Ok("mlp") => ItemsAt::LastMlp,
-            Ok("out") => ItemsAt::Output,
-            _ => ItemsAt::Input,
-        };
-        self.with_items_at(table, keys, at)
-    }
-
-    /// [`Llama::with_items`] with the vectors entering at `at`.
-    pub fn with_items_at(mut self, table: Tensor, keys: ItemKeys, at: ItemsAt) -> Result<Llama> {
+    pub fn with_items(mut self, table: Tensor, keys: ItemKeys) -> Result<Llama> {
         let want = [keys.len(), self.cfg.hidden_size];
         if table.dims() != want {
             return Err(ModelError::Shape {
@@ -902,11 +875,9 @@ impl Llama {
                 found: format!("{:?}", table.dims()),
             });
         }
-        let keys = keys.holding(at != ItemsAt::Input);
         self.items = Some(ItemInput {
             table,
             keys: std::sync::Arc::new(keys),
-            at,
         });
         Ok(self)
     }
@@ -916,20 +887,19 @@ impl Llama {
         self.items.is_some()
     }
 
-    /// The item vectors of `input_ids` `[b, t]` as `[b, t, hidden]` and where they go,
-    /// reading each row on from `states` (one per row, advanced past the new tokens);
-    /// `None` when the model has none or no position gets one.
-    fn item_vectors(
+    /// Adds the item vectors of `input_ids` `[b, t]` to `x` `[b, t, hidden]`, reading each
+    /// row on from `states` (one per row, advanced past the new tokens).
+    fn add_items(
         &self,
+        x: Tensor,
         input_ids: &Tensor,
         states: &mut [ItemState],
         dropout: Option<Dropout>,
-    ) -> Result<Option<(Tensor, ItemsAt)>> {
+    ) -> Result<Tensor> {
         let Some(items) = &self.items else {
-            return Ok(None);
+            return Ok(x);
         };
-        let (b, t) = input_ids.dims2()?;
-        let h = self.cfg.hidden_size;
+        let (b, t, h) = x.dims3()?;
         let ids = input_ids.to_vec2::<u32>()?;
         let marks: Vec<u32> = ids
             .iter()
@@ -937,7 +907,7 @@ impl Llama {
             .flat_map(|(row, st)| items.keys.annotate(st, row))
             .collect();
         if marks.iter().all(|&m| m == 0) {
-            return Ok(None);
+            return Ok(x);
         }
         let rows: Vec<u32> = marks.iter().map(|&m| m.saturating_sub(1)).collect();
         let mut keep: Vec<f32> = marks.iter().map(|&m| f32::from(u8::from(m > 0))).collect();
@@ -950,40 +920,13 @@ impl Llama {
                 }
             }
         }
-        let dev = input_ids.device();
+        let dev = x.device();
         let v = items
             .table
             .embedding(&Tensor::from_vec(rows, b * t, dev)?)?
             .broadcast_mul(&Tensor::from_vec(keep, (b * t, 1), dev)?)?
             .reshape((b, t, h))?;
-        Ok(Some((v, items.at)))
-    }
-
-    /// Runs the layers over `x` (embeddings, dropout applied), adding item vectors `items`
-    /// where they go, and the final norm.
-    fn run_layers(
-        &self,
-        x: Tensor,
-        items: Option<(Tensor, ItemsAt)>,
-        mut layer: impl FnMut(usize, &Block, &Tensor, Option<&Tensor>) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let (mut x, late) = match items {
-            Some((v, ItemsAt::Input)) => ((x + v)?, None),
-            Some((v, at)) => (x, Some((v, at))),
-            None => (x, None),
-        };
-        let last = self.layers.len() - 1;
-        for (i, block) in self.layers.iter().enumerate() {
-            let extra = match &late {
-                Some((v, ItemsAt::LastMlp)) if i == last => Some(v),
-                _ => None,
-            };
-            x = layer(i, block, &x, extra)?;
-        }
-        if let Some((v, ItemsAt::Output)) = &late {
-            x = (x + v)?;
-        }
-        self.norm.forward(&x)
+        Ok((x + v)?)
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -1093,7 +1036,6 @@ impl Llama {
             items: self.items.as_ref().map(|i| ItemInput {
                 table: i.table.detach(),
                 keys: i.keys.clone(),
-                at: i.at,
             }),
         }
     }
@@ -1141,19 +1083,19 @@ impl Llama {
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
         let mut states = vec![ItemState::default(); b];
-        let mut x = self.embed_ids(input_ids, b, t)?;
-        let mut items = self.item_vectors(input_ids, &mut states, dropout)?;
-        if let Some((v, ItemsAt::Input)) = &items {
-            // Input-side vectors share the embeddings' dropout.
-            x = (x + v)?;
-            items = None;
-        }
+        let x = self.add_items(
+            self.embed_ids(input_ids, b, t)?,
+            input_ids,
+            &mut states,
+            dropout,
+        )?;
         // Sites: 0 the embeddings, then 2 per layer (attention, MLP).
-        let x = apply_dropout(&x, dropout.map(|d| (d, 0)))?;
-        self.run_layers(x, items, |i, block, x, extra| {
+        let mut x = apply_dropout(&x, dropout.map(|d| (d, 0)))?;
+        for (i, layer) in self.layers.iter().enumerate() {
             let drop = dropout.map(|d| (d, i as u64 + 1));
-            block.forward(x, &cos, &sin, bias.as_ref(), None, drop, extra)
-        })
+            x = layer.forward(&x, &cos, &sin, bias.as_ref(), None, drop)?;
+        }
+        self.norm.forward(&x)
     }
 
     /// Incremental decoding: logits `[b, t, vocab]` for `input_ids` `[b, t]` placed at
@@ -1211,19 +1153,21 @@ impl Llama {
             true => vec![ItemState::default(); b],
             false => Vec::new(),
         };
-        let items = self.item_vectors(input_ids, &mut states, None)?;
-        let rows = cache.rows.clone();
-        let h = self.run_layers(
+        let mut x = self.add_items(
             self.embed_ids(input_ids, b, t)?,
-            items,
-            |i, block, x, extra| {
-                let kv = KvSlot {
-                    slot: &mut layers[i],
-                    rows: rows.as_deref(),
-                };
-                block.forward(x, &cos, &sin, bias.as_ref(), Some(kv), None, extra)
-            },
+            input_ids,
+            &mut states,
+            None,
         )?;
+        let rows = cache.rows.clone();
+        for (layer, slot) in self.layers.iter().zip(layers.iter_mut()) {
+            let kv = KvSlot {
+                slot,
+                rows: rows.as_deref(),
+            };
+            x = layer.forward(&x, &cos, &sin, bias.as_ref(), Some(kv), None)?;
+        }
+        let h = self.norm.forward(&x)?;
         cache.layers = layers;
         cache.len = offset + t;
         cache.rows = None;
