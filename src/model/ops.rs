@@ -113,7 +113,7 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// SmolLM2 at 8 × 64), so this is where the fusion pays (README, "Training throughput").
 /// Rows with weight 0 cost nothing backward. f32 and f64.
 pub fn weighted_nll(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<Tensor> {
-    let (n, v) = logits.dims2()?;
+    let n = logits.dims2()?.0;
     if targets.len() != n || weights.len() != n {
         candle_core::bail!(
             "weighted_nll: {} targets and {} weights for {n} rows",
@@ -121,10 +121,41 @@ pub fn weighted_nll(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result
             weights.len()
         );
     }
+    let offsets: Vec<usize> = (0..=n).collect();
+    soft_nll(logits, &offsets, targets, weights)
+}
+
+/// Cross-entropy against sparse soft targets: row `i` of `logits` `[n, vocab]` has the
+/// targets `targets[offsets[i]..offsets[i + 1]]` with weights from the same range of
+/// `weights`, and the result is `Σᵢ Σₖ wᵢₖ · (logsumexp(logitsᵢ) − logitsᵢ[tᵢₖ])`, a scalar.
+/// With one target per row it is [`weighted_nll`]; with several it trains towards a
+/// distribution (a teacher's, mixed with the observed token) in the same single fused
+/// pass, whose backward is `(Σₖ wᵢₖ) · softmaxᵢ − Σₖ wᵢₖ · onehot(tᵢₖ)`. `offsets` has
+/// `n + 1` non-decreasing entries starting at 0 and ending at `targets.len()`.
+pub fn soft_nll(
+    logits: &Tensor,
+    offsets: &[usize],
+    targets: &[u32],
+    weights: &[f32],
+) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    let well_formed = offsets.len() == n + 1
+        && offsets.first() == Some(&0)
+        && offsets.last() == Some(&targets.len())
+        && offsets.windows(2).all(|w| w[0] <= w[1]);
+    if !well_formed || weights.len() != targets.len() {
+        candle_core::bail!(
+            "soft_nll: {} offsets, {} targets and {} weights for {n} rows",
+            offsets.len(),
+            targets.len(),
+            weights.len()
+        );
+    }
     if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
-        candle_core::bail!("weighted_nll: target {t} outside a vocabulary of {v}");
+        candle_core::bail!("soft_nll: target {t} outside a vocabulary of {v}");
     }
     let op = Nll {
+        offsets: Arc::new(offsets.to_vec()),
         targets: Arc::new(targets.to_vec()),
         weights: Arc::new(weights.to_vec()),
     };
@@ -134,7 +165,9 @@ pub fn weighted_nll(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result
     rows.narrow(1, 0, 1)?.sum_all()
 }
 
+/// The fused op behind [`soft_nll`]: targets of row `i` are `offsets[i]..offsets[i + 1]`.
 struct Nll {
+    offsets: Arc<Vec<usize>>,
     targets: Arc<Vec<u32>>,
     weights: Arc<Vec<f32>>,
 }
@@ -155,8 +188,18 @@ fn contiguous_slice<'a, T: candle_core::WithDType>(
 }
 
 impl Nll {
+    /// Row `i`'s `(target, weight)` pairs.
+    fn row(&self, i: usize) -> impl Iterator<Item = (usize, f64)> + '_ {
+        let r = self.offsets[i]..self.offsets[i + 1];
+        self.targets[r.clone()]
+            .iter()
+            .zip(&self.weights[r])
+            .map(|(&t, &w)| (t as usize, f64::from(w)))
+    }
+
     fn forward<T: Real>(&self, x: &[T], v: usize) -> Vec<T> {
-        let mut out = vec![T::zero(); self.targets.len() * 2];
+        let n = self.offsets.len() - 1;
+        let mut out = vec![T::zero(); n * 2];
         out.par_chunks_mut(2)
             .zip(x.par_chunks(v))
             .enumerate()
@@ -167,12 +210,10 @@ impl Nll {
                     .fold(T::neg_infinity(), num_traits::Float::max);
                 let sum = row.iter().fold(T::zero(), |s, &z| s + (z - max).exp());
                 let lse = max + sum.ln();
-                let w = T::from_f64(f64::from(self.weights[i]));
-                o[0] = if w == T::zero() {
-                    T::zero()
-                } else {
-                    w * (lse - row[self.targets[i] as usize])
-                };
+                o[0] = self
+                    .row(i)
+                    .filter(|&(_, w)| w != 0.0)
+                    .fold(T::zero(), |s, (t, w)| s + T::from_f64(w) * (lse - row[t]));
                 o[1] = lse;
             });
         out
@@ -184,15 +225,19 @@ impl Nll {
             .zip(x.par_chunks(v))
             .enumerate()
             .for_each(|(i, (o, row))| {
-                let g = grad[2 * i] * T::from_f64(f64::from(self.weights[i]));
-                if g == T::zero() {
+                let total: f64 = self.row(i).map(|(_, w)| w).sum();
+                let g = grad[2 * i];
+                if total == 0.0 || g == T::zero() {
                     return;
                 }
                 let lse = res[2 * i + 1];
+                let gt = g * T::from_f64(total);
                 for (oj, &z) in o.iter_mut().zip(row) {
-                    *oj = g * (z - lse).exp();
+                    *oj = gt * (z - lse).exp();
                 }
-                o[self.targets[i] as usize] -= g;
+                for (t, w) in self.row(i) {
+                    o[t] -= g * T::from_f64(w);
+                }
             });
         out
     }
@@ -200,7 +245,7 @@ impl Nll {
 
 impl CustomOp1 for Nll {
     fn name(&self) -> &'static str {
-        "weighted-nll"
+        "soft-nll"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -212,7 +257,7 @@ impl CustomOp1 for Nll {
             CpuStorage::F64(_) => {
                 CpuStorage::F64(self.forward(contiguous_slice::<f64>(storage, layout)?, v))
             }
-            _ => candle_core::bail!("weighted_nll: logits must be f32 or f64"),
+            _ => candle_core::bail!("soft_nll: logits must be f32 or f64"),
         };
         Ok((out, Shape::from((n, 2))))
     }
@@ -225,7 +270,7 @@ impl CustomOp1 for Nll {
         let (rs, rl) = res.storage_and_layout();
         let (gs, gl) = grad_res.storage_and_layout();
         let (Storage::Cpu(xs), Storage::Cpu(rs), Storage::Cpu(gs)) = (&*xs, &*rs, &*gs) else {
-            candle_core::bail!("weighted_nll: CPU only");
+            candle_core::bail!("soft_nll: CPU only");
         };
         let dev = arg.device();
         let grad = match xs {
@@ -249,7 +294,7 @@ impl CustomOp1 for Nll {
                 (n, v),
                 dev,
             )?,
-            _ => candle_core::bail!("weighted_nll: logits must be f32 or f64"),
+            _ => candle_core::bail!("soft_nll: logits must be f32 or f64"),
         };
         Ok(Some(grad))
     }
@@ -438,5 +483,32 @@ mod tests {
         assert!((f64::from(l32) - expected).abs() < 1e-5);
         assert!(weighted_nll(&x, &[7, 0, 0, 0], &weights).is_err());
         assert!(weighted_nll(&x, &targets[..3], &weights[..3]).is_err());
+    }
+
+    #[test]
+    fn soft_nll_is_the_weighted_sum_of_its_targets_and_its_gradient_is_exact() {
+        let x = Tensor::randn(0f64, 2.0, (3, 6), &Device::Cpu).unwrap();
+        // Row 0: a teacher's three tokens; row 1: nothing; row 2: one token.
+        let offsets = [0usize, 3, 3, 4];
+        let targets = [1u32, 4, 1, 5];
+        let weights = [0.3f32, 0.2, 0.1, 0.4];
+        let ours = soft_nll(&x, &offsets, &targets, &weights)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let logp = log_softmax_last_dim(&x).unwrap().to_vec2::<f64>().unwrap();
+        let expected = -(0.3 * logp[0][1] + 0.2 * logp[0][4] + 0.1 * logp[0][1]) - 0.4 * logp[2][5];
+        assert!((ours - expected).abs() < 1e-6, "{ours} vs {expected}");
+        check_grad(&x, &|t| {
+            soft_nll(t, &offsets, &targets, &weights)
+                .unwrap()
+                .reshape((1, 1))
+                .unwrap()
+        });
+        // Malformed offsets are refused.
+        assert!(soft_nll(&x, &[0, 3, 4], &targets, &weights).is_err());
+        assert!(soft_nll(&x, &[0, 3, 2, 4], &targets, &weights).is_err());
+        assert!(soft_nll(&x, &[1, 3, 3, 4], &targets, &weights).is_err());
+        assert!(soft_nll(&x, &offsets, &targets, &weights[..3]).is_err());
     }
 }
