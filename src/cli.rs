@@ -454,6 +454,13 @@ struct TrainArgs {
     /// vectors alone recall seen transitions but generalise worse).
     #[arg(long, default_value_t = 0.0, value_parser = dropout_rate)]
     item_dropout: f32,
+    /// Soft targets: wherever the model writes an item after others, give this share of
+    /// the target to the transition memory's distribution for the items before it (the
+    /// decayed successor counts of the training parts, as `--memory` uses), the rest to
+    /// the item that came. Every item then teaches all its successors, not only the one
+    /// a user took (0: plain targets).
+    #[arg(long, default_value_t = 0.0, value_parser = dropout_rate, value_name = "SHARE")]
+    soft_targets: f32,
     #[arg(long, default_value_t = 16)]
     lora_rank: usize,
     #[arg(long, default_value_t = 32.0)]
@@ -1044,6 +1051,7 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
         dropout: a.dropout,
         item_embeddings: a.item_embeddings,
         item_dropout: a.item_dropout,
+        soft_targets: a.soft_targets,
         lora_rank: a.lora_rank,
         lora_alpha: a.lora_alpha,
         eval_every: a.eval_every,

@@ -5,9 +5,11 @@
 //!   type steering, user understanding) from the templates in `prompts/`.
 //! - `optim`: AdamW with resumable state, warmup + cosine schedule, gradient clipping;
 //! - `trainer`: the loop (batches, validation, checkpoints, resume), model-agnostic;
+//! - `soft`: soft targets, the transition memory as a teacher for next items;
 //! - `pipeline`: `sidrec train` end to end (base model, SID tokens, stages, model dir).
 
 pub mod data;
 pub mod optim;
 pub mod pipeline;
+pub mod soft;
 pub mod trainer;

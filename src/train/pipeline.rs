@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::{AddedToken, Tokenizer};
 
 use super::data::{self, DataOptions, Example, Prompts, Task};
+use super::soft::{SoftError, SoftTargets};
 use super::trainer::{self, ChatFormat, Checkpointing, Encoded, LoopConfig, LoopReport};
 use crate::artifacts::{self, SidMap};
 use crate::decode::Engine;
@@ -108,6 +109,9 @@ pub struct TrainOptions {
     /// Share of positions whose item vector is dropped while training (see
     /// [`llama::Dropout::items`]).
     pub item_dropout: f32,
+    /// Share of every item target given to the transition memory's distribution for the
+    /// items before it ([`super::soft`]; 0: one-hot targets).
+    pub soft_targets: f32,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub eval_every: usize,
@@ -214,6 +218,24 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         let table = llama::init_item_table(keys.len(), cfg.hidden_size, opts.seed)?;
         tensors.insert(ITEM_TABLE.to_string(), table);
     }
+    // The training parts' successor counts: the teacher of `--soft-targets`, and the
+    // transition memory saved beside the model for `--memory`.
+    let memory =
+        TransitionMemory::build(catalog.items.len(), &split.train, MemorySettings::default())?;
+    let soft = match opts.soft_targets > 0.0 {
+        true => Some(
+            SoftTargets::new(
+                sids.trie.clone(),
+                n_old as u32,
+                sids.vocab.len() as u32,
+                sids.vocab.type_ids().end,
+                memory.clone(),
+                opts.soft_targets,
+            )
+            .map_err(|e| Error::Invalid(e.to_string()))?,
+        ),
+        false => None,
+    };
     let pad_id = tok
         .token_to_id("<|pad|>")
         .or_else(|| tok.token_to_id("<|endoftext|>"))
@@ -311,12 +333,23 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
         let loss_with = |m: &Llama,
                          b: &trainer::Batch,
-                         dropout: Option<llama::Dropout>|
+                         dropout: Option<llama::Dropout>,
+                         soft: Option<&SoftTargets>|
          -> candle_core::Result<Tensor> {
             let logits = m
                 .forward_train(&b.input, Some(&b.attention), dropout)
                 .map_err(to_candle)?;
-            llama::masked_cross_entropy(&logits, &b.targets, &b.loss_mask).map_err(to_candle)
+            match soft {
+                Some(s) => {
+                    s.loss(&logits, &b.input, &b.targets, &b.loss_mask)
+                        .map_err(|e| match e {
+                            SoftError::Candle(c) => c,
+                            other => candle_core::Error::Msg(other.to_string()),
+                        })
+                }
+                None => llama::masked_cross_entropy(&logits, &b.targets, &b.loss_mask)
+                    .map_err(to_candle),
+            }
         };
         let loss_fn = |b: &trainer::Batch| {
             let dropout = match opts.dropout > 0.0 || opts.item_dropout > 0.0 {
@@ -327,12 +360,13 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
                 }),
                 false => None,
             };
-            loss_with(&model, b, dropout)
+            loss_with(&model, b, dropout, soft.as_ref())
         };
         // Validation runs on a detached view of the same weights: no graph, little memory,
         // and no dropout.
         let inference = model.detached();
-        let eval_fn = |b: &trainer::Batch| loss_with(&inference, b, None);
+        // The held-out loss stays the plain one, comparable across runs.
+        let eval_fn = |b: &trainer::Batch| loss_with(&inference, b, None, None);
         // Ranking validation users on the same detached view: the engine sees every update.
         let ranker = match !align_only && !select_cases.is_empty() {
             true => Some(Engine::from_model(
@@ -419,8 +453,7 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
     let extra = files.each_ref().map(|(f, p)| (*f, p.as_path()));
     dir.save_with_files(&opts.out, opts.force || opts.resume, &extra)?;
     // What followed each item in the same training parts: `--memory` at inference.
-    TransitionMemory::build(catalog.items.len(), &split.train, MemorySettings::default())?
-        .save(&opts.out.join(MEMORY_FILE), &catalog)?;
+    memory.save(&opts.out.join(MEMORY_FILE), &catalog)?;
     let report_path = opts.out.join(REPORT_FILE);
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(e.to_string()))?;
     std::fs::write(&report_path, json + "\n").map_err(|e| Error::io(&report_path, e))?;

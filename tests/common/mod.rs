@@ -148,6 +148,7 @@ pub fn options(artifacts: PathBuf, inter: PathBuf, base: BaseModel, out: PathBuf
         seed: 1,
         select_users: 0,
         select_mix_recent: 0,
+        soft_targets: 0.0,
         data: DataOptions {
             seed: 1,
             ..Default::default()
