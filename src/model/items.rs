@@ -70,23 +70,41 @@ impl ItemKeys {
         self.trie.is_empty()
     }
 
+    /// The catalog's SID trie (local SID token ids).
+    pub fn trie(&self) -> &Trie {
+        &self.trie
+    }
+
+    /// The local SID token id of a model token, if it is a SID token.
+    pub fn local(&self, token: u32) -> Option<TokenId> {
+        let local = token.checked_sub(self.offset)?;
+        (local < self.sid_tokens).then_some(local)
+    }
+
+    /// Whether a local SID token id is a type token (the first of every SID).
+    pub fn is_type(&self, local: TokenId) -> bool {
+        local < self.types
+    }
+
+    /// The model token id of a local SID token id.
+    pub fn token(&self, local: TokenId) -> u32 {
+        self.offset + local
+    }
+
     /// Reads one token: returns row + 1 of the item whose vector this position gets, or 0.
     pub fn step(&self, state: &mut ItemState, token: u32) -> u32 {
-        let local = token.wrapping_sub(self.offset);
-        if token < self.offset || local >= self.sid_tokens {
+        let Some(local) = self.local(token) else {
             // Text between items: the last item stays current.
             state.node = None;
             return state.last;
-        }
-        if local < self.types {
+        };
+        if self.is_type(local) {
             // A new SID starts; its type token is where the next first code is predicted.
-            state.node = self.trie.child(self.trie.root(), local as TokenId);
+            state.node = self.trie.child(self.trie.root(), local);
             return state.last;
         }
         state.last = 0;
-        state.node = state
-            .node
-            .and_then(|n| self.trie.child(n, local as TokenId));
+        state.node = state.node.and_then(|n| self.trie.child(n, local));
         if let Some(item) = state.node.and_then(|n| self.trie.item(n)) {
             state.node = None;
             state.last = item + 1;

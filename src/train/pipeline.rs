@@ -225,10 +225,7 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
     let soft = match opts.soft_targets > 0.0 {
         true => Some(
             SoftTargets::new(
-                sids.trie.clone(),
-                n_old as u32,
-                sids.vocab.len() as u32,
-                sids.vocab.type_ids().end,
+                sids.item_keys(n_old as u32),
                 memory.clone(),
                 opts.soft_targets,
             )

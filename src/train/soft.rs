@@ -24,8 +24,9 @@
 use candle_core::Tensor;
 
 use crate::memory::{Distribution, TransitionMemory};
+use crate::model::items::ItemKeys;
 use crate::model::ops;
-use crate::trie::{ItemIdx, NodeId, TokenId, Trie};
+use crate::trie::{ItemIdx, NodeId, TokenId};
 
 /// Sparse per-position targets: position `i` has `tokens[offsets[i]..offsets[i + 1]]`
 /// with the same range of `weights` (what [`ops::soft_nll`] takes).
@@ -57,14 +58,8 @@ impl Targets {
 /// The teacher and how much of each item target it gets.
 #[derive(Clone, Debug)]
 pub struct SoftTargets {
-    /// The catalog's SID trie over local SID token ids (type token first).
-    trie: Trie,
-    /// Model id of SID token 0.
-    offset: u32,
-    /// SID tokens in the vocabulary (types first, then codes).
-    sid_tokens: u32,
-    /// Type tokens: local ids `0..types`.
-    types: u32,
+    /// The catalog's SID trie and where the SID tokens sit in the vocabulary.
+    keys: ItemKeys,
     memory: TransitionMemory,
     /// Share of an item target given to the teacher, in `[0, 1]`.
     share: f32,
@@ -93,34 +88,16 @@ struct Reading {
 }
 
 impl SoftTargets {
-    /// `trie` over local SID token ids (as [`crate::artifacts::SidMap`] builds it), SID
-    /// token `j` = model token `offset + j`, the first `types` of `sid_tokens` are type
-    /// tokens; `memory` indexes the same catalog as the trie.
-    pub fn new(
-        trie: Trie,
-        offset: u32,
-        sid_tokens: u32,
-        types: u32,
-        memory: TransitionMemory,
-        share: f32,
-    ) -> Result<Self, SoftError> {
+    /// `keys` over the same catalog as `memory` indexes.
+    pub fn new(keys: ItemKeys, memory: TransitionMemory, share: f32) -> Result<Self, SoftError> {
         if !(0.0..=1.0).contains(&share) {
             return Err(SoftError::Share(share));
         }
         Ok(SoftTargets {
-            trie,
-            offset,
-            sid_tokens,
-            types,
+            keys,
             memory,
             share,
         })
-    }
-
-    /// The local SID token id of a model token, if it is one.
-    fn local(&self, token: u32) -> Option<TokenId> {
-        let l = token.checked_sub(self.offset)?;
-        (l < self.sid_tokens).then_some(l as TokenId)
     }
 
     /// Appends the targets of one example's positions: `input[i]` is read and
@@ -142,21 +119,19 @@ impl SoftTargets {
 
     /// Advances the reading state by one input token.
     fn read(&self, st: &mut Reading, token: u32) {
-        let Some(local) = self.local(token) else {
+        let Some(local) = self.keys.local(token) else {
             st.open = None;
             return;
         };
-        if local < self.types as TokenId {
-            st.open = self
-                .trie
-                .child(self.trie.root(), local)
-                .map(|node| (node, 1));
+        let trie = self.keys.trie();
+        if self.keys.is_type(local) {
+            st.open = trie.child(trie.root(), local).map(|node| (node, 1));
             return;
         }
         st.open = st
             .open
-            .and_then(|(node, depth)| Some((self.trie.child(node, local)?, depth + 1)));
-        if let Some(item) = st.open.and_then(|(node, _)| self.trie.item(node)) {
+            .and_then(|(node, depth)| Some((trie.child(node, local)?, depth + 1)));
+        if let Some(item) = st.open.and_then(|(node, _)| trie.item(node)) {
             // An item is complete: the teacher is asked once for what may follow it.
             st.items.push(item);
             st.open = None;
@@ -170,9 +145,9 @@ impl SoftTargets {
     fn position(&self, st: &Reading, target: u32, w: f32, out: &mut Targets) {
         // The prefix the next token continues: the open SID's, or the root when the
         // target starts a new SID (a type token).
-        let prefix = match (st.open, self.local(target)) {
+        let prefix = match (st.open, self.keys.local(target)) {
             (Some((node, depth)), Some(_)) => Some((node, depth)),
-            (None, Some(l)) if l < self.types as TokenId => Some((self.trie.root(), 0)),
+            (None, Some(l)) if self.keys.is_type(l) => Some((self.keys.trie().root(), 0)),
             _ => None,
         };
         let teacher = match prefix {
@@ -187,7 +162,7 @@ impl SoftTargets {
         }
         out.push(target, w * (1.0 - self.share));
         for (local, p) in teacher {
-            out.push(self.offset + local, w * self.share * p);
+            out.push(self.keys.token(local), w * self.share * p);
         }
     }
 
@@ -202,12 +177,17 @@ impl SoftTargets {
     ) -> Vec<(TokenId, f32)> {
         let mut mass: Vec<(TokenId, f64)> = Vec::new();
         // Items below the prefix are a contiguous run of trie order.
-        let below = self.trie.leaf_range(node);
+        let below = self.keys.trie().leaf_range(node);
         for &(item, p) in teacher {
-            if !self.trie.rank(item).is_some_and(|r| below.contains(&r)) {
+            if !self
+                .keys
+                .trie()
+                .rank(item)
+                .is_some_and(|r| below.contains(&r))
+            {
                 continue;
             }
-            let Some(next) = self.trie.path(item).and_then(|path| path.get(depth)) else {
+            let Some(next) = self.keys.trie().path(item).and_then(|path| path.get(depth)) else {
                 continue;
             };
             match mass.iter_mut().find(|(t, _)| t == next) {
@@ -272,6 +252,7 @@ impl SoftTargets {
 mod tests {
     use super::*;
     use crate::memory::MemorySettings;
+    use crate::trie::Trie;
 
     /// One type (local 0), codes 1..=4, offset 100; items: 0 = [0, 1, 3], 1 = [0, 1, 4],
     /// 2 = [0, 2, 3].
@@ -288,7 +269,7 @@ mod tests {
             decay: 0.5,
         };
         let memory = TransitionMemory::build(3, sequences, settings).expect("memory");
-        SoftTargets::new(trie, 100, 5, 1, memory, share).expect("soft")
+        SoftTargets::new(ItemKeys::new(trie, 100, 5, 1), memory, share).expect("soft")
     }
 
     fn rows(t: &Targets) -> Vec<Vec<(u32, f32)>> {
@@ -353,10 +334,7 @@ mod tests {
         plain.row(&seq[..5], &seq[1..], &[1.0; 5], &mut out);
         assert_eq!(out.tokens, seq[1..].to_vec());
         assert!(SoftTargets::new(
-            Trie::build(vec![(vec![0], 0)]).unwrap(),
-            0,
-            1,
-            1,
+            ItemKeys::new(Trie::build(vec![(vec![0], 0)]).unwrap(), 0, 1, 1),
             TransitionMemory::build(1, &[], MemorySettings::default()).unwrap(),
             1.5
         )
