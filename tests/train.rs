@@ -667,6 +667,14 @@ fn soft_targets_take_the_memory_as_teacher() {
     );
     assert!(b.last().unwrap() < b.first().unwrap(), "{b:?}");
     assert!(taught.stages[0].report.valid_loss[0].1.is_finite());
+    // The report on disk says how the model was trained.
+    let saved: pipeline::TrainReport =
+        serde_json::from_str(&std::fs::read_to_string(out.join(pipeline::REPORT_FILE)).unwrap())
+            .unwrap();
+    let recipe = saved.recipe.expect("train_report.json records the recipe");
+    assert_eq!(recipe.soft_targets, 0.5);
+    assert!(recipe.data.sequence && !recipe.data.history_titles);
+    assert_eq!(plain.recipe.unwrap().soft_targets, 0.0);
     let e = sidrec::decode::Engine::load(&out).unwrap();
     let history = vec![e.index_of("m1").unwrap(), e.index_of("m2").unwrap()];
     let recs = e

@@ -143,6 +143,55 @@ pub struct TrainReport {
     pub validation_examples: usize,
     pub stages: Vec<StageReport>,
     pub seconds: f64,
+    /// The settings the model was trained with, so that a figure measured on it can be
+    /// traced to its recipe (absent in reports written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<Recipe>,
+}
+
+/// The training settings of a run, as `train_report.json` records them: everything in
+/// [`TrainOptions`] that changes the weights (not paths, checkpoints or evaluation).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Recipe {
+    pub seed: u64,
+    pub stage1: Option<StageConfig>,
+    pub stage2: Option<StageConfig>,
+    pub batch_size: usize,
+    pub max_len: usize,
+    pub warmup: usize,
+    pub clip: f64,
+    pub weight_decay: f64,
+    pub dropout: f32,
+    pub item_embeddings: bool,
+    pub item_dropout: f32,
+    pub soft_targets: f32,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub select_users: usize,
+    pub data: DataOptions,
+}
+
+impl Recipe {
+    pub fn of(opts: &TrainOptions) -> Recipe {
+        Recipe {
+            seed: opts.seed,
+            stage1: opts.stage1.clone(),
+            stage2: opts.stage2.clone(),
+            batch_size: opts.batch_size,
+            max_len: opts.max_len,
+            warmup: opts.warmup,
+            clip: opts.clip,
+            weight_decay: opts.weight_decay,
+            dropout: opts.dropout,
+            item_embeddings: opts.item_embeddings,
+            item_dropout: opts.item_dropout,
+            soft_targets: opts.soft_targets,
+            lora_rank: opts.lora_rank,
+            lora_alpha: opts.lora_alpha,
+            select_users: opts.select_users,
+            data: opts.data.clone(),
+        }
+    }
 }
 
 /// One stage of `train_report.json`.
@@ -266,6 +315,7 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         validation_examples: valid.len(),
         stages: Vec::new(),
         seconds: 0.0,
+        recipe: Some(Recipe::of(opts)),
     };
 
     let sidecar = Sidecar {
