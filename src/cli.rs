@@ -376,7 +376,8 @@ learn the sequences. Many epochs over a small catalog memorise it: --dropout 0.2
 smaller models/small.json (more epochs per hour) is the best recipe measured (see the \
 README's Evaluation).\n\n\
 Output: config.json, model.safetensors, tokenizer.json (with SID tokens), sidrec.json \
-(sha256 of sids.jsonl, prompts version) and train_report.json (loss curves).\n\n\
+(sha256 of sids.jsonl, prompts version) and train_report.json (loss curves and the recipe: \
+seed, stages, dropout, soft targets, data options).\n\n\
 Examples:\n  \
 sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter -o out/ml100k-tiny\n  \
 sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter \\\n    \
