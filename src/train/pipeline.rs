@@ -222,10 +222,11 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
     let examples = data::build(&catalog, &sids.records, &split, &prompts, &opts.data)?;
     let mut valid = data::build_validation(&catalog, &sids.records, &split, &prompts, &opts.data)?;
     if opts.valid_examples > 0 && valid.len() > opts.valid_examples {
-        // A seeded sample, kept in user order: the same examples at every evaluation.
+        // A fixed sample, kept in user order: the same examples at every evaluation, and
+        // for every seed, so that the held-out losses of seeds and `--members` compare.
         use rand::seq::index::sample;
         use rand::SeedableRng;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed ^ 0x5eed_7a11d);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed_7a11d);
         let mut keep = sample(&mut rng, valid.len(), opts.valid_examples).into_vec();
         keep.sort_unstable();
         valid = keep.into_iter().map(|i| valid[i].clone()).collect();
