@@ -116,7 +116,7 @@ pub struct TrainOptions {
     pub lora_alpha: f64,
     pub eval_every: usize,
     pub checkpoint_every: usize,
-    /// At most this many validation examples (a seeded sample; 0: all).
+    /// At most this many validation examples (one fixed sample for every seed; 0: all).
     pub valid_examples: usize,
     pub resume: bool,
     pub seed: u64,
