@@ -672,9 +672,10 @@ fn soft_targets_take_the_memory_as_teacher() {
         serde_json::from_str(&std::fs::read_to_string(out.join(pipeline::REPORT_FILE)).unwrap())
             .unwrap();
     let recipe = saved.recipe.expect("train_report.json records the recipe");
-    assert_eq!(recipe.soft_targets, 0.5);
-    assert!(recipe.data.sequence && !recipe.data.history_titles);
-    assert_eq!(plain.recipe.unwrap().soft_targets, 0.0);
+    assert_eq!(recipe["soft_targets"], 0.5);
+    assert_eq!(recipe["data"]["sequence"], true);
+    assert_eq!(recipe["data"]["history_titles"], false);
+    assert_eq!(plain.recipe.unwrap()["soft_targets"], 0.0);
     let e = sidrec::decode::Engine::load(&out).unwrap();
     let history = vec![e.index_of("m1").unwrap(), e.index_of("m2").unwrap()];
     let recs = e

@@ -635,7 +635,7 @@ fn parse_file(kind: PromptKind, path: &Path, text: &str) -> Result<Vec<Phrasing>
 }
 
 /// What to build, and how much.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DataOptions {
     pub seed: u64,
     /// Histories keep only their last `max_history` items: long prompts cost memory

@@ -80,15 +80,22 @@ pub struct StageConfig {
     pub lr: f64,
 }
 
-/// Everything `sidrec train` needs.
-#[derive(Clone, Debug)]
+/// Everything `sidrec train` needs. Its `Serialize` is the recipe `train_report.json`
+/// records: paths and bookkeeping are skipped (the base is in the report already).
+#[derive(Clone, Debug, Serialize)]
 pub struct TrainOptions {
     /// The artifact directory of `sidrec tokenize`.
+    #[serde(skip)]
     pub artifacts: PathBuf,
+    #[serde(skip)]
     pub interactions: PathBuf,
+    #[serde(skip)]
     pub base: BaseModel,
+    #[serde(skip)]
     pub out: PathBuf,
+    #[serde(skip)]
     pub force: bool,
+    #[serde(skip)]
     pub prompts: Option<PathBuf>,
     /// Stage 1 (alignment: item text ↔ SID); `None` skips it.
     pub stage1: Option<StageConfig>,
@@ -114,10 +121,14 @@ pub struct TrainOptions {
     pub soft_targets: f32,
     pub lora_rank: usize,
     pub lora_alpha: f64,
+    #[serde(skip)]
     pub eval_every: usize,
+    #[serde(skip)]
     pub checkpoint_every: usize,
     /// At most this many validation examples (one fixed sample for every seed; 0: all).
+    #[serde(skip)]
     pub valid_examples: usize,
+    #[serde(skip)]
     pub resume: bool,
     pub seed: u64,
     pub data: DataOptions,
@@ -145,53 +156,10 @@ pub struct TrainReport {
     pub seconds: f64,
     /// The settings the model was trained with, so that a figure measured on it can be
     /// traced to its recipe (absent in reports written before it was recorded).
+    /// [`TrainOptions`] without its paths and bookkeeping: every setting that changes the
+    /// weights, recorded by the options' own `Serialize` so a new one is never left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recipe: Option<Recipe>,
-}
-
-/// The training settings of a run, as `train_report.json` records them: everything in
-/// [`TrainOptions`] that changes the weights (not paths, checkpoints or evaluation).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Recipe {
-    pub seed: u64,
-    pub stage1: Option<StageConfig>,
-    pub stage2: Option<StageConfig>,
-    pub batch_size: usize,
-    pub max_len: usize,
-    pub warmup: usize,
-    pub clip: f64,
-    pub weight_decay: f64,
-    pub dropout: f32,
-    pub item_embeddings: bool,
-    pub item_dropout: f32,
-    pub soft_targets: f32,
-    pub lora_rank: usize,
-    pub lora_alpha: f64,
-    pub select_users: usize,
-    pub data: DataOptions,
-}
-
-impl Recipe {
-    pub fn of(opts: &TrainOptions) -> Recipe {
-        Recipe {
-            seed: opts.seed,
-            stage1: opts.stage1.clone(),
-            stage2: opts.stage2.clone(),
-            batch_size: opts.batch_size,
-            max_len: opts.max_len,
-            warmup: opts.warmup,
-            clip: opts.clip,
-            weight_decay: opts.weight_decay,
-            dropout: opts.dropout,
-            item_embeddings: opts.item_embeddings,
-            item_dropout: opts.item_dropout,
-            soft_targets: opts.soft_targets,
-            lora_rank: opts.lora_rank,
-            lora_alpha: opts.lora_alpha,
-            select_users: opts.select_users,
-            data: opts.data.clone(),
-        }
-    }
+    pub recipe: Option<serde_json::Value>,
 }
 
 /// One stage of `train_report.json`.
@@ -316,7 +284,9 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         validation_examples: valid.len(),
         stages: Vec::new(),
         seconds: 0.0,
-        recipe: Some(Recipe::of(opts)),
+        recipe: Some(
+            serde_json::to_value(opts).map_err(|e| Error::Invalid(format!("recipe: {e}")))?,
+        ),
     };
 
     let sidecar = Sidecar {
