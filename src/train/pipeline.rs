@@ -243,7 +243,10 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
     let soft = match opts.soft_targets > 0.0 {
         true => Some(
             SoftTargets::new(
-                sids.item_keys(n_old as u32),
+                // The item vectors' keys where they exist (built once).
+                item_keys
+                    .clone()
+                    .unwrap_or_else(|| sids.item_keys(n_old as u32)),
                 memory.clone(),
                 opts.soft_targets,
             )
