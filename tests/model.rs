@@ -920,3 +920,71 @@ fn item_vectors_join_where_a_sid_completes_alike_in_training_and_decoding() {
         ModelError::Shape { .. }
     ));
 }
+
+/// Projecting only the scored positions (`forward_train_rows` + `Targets::scored_loss`,
+/// what `sidrec train` does) gives the logits of `forward` at those positions, the loss of
+/// `masked_cross_entropy` over every position, and the same gradient on every weight, with
+/// item vectors and dropout on; a position outside the batch is an error, not a panic.
+#[test]
+fn scored_rows_give_the_full_loss_and_gradients() {
+    use sidrec::train::soft::Targets;
+    for tied in [true, false] {
+        let cfg = cfg(tied);
+        let varmap = varmap_from_tensors(&random_weights(&cfg, 21)).unwrap();
+        let model = Llama::new(
+            &cfg,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(22);
+        let (x, att, tgt, lm) = padded_batch(&mut rng, VOCAB);
+        let (b, t) = x.dims2().unwrap();
+        let drop = Some(Dropout {
+            p: 0.2,
+            key: 7,
+            items: 0.0,
+        });
+        let full = model.forward_train(&x, Some(&att), drop).unwrap();
+        let targets = Targets::one_hot(&tgt, &lm).unwrap();
+        let rows = targets.positions();
+        // The padded batch scores 8 + 5 + 3 of its 27 positions.
+        assert_eq!(rows.len(), 16);
+        let picked = model
+            .forward_train_rows(&x, Some(&att), drop, &rows)
+            .unwrap();
+        let index = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
+        let expected = full
+            .reshape((b * t, VOCAB))
+            .unwrap()
+            .index_select(&index, 0)
+            .unwrap();
+        assert!(max_abs_diff(&picked, &expected) < 1e-5);
+
+        let plain = masked_cross_entropy(&full, &tgt, &lm).unwrap();
+        let scored = targets
+            .scored_loss(|rows| {
+                model
+                    .forward_train_rows(&x, Some(&att), drop, rows)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            })
+            .unwrap();
+        let (a, s) = (
+            plain.to_scalar::<f32>().unwrap(),
+            scored.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - s).abs() < 1e-5, "{a} vs {s}");
+        let (ga, gs) = (plain.backward().unwrap(), scored.backward().unwrap());
+        let data = varmap.data().lock().unwrap();
+        for (name, var) in data.iter() {
+            let (p, q) = (
+                ga.get(var.as_tensor()).expect(name),
+                gs.get(var.as_tensor()).expect(name),
+            );
+            assert!(max_abs_diff(p, q) < 1e-5, "{name}: gradients differ");
+        }
+        assert!(matches!(
+            model.forward_train_rows(&x, Some(&att), None, &[(b * t) as u32]),
+            Err(ModelError::PositionOutOfRange { .. })
+        ));
+    }
+}

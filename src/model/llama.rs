@@ -67,6 +67,8 @@ pub enum ModelError {
     BatchMismatch { cache: usize, input: usize },
     #[error("row {row} selected from a KV cache of {batch} rows")]
     RowOutOfRange { row: u32, batch: usize },
+    #[error("position {row} selected from a batch of {positions} positions")]
+    PositionOutOfRange { row: u32, positions: usize },
 }
 
 /// Result alias of this module.
@@ -1059,6 +1061,34 @@ impl Llama {
     ) -> Result<Tensor> {
         let h = self.hidden(input_ids, attention_mask, dropout)?;
         self.logits(&h)
+    }
+
+    /// [`Llama::forward_train`] projected on the vocabulary at the flat positions `rows`
+    /// only (`i · t + j` for row `i`, position `j`): logits `[rows.len(), vocab]`.
+    ///
+    /// Why: training scores a fraction of the positions (answers, not prompts or
+    /// padding), and for a small model the projection on the vocabulary, the loss over
+    /// it and their gradients are most of a step (`vocab` = 4,874 against a width of
+    /// 128), so positions no loss reads are never projected.
+    pub fn forward_train_rows(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        dropout: Option<Dropout>,
+        rows: &[u32],
+    ) -> Result<Tensor> {
+        let h = self.hidden(input_ids, attention_mask, dropout)?;
+        let (b, t, hidden) = h.dims3()?;
+        if let Some(&row) = rows.iter().find(|&&r| r as usize >= b * t) {
+            return Err(ModelError::PositionOutOfRange {
+                row,
+                positions: b * t,
+            });
+        }
+        let index = Tensor::from_slice(rows, rows.len(), h.device())?;
+        let picked = h.reshape((b * t, hidden))?.index_select(&index, 0)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        head.project(&picked)
     }
 
     /// The final-norm hidden states `[b, t, hidden]` (what [`Llama::forward`] projects on

@@ -53,6 +53,77 @@ impl Targets {
     fn end_position(&mut self) {
         self.offsets.push(self.tokens.len());
     }
+
+    /// The plain one-hot targets of a batch, weighted as
+    /// [`crate::model::llama::masked_cross_entropy`] weighs them (the mask over its sum):
+    /// `targets` `[b, t]` u32, `loss_mask` `[b, t]` f32; a masked position has none.
+    pub fn one_hot(targets: &Tensor, loss_mask: &Tensor) -> Result<Self, SoftError> {
+        if targets.dims() != loss_mask.dims() {
+            return Err(SoftError::Shape(format!(
+                "targets {:?} and loss mask {:?}",
+                targets.dims(),
+                loss_mask.dims()
+            )));
+        }
+        let ids = targets.flatten_all()?.to_vec1::<u32>()?;
+        let mask = loss_mask
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let scale = 1.0 / mask.iter().sum::<f32>().max(1.0);
+        let mut out = Targets::new();
+        for (&id, &m) in ids.iter().zip(&mask) {
+            if m != 0.0 {
+                out.push(id, m * scale);
+            }
+            out.end_position();
+        }
+        Ok(out)
+    }
+
+    /// The positions with at least one target: the only ones a loss over these targets
+    /// reads (the rest contribute nothing, forward or backward).
+    pub fn positions(&self) -> Vec<u32> {
+        self.offsets
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| w[0] < w[1])
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
+    /// These targets at `positions` only, in that order (each must be below the number
+    /// of positions).
+    pub fn select(&self, positions: &[u32]) -> Targets {
+        let mut out = Targets::new();
+        for &p in positions {
+            let r = self.offsets[p as usize]..self.offsets[p as usize + 1];
+            out.tokens.extend_from_slice(&self.tokens[r.clone()]);
+            out.weights.extend_from_slice(&self.weights[r]);
+            out.end_position();
+        }
+        out
+    }
+
+    /// The cross-entropy against these targets with logits projected only where there
+    /// are targets: `project` gets those flat positions and returns their logits
+    /// `[positions, vocab]` (e.g. [`crate::model::llama::Llama::forward_train_rows`]).
+    /// Equal to [`ops::soft_nll`] over every position's logits, for the cost of the
+    /// scored ones.
+    pub fn scored_loss(
+        &self,
+        project: impl FnOnce(&[u32]) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let mut rows = self.positions();
+        if rows.is_empty() {
+            // Nothing scored: one position without targets keeps the loss (0) a function
+            // of the weights.
+            rows.push(0);
+        }
+        let logits = project(&rows)?;
+        let picked = self.select(&rows);
+        ops::soft_nll(&logits, &picked.offsets, &picked.tokens, &picked.weights)
+    }
 }
 
 /// The teacher and how much of each item target it gets.
@@ -216,13 +287,36 @@ impl SoftTargets {
         loss_mask: &Tensor,
     ) -> Result<Tensor, SoftError> {
         let (b, t, v) = logits.dims3()?;
+        if input.dims() != [b, t] {
+            return Err(SoftError::Shape(format!(
+                "logits for {b} rows of {t}, inputs {:?}",
+                input.dims()
+            )));
+        }
+        let out = self.targets(input, targets, loss_mask)?;
+        Ok(ops::soft_nll(
+            &logits.reshape((b * t, v))?,
+            &out.offsets,
+            &out.tokens,
+            &out.weights,
+        )?)
+    }
+
+    /// The targets [`SoftTargets::loss`] trains towards, per position of the batch
+    /// (row-major): `input`, `targets` `[b, t]` u32, `loss_mask` `[b, t]` f32.
+    pub fn targets(
+        &self,
+        input: &Tensor,
+        targets: &Tensor,
+        loss_mask: &Tensor,
+    ) -> Result<Targets, SoftError> {
+        let (b, t) = input.dims2()?;
         let input = input.to_vec2::<u32>()?;
         let target_rows = targets.to_vec2::<u32>()?;
         let mask = loss_mask.to_vec2::<f32>()?;
-        if input.len() != b || target_rows.len() != b || mask.len() != b {
+        if target_rows.len() != b || mask.len() != b {
             return Err(SoftError::Shape(format!(
-                "logits for {b} rows, inputs, targets and masks for {}, {} and {}",
-                input.len(),
+                "inputs for {b} rows, targets and masks for {} and {}",
                 target_rows.len(),
                 mask.len()
             )));
@@ -239,12 +333,7 @@ impl SoftTargets {
             }
             self.row(&input[r], &target_rows[r], &w, &mut out);
         }
-        Ok(ops::soft_nll(
-            &logits.reshape((b * t, v))?,
-            &out.offsets,
-            &out.tokens,
-            &out.weights,
-        )?)
+        Ok(out)
     }
 }
 
@@ -366,5 +455,44 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((c - a).abs() > 1e-4);
+    }
+
+    #[test]
+    fn one_hot_targets_select_and_score_only_their_positions() {
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        let ids = Tensor::new(&[[5u32, 6, 7], [8, 9, 1]], &dev).unwrap();
+        let mask = Tensor::new(&[[0f32, 1.0, 1.0], [1.0, 0.0, 0.0]], &dev).unwrap();
+        let t = Targets::one_hot(&ids, &mask).unwrap();
+        assert_eq!(t.offsets, vec![0, 0, 1, 2, 3, 3, 3]);
+        assert_eq!(t.tokens, vec![6, 7, 8]);
+        assert!(t.weights.iter().all(|&w| (w - 1.0 / 3.0).abs() < 1e-7));
+        assert_eq!(t.positions(), vec![1, 2, 3]);
+        let s = t.select(&[3, 1]);
+        assert_eq!((s.offsets, s.tokens), (vec![0, 1, 2], vec![8, 6]));
+        // The scored loss reads the logits of the scored positions only, in their order.
+        let logits = Tensor::randn(0f32, 1.0, (6, 10), &dev).unwrap();
+        let full = ops::soft_nll(&logits, &t.offsets, &t.tokens, &t.weights).unwrap();
+        let scored = t
+            .scored_loss(|rows| {
+                assert_eq!(rows, &[1, 2, 3]);
+                logits.index_select(&Tensor::new(rows, &dev).unwrap(), 0)
+            })
+            .unwrap();
+        let (a, b) = (
+            full.to_scalar::<f32>().unwrap(),
+            scored.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        // Nothing scored: one position is projected and the loss is 0.
+        let none = Targets::one_hot(&ids, &mask.zeros_like().unwrap()).unwrap();
+        let zero = none
+            .scored_loss(|rows| {
+                assert_eq!(rows, &[0]);
+                logits.narrow(0, 0, 1)
+            })
+            .unwrap();
+        assert_eq!(zero.to_scalar::<f32>().unwrap(), 0.0);
+        assert!(Targets::one_hot(&ids, &mask.narrow(1, 0, 2).unwrap()).is_err());
     }
 }

@@ -149,6 +149,7 @@ pub fn options(artifacts: PathBuf, inter: PathBuf, base: BaseModel, out: PathBuf
         select_users: 0,
         select_mix_recent: 0,
         soft_targets: 0.0,
+        full_logits: false,
         data: DataOptions {
             seed: 1,
             ..Default::default()
