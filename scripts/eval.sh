@@ -5,7 +5,7 @@
 #
 #   scripts/eval.sh ml-100k            # about 20 min on 2 cores
 #   scripts/eval.sh amazon-scientific  # 45-70 min on 2 cores (needs ../shared/data)
-#   scripts/eval.sh amazon-decoder     # the decoder alone: two members, about 1 h
+#   scripts/eval.sh amazon-decoder     # the decoder alone: about 70 min on 2 cores
 #   scripts/eval.sh ml-1m              # about 2 h on 2 cores (40 min of it SASRec-CE)
 #   scripts/eval.sh mixed              # movies + products in one catalog: type steering
 #
