@@ -119,6 +119,8 @@ if [[ ${#members[@]} -eq 0 ]]; then
 else
     # One process per member, one thread each: two such processes use two cores better
     # than one process with two threads (README, Evaluation: Seeds).
+    # A member that fails stops the script; the others are stopped with it.
+    trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
     pids=()
     for i in "${!members[@]}"; do
         "$bin" --threads 1 -q train --artifacts "$out/artifacts" --interactions "$inter" \
