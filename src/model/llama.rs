@@ -1087,8 +1087,7 @@ impl Llama {
         }
         let index = Tensor::from_slice(rows, rows.len(), h.device())?;
         let picked = h.reshape((b * t, hidden))?.index_select(&index, 0)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        head.project(&picked)
+        self.head().project(&picked)
     }
 
     /// The final-norm hidden states `[b, t, hidden]` (what [`Llama::forward`] projects on
@@ -1256,11 +1255,15 @@ impl Llama {
         }
     }
 
+    /// The output projection: `lm_head`, or the embeddings when they are tied.
+    fn head(&self) -> &TokenMatrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
     /// `[b, t, hidden]` → `[b, t, vocab]`.
     fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let (b, t, hidden) = h.dims3()?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let flat = head.project(&h.reshape((b * t, hidden))?)?;
+        let flat = self.head().project(&h.reshape((b * t, hidden))?)?;
         Ok(flat.reshape((b, t, self.cfg.vocab_size))?)
     }
 
