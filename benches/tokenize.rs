@@ -183,6 +183,7 @@ fn amazon_embeddings(dir: &Path, cache: &Path) -> Option<PathBuf> {
         &LoadOptions {
             format: None,
             default_type: "product".into(),
+            skip_invalid: false,
         },
     )
     .expect("amazon catalog");

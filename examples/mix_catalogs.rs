@@ -81,7 +81,8 @@ fn main() -> Result<()> {
     sidrec::atomic::write_dir(
         &out,
         true,
-        |p| anyhow::anyhow!("{} exists", p.display()),
+        &[],
+        anyhow::Error::new,
         |p, e| anyhow::Error::new(e).context(format!("writing {}", p.display())),
         |dir| {
             let mut buf = Vec::new();

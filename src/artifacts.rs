@@ -26,6 +26,8 @@ pub const REPORT_FILE: &str = "report.json";
 /// Written only with `--save-embeddings`: the embeddings that were quantized, so other
 /// tools (and the benchmark's peers) can be fed identical input.
 pub const EMBEDDINGS_FILE: &str = "embeddings.npy";
+/// The records `--skip-invalid` left out ([`crate::skipped`]); written only when some were.
+pub const SKIPPED_FILE: &str = "skipped.jsonl";
 
 /// The single metadata key of `codebooks.safetensors` (a JSON object: levels, vocab, seed,
 /// encoder, …).
@@ -199,8 +201,48 @@ pub fn read_catalog(dir: &Path) -> Result<Catalog> {
     let opts = LoadOptions {
         format: Some(crate::catalog::Format::Jsonl),
         default_type: "item".to_string(),
+        skip_invalid: false,
     };
     Ok(Catalog::load(&dir.join(CATALOG_FILE), &opts)?)
+}
+
+/// Reads the catalog and the SID map of an artifact (or model) directory and checks that
+/// they describe the same items in the same order: everything downstream indexes one by
+/// the other's positions, so a hand-edited or mismatched pair would show wrong titles or
+/// index out of bounds.
+pub fn read_pair(dir: &Path) -> Result<(Catalog, SidMap)> {
+    let catalog = read_catalog(dir)?;
+    let sids = SidMap::load(dir)?;
+    let differ = |line: usize, what: String| {
+        Error::Invalid(format!(
+            "{}: {CATALOG_FILE} and {SIDS_FILE} disagree at line {line}: {what}; they must \
+             come from the same `sidrec tokenize` run",
+            dir.display()
+        ))
+    };
+    for (i, (item, rec)) in catalog.items.iter().zip(&sids.records).enumerate() {
+        if item.id != rec.id || item.item_type != rec.item_type {
+            return Err(differ(
+                i + 1,
+                format!(
+                    "item {:?} ({}) against {:?} ({})",
+                    item.id, item.item_type, rec.id, rec.item_type
+                ),
+            ));
+        }
+    }
+    if catalog.len() != sids.len() {
+        let n = catalog.len().min(sids.len());
+        return Err(differ(
+            n + 1,
+            format!(
+                "{} items in {CATALOG_FILE}, {} in {SIDS_FILE}",
+                catalog.len(),
+                sids.len()
+            ),
+        ));
+    }
+    Ok((catalog, sids))
 }
 
 /// Everything `tokenize` writes, gathered before any byte hits the disk.
@@ -213,20 +255,19 @@ pub struct Artifacts<'a> {
     pub codebook_meta: Vec<(String, String)>,
     pub report: &'a serde_json::Value,
     pub embeddings: Option<&'a crate::embed::Embeddings>,
+    /// Catalog records left out by `--skip-invalid`.
+    pub skipped: &'a [crate::skipped::Skipped],
 }
 
 /// Writes the artifact directory atomically ([`crate::atomic::write_dir`]); with
-/// `overwrite`, an existing `out` is replaced.
-pub fn write(out: &Path, a: &Artifacts<'_>, overwrite: bool) -> Result<()> {
+/// `overwrite`, an existing `out` is replaced when it is sidrec's own output and holds
+/// none of `inputs`.
+pub fn write(out: &Path, a: &Artifacts<'_>, overwrite: bool, inputs: &[&Path]) -> Result<()> {
     crate::atomic::write_dir(
         out,
         overwrite,
-        |p: &Path| {
-            Error::Invalid(format!(
-                "{} already exists: pass --force to replace it",
-                p.display()
-            ))
-        },
+        inputs,
+        |r| Error::Invalid(r.to_string()),
         |p: &Path, e| Error::io(p, e),
         |dir| {
             write_with(&dir.join(CATALOG_FILE), |w| a.catalog.write_jsonl(w))?;
@@ -244,6 +285,10 @@ pub fn write(out: &Path, a: &Artifacts<'_>, overwrite: bool) -> Result<()> {
             })?;
             if let Some(e) = a.embeddings {
                 crate::embed::save_npy(e, &dir.join(EMBEDDINGS_FILE))?;
+            }
+            if !a.skipped.is_empty() {
+                let p = dir.join(SKIPPED_FILE);
+                crate::skipped::write_jsonl(a.skipped, &p).map_err(|e| Error::io(&p, e))?;
             }
             Ok(())
         },

@@ -28,6 +28,9 @@ use std::str::FromStr;
 
 use serde_json::{Map, Value};
 
+pub use crate::skipped::Skipped;
+use crate::skipped::Skips;
+
 /// One catalog item, normalised.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Item {
@@ -151,6 +154,9 @@ pub struct LoadOptions {
     pub format: Option<Format>,
     /// Type given to items whose source has none (normalised with [`normalize_type`]).
     pub default_type: String,
+    /// Leave out (and list in [`Catalog::skipped`]) records that cannot be read or fail
+    /// validation, instead of failing on the first. Off by default.
+    pub skip_invalid: bool,
 }
 
 impl Default for LoadOptions {
@@ -159,6 +165,7 @@ impl Default for LoadOptions {
         LoadOptions {
             format: None,
             default_type: "item".to_string(),
+            skip_invalid: false,
         }
     }
 }
@@ -211,9 +218,11 @@ pub enum CatalogError {
     /// The file holds no items.
     #[error("{}: the catalog has no items", .path.display())]
     Empty { path: PathBuf },
-    /// An item with neither a title nor a description: nothing to embed.
+    /// An item with no text at all (no title, description or attributes): nothing to
+    /// embed.
     #[error(
-        "{}:{line}: field \"title\": item {id:?} has no text: the title is empty and there is no description",
+        "{}:{line}: field \"title\": item {id:?} has no text: the title is empty and there is \
+         neither a description nor any attribute",
         .path.display()
     )]
     MissingText {
@@ -319,6 +328,10 @@ pub struct Catalog {
     /// [`Catalog::from_items`].
     pub items: Vec<Item>,
     index: HashMap<String, usize>,
+    /// The 1-based source line of each item (its position for [`Catalog::from_items`]).
+    lines: Vec<usize>,
+    /// Records left out under [`LoadOptions::skip_invalid`], in file order.
+    pub skipped: Vec<Skipped>,
 }
 
 impl PartialEq for Catalog {
@@ -354,14 +367,53 @@ impl Catalog {
             source,
         })?;
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+        let mut skips = Skips::new(opts.skip_invalid);
         let raws = match format {
-            Format::Jsonl => read_jsonl(path, bytes)?,
-            Format::Csv => read_delimited(path, bytes, b',')?,
-            Format::Tsv => read_delimited(path, bytes, b'\t')?,
-            Format::Recbole => read_recbole(path, bytes)?,
-            Format::Amazon => read_amazon(path, bytes)?,
+            Format::Jsonl => read_jsonl(path, bytes, &mut skips)?,
+            Format::Csv => read_delimited(path, bytes, b',', &mut skips)?,
+            Format::Tsv => read_delimited(path, bytes, b'\t', &mut skips)?,
+            Format::Recbole => read_recbole(path, bytes, &mut skips)?,
+            Format::Amazon => read_amazon(path, bytes, &mut skips)?,
         };
-        finish(path, raws, &default_type)
+        finish(path, raws, &default_type, skips)
+    }
+
+    /// The 1-based line item `i` came from (its position for in-memory catalogs).
+    pub fn line_of(&self, i: usize) -> usize {
+        self.lines.get(i).copied().unwrap_or(i + 1)
+    }
+
+    /// The catalog without the items at `drop` (sorted or not), each recorded in
+    /// [`Catalog::skipped`] with its reason. What `--skip-invalid` does with items whose
+    /// text only turns out empty after the template renders.
+    pub fn without(&self, drop: &[(usize, String)]) -> Catalog {
+        let gone: std::collections::HashSet<usize> = drop.iter().map(|(i, _)| *i).collect();
+        let mut skipped = self.skipped.clone();
+        for (i, reason) in drop {
+            skipped.push(Skipped {
+                line: self.line_of(*i),
+                id: self.items.get(*i).map(|it| it.id.clone()),
+                reason: reason.clone(),
+            });
+        }
+        skipped.sort_by_key(|s| s.line);
+        let mut items = Vec::with_capacity(self.items.len());
+        let mut lines = Vec::with_capacity(self.items.len());
+        let mut index = HashMap::with_capacity(self.items.len());
+        for (i, it) in self.items.iter().enumerate() {
+            if gone.contains(&i) {
+                continue;
+            }
+            index.insert(it.id.clone(), items.len());
+            items.push(it.clone());
+            lines.push(self.line_of(i));
+        }
+        Catalog {
+            items,
+            index,
+            lines,
+            skipped,
+        }
     }
 
     /// Builds a catalog from items in memory, with the same normalisation and
@@ -374,7 +426,7 @@ impl Catalog {
             .enumerate()
             .map(|(i, item)| Raw { item, line: i + 1 })
             .collect();
-        finish(Path::new("<memory>"), raws, "")
+        finish(Path::new("<memory>"), raws, "", Skips::new(false))
     }
 
     /// The distinct item types, sorted.
@@ -420,52 +472,86 @@ impl Catalog {
 }
 
 /// Shared validation: types, text, unique ids, non-empty.
-fn finish(path: &Path, raws: Vec<Raw>, default_type: &str) -> Result<Catalog, CatalogError> {
-    if raws.is_empty() {
+fn finish(
+    path: &Path,
+    raws: Vec<Raw>,
+    default_type: &str,
+    mut skips: Skips,
+) -> Result<Catalog, CatalogError> {
+    let mut first_line: HashMap<String, usize> = HashMap::with_capacity(raws.len());
+    let mut index = HashMap::with_capacity(raws.len());
+    let mut items = Vec::with_capacity(raws.len());
+    let mut lines = Vec::with_capacity(raws.len());
+    for Raw { item, line } in raws {
+        let id = item.id.clone();
+        match check_item(path, item, line, default_type, &first_line) {
+            Ok(item) => {
+                first_line.insert(item.id.clone(), line);
+                index.insert(item.id.clone(), items.len());
+                items.push(item);
+                lines.push(line);
+            }
+            Err(e) => skips.take(e, line, Some(id).filter(|i| !i.trim().is_empty()))?,
+        }
+    }
+    if items.is_empty() {
         return Err(CatalogError::Empty {
             path: path.to_path_buf(),
         });
     }
-    let mut first_line: HashMap<String, usize> = HashMap::with_capacity(raws.len());
-    let mut index = HashMap::with_capacity(raws.len());
-    let mut items = Vec::with_capacity(raws.len());
-    for Raw { mut item, line } in raws {
-        if item.id.trim().is_empty() {
-            return Err(field_err(path, line, "id", "the id is empty"));
-        }
-        let raw_type = if item.item_type.trim().is_empty() {
-            default_type
-        } else {
-            item.item_type.as_str()
-        };
-        item.item_type = normalize_type(raw_type).map_err(|reason| CatalogError::InvalidType {
+    let mut skipped = skips.list;
+    skipped.sort_by_key(|s| s.line);
+    Ok(Catalog {
+        items,
+        index,
+        lines,
+        skipped,
+    })
+}
+
+/// One item's validation: id, type, some text, a new id.
+fn check_item(
+    path: &Path,
+    mut item: Item,
+    line: usize,
+    default_type: &str,
+    first_line: &HashMap<String, usize>,
+) -> Result<Item, CatalogError> {
+    if item.id.trim().is_empty() {
+        return Err(field_err(path, line, "id", "the id is empty"));
+    }
+    let raw_type = if item.item_type.trim().is_empty() {
+        default_type
+    } else {
+        item.item_type.as_str()
+    };
+    item.item_type = normalize_type(raw_type).map_err(|reason| CatalogError::InvalidType {
+        path: path.to_path_buf(),
+        line,
+        value: raw_type.to_string(),
+        reason,
+    })?;
+    trim_in_place(&mut item.title);
+    trim_in_place(&mut item.description);
+    // An empty title is fine when other text can stand in for it (a template that reads
+    // the categories, say); whether the rendered text is empty is checked once the
+    // template has rendered it.
+    if item.title.is_empty() && item.description.is_empty() && item.attrs.is_empty() {
+        return Err(CatalogError::MissingText {
             path: path.to_path_buf(),
             line,
-            value: raw_type.to_string(),
-            reason,
-        })?;
-        trim_in_place(&mut item.title);
-        trim_in_place(&mut item.description);
-        if item.title.is_empty() && item.description.is_empty() {
-            return Err(CatalogError::MissingText {
-                path: path.to_path_buf(),
-                line,
-                id: item.id,
-            });
-        }
-        if let Some(&first) = first_line.get(&item.id) {
-            return Err(CatalogError::DuplicateId {
-                path: path.to_path_buf(),
-                line,
-                first_line: first,
-                id: item.id,
-            });
-        }
-        first_line.insert(item.id.clone(), line);
-        index.insert(item.id.clone(), items.len());
-        items.push(item);
+            id: item.id,
+        });
     }
-    Ok(Catalog { items, index })
+    if let Some(&first) = first_line.get(&item.id) {
+        return Err(CatalogError::DuplicateId {
+            path: path.to_path_buf(),
+            line,
+            first_line: first,
+            id: item.id,
+        });
+    }
+    Ok(item)
 }
 
 fn trim_in_place(s: &mut String) {
@@ -533,37 +619,43 @@ fn serde_message(e: &serde_json::Error) -> String {
 // ---------------------------------------------------------------------------------------
 // JSONL
 
-fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Raw>, CatalogError> {
+fn read_jsonl(path: &Path, bytes: &[u8], skips: &mut Skips) -> Result<Vec<Raw>, CatalogError> {
     let mut out = Vec::new();
     for (line, raw) in lines(bytes) {
-        let text = utf8_line(path, line, raw)?;
-        if text.trim().is_empty() {
-            continue;
+        match jsonl_line(path, line, raw) {
+            Ok(Some(item)) => out.push(Raw { item, line }),
+            Ok(None) => {}
+            Err(e) => skips.take(e, line, None)?,
         }
-        let value: Value = serde_json::from_str(text).map_err(|e| {
-            syntax_err(
-                path,
-                line,
-                format!(
-                    "invalid JSON: {} (column {})",
-                    serde_message(&e),
-                    e.column()
-                ),
-            )
-        })?;
-        let Value::Object(obj) = value else {
-            return Err(syntax_err(
-                path,
-                line,
-                format!("expected a JSON object, found {}", show(&value)),
-            ));
-        };
-        out.push(Raw {
-            item: jsonl_item(path, line, obj)?,
-            line,
-        });
     }
     Ok(out)
+}
+
+/// One JSONL line: `None` for a blank one.
+fn jsonl_line(path: &Path, line: usize, raw: &[u8]) -> Result<Option<Item>, CatalogError> {
+    let text = utf8_line(path, line, raw)?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        syntax_err(
+            path,
+            line,
+            format!(
+                "invalid JSON: {} (column {})",
+                serde_message(&e),
+                e.column()
+            ),
+        )
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(syntax_err(
+            path,
+            line,
+            format!("expected a JSON object, found {}", show(&value)),
+        ));
+    };
+    jsonl_item(path, line, obj).map(Some)
 }
 
 fn jsonl_item(path: &Path, line: usize, obj: Map<String, Value>) -> Result<Item, CatalogError> {
@@ -683,7 +775,12 @@ fn csv_err(path: &Path, e: csv::Error) -> CatalogError {
     }
 }
 
-fn read_delimited(path: &Path, bytes: &[u8], delimiter: u8) -> Result<Vec<Raw>, CatalogError> {
+fn read_delimited(
+    path: &Path,
+    bytes: &[u8],
+    delimiter: u8,
+    skips: &mut Skips,
+) -> Result<Vec<Raw>, CatalogError> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .has_headers(true)
@@ -728,7 +825,15 @@ fn read_delimited(path: &Path, bytes: &[u8], delimiter: u8) -> Result<Vec<Raw>, 
     let desc_col = find("description");
     let mut out = Vec::new();
     for rec in reader.records() {
-        let rec = rec.map_err(|e| csv_err(path, e))?;
+        let rec = match rec.map_err(|e| csv_err(path, e)) {
+            Ok(rec) => rec,
+            Err(e @ CatalogError::Io { .. }) => return Err(e),
+            Err(e) => {
+                let line = e.line().unwrap_or(0);
+                skips.take(e, line, None)?;
+                continue;
+            }
+        };
         let line = rec.position().map(|p| p.line() as usize).unwrap_or(0);
         let get = |c: usize| rec.get(c).unwrap_or("").to_string();
         let mut attrs = Map::new();
@@ -785,7 +890,7 @@ fn utf8_or_latin1(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn read_recbole(path: &Path, bytes: &[u8]) -> Result<Vec<Raw>, CatalogError> {
+fn read_recbole(path: &Path, bytes: &[u8], skips: &mut Skips) -> Result<Vec<Raw>, CatalogError> {
     let mut it = lines(bytes).filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace));
     let Some((header_line, header_bytes)) = it.next() else {
         return Ok(Vec::new());
@@ -852,6 +957,22 @@ fn read_recbole(path: &Path, bytes: &[u8]) -> Result<Vec<Raw>, CatalogError> {
     }
     let mut out = Vec::new();
     for (line, raw) in it {
+        match recbole_line(path, line, raw, &columns) {
+            Ok(item) => out.push(Raw { item, line }),
+            Err(e) => skips.take(e, line, None)?,
+        }
+    }
+    Ok(out)
+}
+
+/// One record of a RecBole `.item` file under the header's `columns`.
+fn recbole_line(
+    path: &Path,
+    line: usize,
+    raw: &[u8],
+    columns: &[(String, Kind, Role)],
+) -> Result<Item, CatalogError> {
+    {
         let text = utf8_or_latin1(raw);
         let fields: Vec<&str> = text.split('\t').collect();
         if fields.len() != columns.len() {
@@ -934,9 +1055,8 @@ fn read_recbole(path: &Path, bytes: &[u8]) -> Result<Vec<Raw>, CatalogError> {
                 }
             }
         }
-        out.push(Raw { item, line });
+        Ok(item)
     }
-    Ok(out)
 }
 
 /// A number as JSON: an integer when it is a whole number (`1995`, `1995.0`).
@@ -1002,7 +1122,7 @@ fn top_level_key_lines(text: &str) -> Vec<(String, usize)> {
     out
 }
 
-fn read_amazon(path: &Path, bytes: &[u8]) -> Result<Vec<Raw>, CatalogError> {
+fn read_amazon(path: &Path, bytes: &[u8], skips: &mut Skips) -> Result<Vec<Raw>, CatalogError> {
     let text = match std::str::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
@@ -1049,12 +1169,15 @@ fn read_amazon(path: &Path, bytes: &[u8]) -> Result<Vec<Raw>, CatalogError> {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (key, line) in &key_lines {
         if let Some(&first) = seen.get(key.as_str()) {
-            return Err(CatalogError::DuplicateId {
+            // The JSON object kept one value for the key; the others are gone.
+            let e = CatalogError::DuplicateId {
                 path: path.to_path_buf(),
                 line: *line,
                 first_line: first,
                 id: key.clone(),
-            });
+            };
+            skips.take(e, *line, Some(key.clone()))?;
+            continue;
         }
         seen.insert(key, *line);
     }
@@ -1066,13 +1189,15 @@ fn read_amazon(path: &Path, bytes: &[u8]) -> Result<Vec<Raw>, CatalogError> {
         let mut taken: Vec<Option<(String, Value)>> = entries.into_iter().map(Some).collect();
         entries = order.into_iter().filter_map(|i| taken[i].take()).collect();
     }
-    entries
-        .into_iter()
-        .map(|(key, value)| {
-            let line = seen.get(key.as_str()).copied().unwrap_or(1);
-            amazon_item(path, line, key, value).map(|item| Raw { item, line })
-        })
-        .collect()
+    let mut out = Vec::with_capacity(entries.len());
+    for (key, value) in entries {
+        let line = seen.get(key.as_str()).copied().unwrap_or(1);
+        match amazon_item(path, line, key.clone(), value) {
+            Ok(item) => out.push(Raw { item, line }),
+            Err(e) => skips.take(e, line, Some(key))?,
+        }
+    }
+    Ok(out)
 }
 
 fn amazon_item(path: &Path, line: usize, key: String, value: Value) -> Result<Item, CatalogError> {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use sidrec::artifacts::{self, SidMap};
+use sidrec::artifacts;
 use sidrec::catalog::{Format, LoadOptions};
 use sidrec::collab::CollabConfig;
 use sidrec::embed::DEFAULT_MAX_TOKENS;
@@ -388,6 +388,10 @@ struct TrainArgs {
     /// Artifact directory written by `sidrec tokenize`.
     #[arg(long)]
     artifacts: PathBuf,
+    /// Leave out interaction lines that cannot be read and items the catalog lacks,
+    /// instead of stopping at the first; they are listed in train_report.json.
+    #[arg(long)]
+    skip_invalid: bool,
     /// User interactions (RecBole .inter, Amazon interactions.json, or JSONL).
     #[arg(long)]
     interactions: PathBuf,
@@ -596,6 +600,11 @@ struct TokenizeArgs {
     /// Entity type of items whose catalog gives none (e.g. movie, track, podcast).
     #[arg(long = "type", default_value = "item")]
     item_type: String,
+    /// Leave out catalog records that cannot be read, fail validation or whose text
+    /// renders empty, instead of stopping at the first; they are counted and listed in
+    /// OUT/skipped.jsonl (line, id, what was wrong).
+    #[arg(long)]
+    skip_invalid: bool,
     /// Template file for the text embedded per item [default: prompts/item_text.txt,
     /// built in]. Placeholders: {id} {type} {title} {description} {attrs.KEY}.
     #[arg(long)]
@@ -798,6 +807,7 @@ fn cmd_tokenize(a: TokenizeArgs, progress: Progress) -> Result<()> {
         load: LoadOptions {
             format: a.format,
             default_type: a.item_type.clone(),
+            skip_invalid: a.skip_invalid,
         },
         template,
         embeddings,
@@ -818,7 +828,10 @@ fn cmd_tokenize(a: TokenizeArgs, progress: Progress) -> Result<()> {
         save_embeddings: a.save_embeddings,
         collab: a.interactions.as_ref().map(|path| CollabOptions {
             interactions: path.clone(),
-            read: ReadOptions::default(),
+            read: ReadOptions {
+                skip_invalid: a.skip_invalid,
+                ..ReadOptions::default()
+            },
             weight: a.collab_weight,
             config: CollabConfig {
                 dim: a.collab_dim,
@@ -829,6 +842,13 @@ fn cmd_tokenize(a: TokenizeArgs, progress: Progress) -> Result<()> {
         }),
     };
     let report = tokenize::run(&opts, progress)?;
+    if report.skipped > 0 {
+        sidrec::progress::warn(&format!(
+            "--skip-invalid left out {} catalog records; they are listed in {}",
+            report.skipped,
+            out.join(artifacts::SKIPPED_FILE).display()
+        ));
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -916,8 +936,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let map = SidMap::load(&a.dir)?;
-    let catalog = artifacts::read_catalog(&a.dir)?;
+    let (catalog, map) = artifacts::read_pair(&a.dir)?;
     let index = match (&a.item, &a.sid) {
         (Some(id), _) => map
             .index_of(id)
@@ -1043,6 +1062,7 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
         out: a.out.clone(),
         force: a.force,
         prompts: a.prompts.clone(),
+        skip_invalid: a.skip_invalid,
         // Stage 1 trains on align examples alone: none, no stage.
         stage1: if a.align_per_item == 0 {
             None

@@ -37,6 +37,8 @@ use std::str::FromStr;
 
 use serde_json::Value;
 
+use crate::skipped::Skips;
+
 /// The smallest sequence the leave-one-out split can use: one training item, the
 /// validation target and the test target.
 pub const MIN_SPLIT_LEN: usize = 3;
@@ -105,6 +107,9 @@ pub struct ReadOptions {
     /// Drop (and count) items the catalog lacks instead of failing. Off by default: an
     /// unknown id usually means the interactions belong to another catalog.
     pub skip_unknown: bool,
+    /// Leave out (and list in [`ReadStats::skipped`]) lines or users that cannot be read,
+    /// and items the catalog lacks, instead of failing on the first. Off by default.
+    pub skip_invalid: bool,
 }
 
 impl Default for ReadOptions {
@@ -113,6 +118,7 @@ impl Default for ReadOptions {
             format: None,
             min_len: MIN_SPLIT_LEN,
             skip_unknown: false,
+            skip_invalid: false,
         }
     }
 }
@@ -134,6 +140,8 @@ pub struct ReadStats {
     pub users: usize,
     /// Interactions kept.
     pub interactions: usize,
+    /// Lines or users left out under [`ReadOptions::skip_invalid`].
+    pub skipped: Vec<crate::skipped::Skipped>,
 }
 
 /// Errors of this module. Each names the file and, where it is about one place in it,
@@ -269,12 +277,15 @@ impl Sequences {
             source,
         })?;
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+        let mut skips = Skips::new(opts.skip_invalid);
         let raw = match format {
-            InterFormat::Recbole => read_recbole(path, bytes)?,
-            InterFormat::Amazon => read_amazon(path, bytes)?,
-            InterFormat::Jsonl => read_jsonl(path, bytes)?,
+            InterFormat::Recbole => read_recbole(path, bytes, &mut skips)?,
+            InterFormat::Amazon => read_amazon(path, bytes, &mut skips)?,
+            InterFormat::Jsonl => read_jsonl(path, bytes, &mut skips)?,
         };
-        finish(path, raw, catalog, opts)
+        let (seqs, mut stats) = finish(path, raw, catalog, opts)?;
+        stats.skipped = skips.list;
+        Ok((seqs, stats))
     }
 
     /// Sequences from users' item indices in memory, keeping users with at least
@@ -381,7 +392,7 @@ fn finish(
         for item in &user.items {
             match catalog.index_of(&item.id) {
                 Some(i) => seq.push(i as u32),
-                None if opts.skip_unknown => stats.unknown_skipped += 1,
+                None if opts.skip_unknown || opts.skip_invalid => stats.unknown_skipped += 1,
                 None => {
                     return Err(InteractionsError::UnknownItem {
                         path: path.to_path_buf(),
@@ -429,7 +440,11 @@ fn utf8_or_latin1(bytes: &[u8]) -> String {
     }
 }
 
-fn read_recbole(path: &Path, bytes: &[u8]) -> Result<Vec<RawUser>, InteractionsError> {
+fn read_recbole(
+    path: &Path,
+    bytes: &[u8],
+    skips: &mut Skips,
+) -> Result<Vec<RawUser>, InteractionsError> {
     let mut lines = bytes
         .split(|&b| b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
@@ -475,14 +490,47 @@ fn read_recbole(path: &Path, bytes: &[u8]) -> Result<Vec<RawUser>, InteractionsE
         }
         let text = utf8_or_latin1(raw);
         let fields: Vec<&str> = text.split('\t').collect();
-        if fields.len() != names.len() {
+        let cols = (user_col, item_col, time_col, names.len());
+        let (user, item, time) = match recbole_fields(path, line, &fields, cols) {
+            Ok(f) => f,
+            Err(e) => {
+                skips.take(e, line, None)?;
+                continue;
+            }
+        };
+        let u = *index.entry(user.to_string()).or_insert_with(|| {
+            users.push(RawUser {
+                name: user.to_string(),
+                items: Vec::new(),
+            });
+            users.len() - 1
+        });
+        users[u].items.push(RawItem {
+            id: item.to_string(),
+            line,
+            time,
+        });
+    }
+    Ok(users)
+}
+
+/// One record's user, item and time; `cols` are the user, item and timestamp columns
+/// and the header's field count.
+fn recbole_fields<'a>(
+    path: &Path,
+    line: usize,
+    fields: &[&'a str],
+    (user_col, item_col, time_col, n_cols): (usize, usize, Option<usize>, usize),
+) -> Result<(&'a str, &'a str, f64), InteractionsError> {
+    {
+        if fields.len() != n_cols {
             return Err(syntax(
                 path,
                 line,
                 format!(
                     "{} tab-separated fields, the header has {}",
                     fields.len(),
-                    names.len()
+                    n_cols
                 ),
             ));
         }
@@ -510,20 +558,8 @@ fn read_recbole(path: &Path, bytes: &[u8]) -> Result<Vec<RawUser>, InteractionsE
             }
             None => 0.0,
         };
-        let u = *index.entry(user.to_string()).or_insert_with(|| {
-            users.push(RawUser {
-                name: user.to_string(),
-                items: Vec::new(),
-            });
-            users.len() - 1
-        });
-        users[u].items.push(RawItem {
-            id: item.to_string(),
-            line,
-            time,
-        });
+        Ok((user, item, time))
     }
-    Ok(users)
 }
 
 fn utf8_text<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, InteractionsError> {
@@ -554,7 +590,11 @@ fn show(v: &Value) -> String {
     }
 }
 
-fn read_amazon(path: &Path, bytes: &[u8]) -> Result<Vec<RawUser>, InteractionsError> {
+fn read_amazon(
+    path: &Path,
+    bytes: &[u8],
+    skips: &mut Skips,
+) -> Result<Vec<RawUser>, InteractionsError> {
     let text = utf8_text(path, bytes)?;
     if text.trim().is_empty() {
         return Ok(Vec::new());
@@ -577,18 +617,21 @@ fn read_amazon(path: &Path, bytes: &[u8]) -> Result<Vec<RawUser>, InteractionsEr
     let mut users = Vec::with_capacity(map.len());
     for (name, items) in map {
         let line = key_lines.line_of(&name);
-        let Value::Array(items) = items else {
-            return Err(syntax(
+        let raw = match items {
+            Value::Array(items) => raw_items(&items, path, line, &format!("user {name:?}")),
+            other => Err(syntax(
                 path,
                 line,
                 format!(
                     "user {name:?}: expected an array of item ids, found {}",
-                    show(&items)
+                    show(&other)
                 ),
-            ));
+            )),
         };
-        let raw = raw_items(&items, path, line, &format!("user {name:?}"))?;
-        users.push(RawUser { name, items: raw });
+        match raw {
+            Ok(raw) => users.push(RawUser { name, items: raw }),
+            Err(e) => skips.take(e, line, Some(name))?,
+        }
     }
     Ok(users)
 }
@@ -628,7 +671,11 @@ impl<'a> KeyLines<'a> {
     }
 }
 
-fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<RawUser>, InteractionsError> {
+fn read_jsonl(
+    path: &Path,
+    bytes: &[u8],
+    skips: &mut Skips,
+) -> Result<Vec<RawUser>, InteractionsError> {
     let text = utf8_text(path, bytes)?;
     let mut users: Vec<RawUser> = Vec::new();
     let mut first_line: HashMap<String, usize> = HashMap::new();
@@ -637,6 +684,25 @@ fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<RawUser>, InteractionsErr
         if l.trim().is_empty() {
             continue;
         }
+        match jsonl_user(path, line, l, &first_line) {
+            Ok(user) => {
+                first_line.insert(user.name.clone(), line);
+                users.push(user);
+            }
+            Err(e) => skips.take(e, line, None)?,
+        }
+    }
+    Ok(users)
+}
+
+/// One JSONL line's user; `first_line` holds the users read so far.
+fn jsonl_user(
+    path: &Path,
+    line: usize,
+    l: &str,
+    first_line: &HashMap<String, usize>,
+) -> Result<RawUser, InteractionsError> {
+    {
         let v: Value = serde_json::from_str(l)
             .map_err(|e| syntax(path, line, format!("invalid JSON: {e}")))?;
         let Value::Object(obj) = v else {
@@ -677,11 +743,9 @@ fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<RawUser>, InteractionsErr
                 user: name,
             });
         }
-        first_line.insert(name.clone(), line);
         let raw = raw_items(items, path, line, "field \"items\"")?;
-        users.push(RawUser { name, items: raw });
+        Ok(RawUser { name, items: raw })
     }
-    Ok(users)
 }
 
 /// The items of one user's JSON array, in list order (the list is chronological), all on

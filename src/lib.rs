@@ -31,6 +31,7 @@ pub mod runtime;
 pub mod serve;
 pub mod sid;
 mod simd;
+pub mod skipped;
 pub mod template;
 pub mod tokenize;
 pub mod train;

@@ -5,6 +5,12 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// A warning on stderr, shown even when quiet: something the user should know about
+/// (a leftover cleaned up, an input that looks wrong) that does not stop the run.
+pub fn warn(message: &str) {
+    eprintln!("warning: {message}");
+}
+
 /// Hands out progress bars, or hidden ones when quiet.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {

@@ -53,6 +53,19 @@ pub struct TokenizeOptions {
     pub collab: Option<CollabOptions>,
 }
 
+impl TokenizeOptions {
+    /// What the run reads: an output directory holding one of these is never replaced.
+    pub fn inputs(&self) -> Vec<&std::path::Path> {
+        let mut v: Vec<&std::path::Path> = self.catalog.iter().map(|p| p.as_path()).collect();
+        match &self.embeddings {
+            EmbeddingSource::ModelDir(p) | EmbeddingSource::Precomputed(p) => v.push(p),
+            EmbeddingSource::Hub { .. } => {}
+        }
+        v.extend(self.collab.as_ref().map(|c| c.interactions.as_path()));
+        v
+    }
+}
+
 /// Where collaborative vectors come from and how much they weigh (see [`crate::collab`]).
 #[derive(Clone, Debug)]
 pub struct CollabOptions {
@@ -117,6 +130,9 @@ pub struct Report {
     /// Present when collaborative vectors were joined to the text embeddings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collab: Option<CollabReport>,
+    /// Catalog records `--skip-invalid` left out (listed in `skipped.jsonl`).
+    #[serde(default)]
+    pub skipped: usize,
     pub timings: Timings,
 }
 
@@ -124,20 +140,16 @@ pub struct Report {
 pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
     let t0 = Instant::now();
     let mut timings = Timings::default();
-    // Fail before the expensive work, not after it.
-    if opts.out.exists() && !opts.force {
-        return Err(Error::Invalid(format!(
-            "{} already exists: pass --force to replace it",
-            opts.out.display()
-        )));
-    }
+    // Fail before the expensive work, not after it (the write checks again).
+    crate::atomic::check_target(&opts.out, opts.force, &opts.inputs())
+        .map_err(|r| Error::Invalid(r.to_string()))?;
 
     // 1. Items and (if given) precomputed vectors.
     let precomputed = match &opts.embeddings {
         EmbeddingSource::Precomputed(p) => Some(embed::load_precomputed(p)?),
         _ => None,
     };
-    let catalog = match (&opts.catalog, &precomputed) {
+    let mut catalog = match (&opts.catalog, &precomputed) {
         (Some(path), _) => Catalog::load(path, &opts.load)?,
         (None, Some(e)) => anonymous_catalog(e.n, &opts.load.default_type)?,
         (None, None) => {
@@ -145,6 +157,12 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
                 "nothing to tokenize: give a catalog file, or precomputed --embeddings".into(),
             ))
         }
+    };
+    // Texts now, so that items `--skip-invalid` leaves out are gone before anything is
+    // indexed by catalog position (the collaborative vectors below).
+    let texts = match opts.embeddings {
+        EmbeddingSource::Precomputed(_) => Vec::new(),
+        _ => render_texts(opts, &mut catalog)?,
     };
     let collab_input = opts
         .collab
@@ -157,6 +175,18 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
     let te = Instant::now();
     let (emb, encoder_name, template) = match (&opts.embeddings, precomputed) {
         (EmbeddingSource::Precomputed(p), Some(e)) => {
+            if e.n != catalog.len() && !catalog.skipped.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "{}: {} rows, one per catalog record, but --skip-invalid left out {} of \
+                     the records ({} remain): give embeddings of the remaining items only, \
+                     in catalog order (the records left out are listed with --skip-invalid \
+                     in skipped.jsonl of a text-embedded run, or fix them in the catalog)",
+                    p.display(),
+                    e.n,
+                    catalog.skipped.len(),
+                    catalog.len()
+                )));
+            }
             if e.n != catalog.len() {
                 return Err(Error::Invalid(format!(
                     "{}: {} rows, but the catalog has {} items (one row per item, in catalog order)",
@@ -169,7 +199,7 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
         }
         (EmbeddingSource::ModelDir(dir), _) => {
             let enc = BertEncoder::from_dir(dir, opts.max_tokens)?;
-            let e = encode(&enc, &catalog, &opts.template, opts.batch_size, progress)?;
+            let e = encode(&enc, &texts, opts.batch_size, progress)?;
             (
                 e,
                 enc.name().to_string(),
@@ -178,7 +208,7 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
         }
         (EmbeddingSource::Hub { repo, revision }, _) => {
             let enc = BertEncoder::from_hub(repo, revision.as_deref(), opts.max_tokens)?;
-            let e = encode(&enc, &catalog, &opts.template, opts.batch_size, progress)?;
+            let e = encode(&enc, &texts, opts.batch_size, progress)?;
             (
                 e,
                 enc.name().to_string(),
@@ -188,6 +218,9 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
         (EmbeddingSource::Precomputed(_), None) => unreachable!("loaded above"),
     };
     emb.validate(&encoder_name)?;
+    for w in degenerate_rows(&emb, &catalog) {
+        crate::progress::warn(&w);
+    }
     let (emb, collab_report) = match &collab_input {
         Some(c) => {
             let (e, r) = join_collab(emb, c)?;
@@ -214,6 +247,18 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
     let q = quantize::quantize(Rows::new(&emb.data, emb.n, emb.d), &type_of, &opts.quantize)?;
     spin.finish_and_clear();
     timings.quantize = tq.elapsed().as_secs_f64();
+    for (l, (asked, got)) in opts.quantize.levels.iter().zip(&q.codebooks).enumerate() {
+        if got.k < *asked {
+            crate::progress::warn(&format!(
+                "level {}: {asked} codes asked for, but {} items allow only {}: the level \
+                 uses {}",
+                crate::sid::level_letter(l),
+                emb.n,
+                got.k,
+                got.k
+            ));
+        }
+    }
     timings.levels = q.timings.clone();
 
     // 4. SIDs.
@@ -262,6 +307,7 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
         quantization: q.report.clone(),
         vocab: vocab.clone(),
         collab: collab_report,
+        skipped: catalog.skipped.len(),
         timings: timings.clone(),
     };
 
@@ -283,8 +329,10 @@ pub fn run(opts: &TokenizeOptions, progress: Progress) -> Result<Report> {
             codebook_meta: meta,
             report: &report_value,
             embeddings: opts.save_embeddings.then_some(&emb),
+            skipped: &catalog.skipped,
         },
         opts.force,
+        &opts.inputs(),
     )?;
     Ok(report)
 }
@@ -335,22 +383,76 @@ fn join_collab(text: Embeddings, c: &CollabInput<'_>) -> Result<(Embeddings, Col
     ))
 }
 
+/// Each item's text under the template. An item whose text renders empty is an error
+/// naming its line, or, under `--skip-invalid`, is left out of `catalog` (and listed in
+/// its skipped records).
+fn render_texts(opts: &TokenizeOptions, catalog: &mut Catalog) -> Result<Vec<String>> {
+    let texts: Vec<String> = catalog
+        .items
+        .iter()
+        .map(|it| opts.template.render(it))
+        .collect();
+    let file = opts
+        .catalog
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "<catalog>".into());
+    let empty: Vec<(usize, String)> = texts
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| !t.chars().any(char::is_alphanumeric))
+        .map(|(i, _)| {
+            (
+                i,
+                format!(
+                    "{file}:{}: item {:?}: the template {:?} renders no text for it (no \
+                     letters or digits in the fields it uses)",
+                    catalog.line_of(i),
+                    catalog.items[i].id,
+                    opts.template.source()
+                ),
+            )
+        })
+        .collect();
+    if empty.is_empty() {
+        return Ok(texts);
+    }
+    if !opts.load.skip_invalid {
+        let (_, first) = &empty[0];
+        let more = match empty.len() {
+            1 => String::new(),
+            n => format!(" ({} more items render empty)", n - 1),
+        };
+        return Err(Error::Invalid(format!(
+            "{first}{more}: use a template that reads other fields (--template), fix the \
+             items, or pass --skip-invalid to leave such items out"
+        )));
+    }
+    if empty.len() == catalog.len() {
+        return Err(Error::Invalid(format!(
+            "{file}: the template {:?} renders no text for any item: use a template that \
+             reads the catalog's fields (--template)",
+            opts.template.source()
+        )));
+    }
+    let keep: Vec<String> = texts
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| empty.binary_search_by_key(i, |(j, _)| *j).is_err())
+        .map(|(_, t)| t)
+        .collect();
+    *catalog = catalog.without(&empty);
+    Ok(keep)
+}
+
 fn encode(
     enc: &dyn Encoder,
-    catalog: &Catalog,
-    template: &Template,
+    texts: &[String],
     batch_size: usize,
     progress: Progress,
 ) -> Result<Embeddings> {
-    let texts: Vec<String> = catalog.items.iter().map(|it| template.render(it)).collect();
-    if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
-        return Err(Error::Invalid(format!(
-            "item {:?}: the template renders an empty text",
-            catalog.items[i].id
-        )));
-    }
     let bar = progress.bar(texts.len() as u64, "embedding");
-    let e = embed::encode_all(enc, &texts, batch_size, &mut |done| {
+    let e = embed::encode_all(enc, texts, batch_size, &mut |done| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
@@ -371,4 +473,55 @@ fn anonymous_catalog(n: usize, default_type: &str) -> Result<Catalog> {
         })
         .collect();
     Ok(Catalog::from_items(items)?)
+}
+
+/// Warnings for embedding rows that cannot tell items apart: all-zero rows (an encoder
+/// fed nothing, a padded export) and rows identical to an earlier one (duplicated items,
+/// or texts the template renders alike). Such items still get unique SIDs, but only
+/// through the dedup code, so their codes say nothing about them.
+fn degenerate_rows(emb: &Embeddings, catalog: &Catalog) -> Vec<String> {
+    let id = |i: usize| {
+        catalog
+            .items
+            .get(i)
+            .map_or_else(|| i.to_string(), |it| format!("{:?}", it.id))
+    };
+    let rows = || emb.data.chunks_exact(emb.d.max(1)).enumerate();
+    let zero: Vec<usize> = rows()
+        .filter(|(_, r)| r.iter().all(|&v| v == 0.0))
+        .map(|(i, _)| i)
+        .collect();
+    let mut first: std::collections::HashMap<Vec<u32>, usize> =
+        std::collections::HashMap::with_capacity(emb.n);
+    let mut same: Vec<(usize, usize)> = Vec::new();
+    for (i, r) in rows() {
+        let key: Vec<u32> = r.iter().map(|v| v.to_bits()).collect();
+        match first.get(&key) {
+            Some(&j) => same.push((i, j)),
+            None => {
+                first.insert(key, i);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if !zero.is_empty() {
+        out.push(format!(
+            "{} of {} embedding rows are all zeros (first: item {}): their codes will not \
+             describe them; check the encoder input or the embeddings file",
+            zero.len(),
+            emb.n,
+            id(zero[0])
+        ));
+    }
+    if !same.is_empty() {
+        let (i, j) = same[0];
+        out.push(format!(
+            "{} embedding rows repeat an earlier row exactly (first: item {} as item {}): \
+             such items differ only in their dedup code; give them distinct text",
+            same.len(),
+            id(i),
+            id(j)
+        ));
+    }
+    out
 }

@@ -17,6 +17,7 @@ fn opts(default_type: &str) -> LoadOptions {
     LoadOptions {
         format: None,
         default_type: default_type.to_string(),
+        skip_invalid: false,
     }
 }
 
@@ -48,6 +49,7 @@ fn load_bytes(name: &str, content: &[u8], format: Option<Format>) -> (PathBuf, C
     let o = LoadOptions {
         format,
         default_type: "item".into(),
+        skip_invalid: false,
     };
     let err = Catalog::load(&path, &o).expect_err("expected an error");
     // The directory goes away; the path stays in the error message.
@@ -245,6 +247,7 @@ fn explicit_format_overrides_extension() {
     let o = LoadOptions {
         format: Some(Format::Csv),
         default_type: "item".into(),
+        skip_invalid: false,
     };
     let c = Catalog::load(&path, &o).unwrap();
     assert_eq!(c.items[0].title, "One");
@@ -514,10 +517,10 @@ fn error_missing_text() {
     assert_eq!(
         e.to_string(),
         format!(
-            "{p}:2: field \"title\": item \"2\" has no text: the title is empty and there is no description"
+            "{p}:2: field \"title\": item \"2\" has no text: the title is empty and there is neither a description nor any attribute"
         )
     );
-    let (p, e) = bad("c.csv", "id,title,year\n1,,1999\n");
+    let (p, e) = bad("c.csv", "id,title,year\n1,,\n");
     assert!(e
         .to_string()
         .starts_with(&format!("{p}:2: field \"title\": item \"1\" has no text")));

@@ -599,7 +599,13 @@ fn hf_dir_round_trip_drops_tied_lm_head() {
 
     // Saving again needs overwrite; with it, the directory is replaced.
     let err = d.save(&out, false).unwrap_err();
-    assert!(matches!(err, ModelIoError::Exists { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ModelIoError::Refused(sidrec::atomic::Refusal::Exists(_))
+        ),
+        "{err:?}"
+    );
     tiny_dir(None).save(&out, true).unwrap();
     assert!(!out.join("sidrec.json").exists());
     assert_eq!(leftovers(tmp.path()), Vec::<String>::new());
@@ -675,7 +681,13 @@ fn convert_is_atomic() {
     fs::create_dir(&out).unwrap();
     fs::write(out.join("keep.txt"), "mine").unwrap();
     let err = hfdir::convert(gguf_path(), &out, false).unwrap_err();
-    assert!(matches!(err, ModelIoError::Exists { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ModelIoError::Refused(sidrec::atomic::Refusal::Exists(_))
+        ),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("exists"), "{err}");
     assert_eq!(fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
 

@@ -125,6 +125,7 @@ fn unknown_items_can_be_skipped_and_counted() {
         skip_unknown: true,
         min_len: 3,
         format: None,
+        skip_invalid: false,
     };
     let (s, stats) = Sequences::load(&fixture("unknown.json"), &c, &opts).unwrap();
     assert_eq!(s.users, ["0"]);
@@ -342,6 +343,7 @@ fn movielens_100k() {
         &LoadOptions {
             format: None,
             default_type: "movie".into(),
+            skip_invalid: false,
         },
     )
     .unwrap();
@@ -379,6 +381,7 @@ fn movielens_1m_ids_are_titles() {
         &LoadOptions {
             format: None,
             default_type: "movie".into(),
+            skip_invalid: false,
         },
     )
     .unwrap();

@@ -162,6 +162,7 @@ fn mixed_catalog_through_minilm() {
     assert_eq!(
         entries(&out),
         [
+            ".sidrec-output",
             "catalog.jsonl",
             "codebooks.safetensors",
             "embeddings.npy",
@@ -617,8 +618,14 @@ fn bad_embeddings_leave_no_output() {
     assert_eq!(entries(tmp.path()), ["nan.npy", "short.npy"]);
 
     // With --force, a failing run leaves the previous directory untouched.
+    // (A previous output: the marker lists what sidrec wrote, so --force may replace it.)
     fs::create_dir(&out).unwrap();
     fs::write(out.join("marker.txt"), "previous run").unwrap();
+    fs::write(
+        out.join(sidrec::atomic::MARKER),
+        r#"{"entries": ["marker.txt"]}"#,
+    )
+    .unwrap();
     for (bad, codes) in [(&short, vec![4, 4]), (&nan, vec![4, 4])] {
         let mut opts = options(
             Some(catalog.clone()),
@@ -629,7 +636,7 @@ fn bad_embeddings_leave_no_output() {
         );
         opts.force = true;
         assert!(tokenize::run(&opts, quiet()).is_err());
-        assert_eq!(entries(&out), ["marker.txt"]);
+        assert_eq!(entries(&out), [".sidrec-output", "marker.txt"]);
         assert_eq!(
             fs::read_to_string(out.join("marker.txt")).unwrap(),
             "previous run"
@@ -648,7 +655,7 @@ fn bad_embeddings_leave_no_output() {
     opts.force = true;
     let err = tokenize::run(&opts, quiet()).unwrap_err().to_string();
     assert!(err.contains("level 1 has 1 codes"), "{err}");
-    assert_eq!(entries(&out), ["marker.txt"]);
+    assert_eq!(entries(&out), [".sidrec-output", "marker.txt"]);
     assert_eq!(
         entries(tmp.path()),
         ["good.npy", "nan.npy", "out", "short.npy"]
@@ -660,6 +667,7 @@ fn bad_embeddings_leave_no_output() {
     assert_eq!(
         entries(&out),
         [
+            ".sidrec-output",
             "catalog.jsonl",
             "codebooks.safetensors",
             "report.json",
@@ -703,6 +711,7 @@ fn ml100k_full_catalog_with_defaults() {
         load: LoadOptions {
             format: None,
             default_type: "movie".into(),
+            skip_invalid: false,
         },
         template: Template::default(),
         embeddings: EmbeddingSource::ModelDir(minilm_dir()),

@@ -554,6 +554,7 @@ fn movielens_100k_examples() {
         &LoadOptions {
             format: None,
             default_type: "movie".into(),
+            skip_invalid: false,
         },
     )
     .unwrap();

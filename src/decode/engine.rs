@@ -193,6 +193,7 @@ impl Engine {
     /// Loads a model directory written by `sidrec train`.
     pub fn load(dir: impl AsRef<Path>) -> Result<Engine> {
         let dir = dir.as_ref();
+        hfdir::verify_checksums(dir)?;
         let hf = HfDir::load(dir)?;
         let sidecar = hf.sidecar.clone().ok_or_else(|| {
             Error::Invalid(format!(
@@ -200,26 +201,9 @@ impl Engine {
                 dir.display()
             ))
         })?;
-        let artifacts_dir = if dir.join(artifacts::SIDS_FILE).is_file() {
-            dir.to_path_buf()
-        } else {
-            PathBuf::from(&sidecar.artifacts)
-        };
+        let artifacts_dir = artifacts_of(dir, &sidecar.artifacts)?;
         hfdir::check_sid_map(dir, artifacts_dir.join(artifacts::SIDS_FILE))?;
-        let catalog = artifacts::read_catalog(&artifacts_dir)?;
-        let sids = SidMap::load(&artifacts_dir)?;
-        if catalog.items.len() != sids.len()
-            || catalog
-                .items
-                .iter()
-                .zip(&sids.records)
-                .any(|(i, r)| i.id != r.id)
-        {
-            return Err(Error::Invalid(format!(
-                "{}: catalog.jsonl and sids.jsonl list different items",
-                artifacts_dir.display()
-            )));
-        }
+        let (catalog, sids) = artifacts::read_pair(&artifacts_dir)?;
         if sidecar.sid_tokens != sids.vocab.len() {
             return Err(Error::Invalid(format!(
                 "{}: the model has {} SID tokens, the SID map {}",
@@ -404,7 +388,8 @@ impl Engine {
                 } else {
                     PromptKind::Recommend
                 };
-                let query = req.query.trim();
+                let query = self.escape(req.query.trim());
+                let query = query.as_str();
                 let values = [
                     (Slot::History, h.as_str()),
                     (Slot::Type, noun.as_str()),
@@ -427,12 +412,29 @@ impl Engine {
             }
             Mode::Search => render(
                 PromptKind::Search,
-                &[(Slot::Query, req.query.trim()), (Slot::Type, &noun)],
+                &[
+                    (Slot::Query, &self.escape(req.query.trim())),
+                    (Slot::Type, &noun),
+                ],
             )?,
             Mode::Describe => render(PromptKind::Describe, &[(Slot::History, &history())])?,
-            Mode::Chat | Mode::Auto => req.query.trim().to_string(),
+            Mode::Chat | Mode::Auto => self.escape(req.query.trim()),
         };
         Ok(text)
+    }
+
+    /// The user's words with every special token of the vocabulary (chat markers such
+    /// as `<|im_end|>`, SID and type tokens such as `<a_17>`) broken up by a space after
+    /// its first character, so the tokenizer reads them as plain text: a request cannot
+    /// close the user turn, forge an answer or name an item by its SID.
+    pub fn escape(&self, text: &str) -> String {
+        escape_special(
+            text,
+            self.tokenizer
+                .get_added_tokens_decoder()
+                .values()
+                .map(|t| t.content.as_str()),
+        )
     }
 
     /// The answer format a request gets (its own, or its mode's).
@@ -509,7 +511,7 @@ impl Engine {
             .encode(text, false)
             .map_err(|e| DecodeError::Tokenizer(e.to_string()))?;
         let ids = enc.get_ids().to_vec();
-        let max = self.model.config().max_position_embeddings;
+        let max = self.model.config().positions();
         if ids.len() + 16 > max {
             return Err(DecodeError::Invalid(format!(
                 "the prompt has {} tokens; this model reads at most {max}",
@@ -1163,7 +1165,7 @@ impl LogitSource for ModelSource<'_> {
         self.cache = KvCache::new(self.model.config());
         let ids = Tensor::from_slice(prompt, (1, prompt.len()), &Device::Cpu)?;
         let logits = self.model.forward_cached_last(&ids, &mut self.cache)?;
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        finite(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 
     fn extend(
@@ -1178,10 +1180,75 @@ impl LogitSource for ModelSource<'_> {
         }
         let ids = Tensor::from_slice(tokens, (tokens.len(), 1), &Device::Cpu)?;
         let logits = self.model.forward_cached_last(&ids, &mut self.cache)?;
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        finite(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 
     fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
     }
+}
+
+/// The model's logits, or [`DecodeError::NonFinite`] when any is NaN or infinite: broken
+/// weights must fail the request, not rank items by garbage or answer an empty list.
+fn finite(logits: Vec<f32>) -> std::result::Result<Vec<f32>, DecodeError> {
+    match logits.iter().position(|x| !x.is_finite()) {
+        None => Ok(logits),
+        Some(i) => Err(DecodeError::NonFinite {
+            what: format!("logit {} of {} is {}", i, logits.len(), logits[i]),
+        }),
+    }
+}
+
+/// Where a model's catalog and SID map are: the model directory itself (`sidrec train`
+/// copies them there). A model directory without them (written by an old sidrec) falls
+/// back to the artifact directory recorded at training only when that path is absolute:
+/// a relative one was relative to wherever training ran, and reading it from here could
+/// silently pair the model with another catalog.
+fn artifacts_of(dir: &Path, recorded: &str) -> Result<PathBuf> {
+    if dir.join(artifacts::SIDS_FILE).is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let recorded_path = PathBuf::from(recorded);
+    if recorded_path.is_absolute() && recorded_path.join(artifacts::SIDS_FILE).is_file() {
+        crate::progress::warn(&format!(
+            "{} has no {}: reading the catalog and SID map from {}, recorded at training",
+            dir.display(),
+            artifacts::SIDS_FILE,
+            recorded_path.display()
+        ));
+        return Ok(recorded_path);
+    }
+    Err(Error::Invalid(format!(
+        "{}: no {} (a model directory carries its catalog and SID map); it was trained on \
+         the artifacts in {recorded:?}: copy {}, {} and {} from there into the model directory",
+        dir.display(),
+        artifacts::SIDS_FILE,
+        artifacts::CATALOG_FILE,
+        artifacts::SIDS_FILE,
+        artifacts::CODEBOOKS_FILE
+    )))
+}
+
+/// `text` with each occurrence of a `specials` string broken up by a space after its
+/// first character (see [`Engine::escape`]). Repeats until none is left, so a nested
+/// attempt (`<|im_<|im_end|>end|>`) cannot reassemble one; a vocabulary whose specials
+/// rebuild each other (none does) stops after a few rounds.
+pub fn escape_special<'a>(text: &str, specials: impl Iterator<Item = &'a str>) -> String {
+    let specials: Vec<&str> = specials.filter(|s| s.chars().count() > 1).collect();
+    let mut out = text.to_string();
+    for _ in 0..16 {
+        let mut changed = false;
+        for s in &specials {
+            if out.contains(s) {
+                let first = s.chars().next().map_or(0, char::len_utf8);
+                let broken = format!("{} {}", &s[..first], &s[first..]);
+                out = out.replace(s, &broken);
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    out
 }

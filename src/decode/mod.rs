@@ -50,6 +50,13 @@ pub enum DecodeError {
     Filter { expr: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+    /// The model computed NaN or infinite logits: its weights are broken (a training run
+    /// that diverged, a damaged file). An error, never an empty or arbitrary answer.
+    #[error(
+        "the model computed a non-finite score ({what}): its weights are broken (a training \
+         run that diverged, or a damaged file); retrain it or restore the model directory"
+    )]
+    NonFinite { what: String },
     #[error(transparent)]
     Model(#[from] crate::model::llama::ModelError),
     #[error(transparent)]

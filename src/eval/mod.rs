@@ -51,8 +51,9 @@ pub enum EvalError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0} exists (pass --force to replace it)")]
-    Exists(PathBuf),
+    /// The output directory may not be replaced (see [`crate::atomic::check_target`]).
+    #[error(transparent)]
+    Refused(#[from] crate::atomic::Refusal),
     #[error("plot {path}: {reason}")]
     Plot { path: PathBuf, reason: String },
     #[error("peer {script}: {reason}")]

@@ -366,12 +366,14 @@ pub fn write(
     train_report: Option<&Value>,
     out: &Path,
     overwrite: bool,
+    inputs: &[&Path],
 ) -> Result<Vec<PathBuf>, EvalError> {
     let mut names = Vec::new();
     crate::atomic::write_dir(
         out,
         overwrite,
-        |p| EvalError::Exists(p.to_path_buf()),
+        inputs,
+        EvalError::Refused,
         |p, e| EvalError::Io {
             path: p.to_path_buf(),
             source: e,

@@ -57,14 +57,19 @@ pub struct RunOptions {
     pub seed: u64,
 }
 
+impl RunOptions {
+    /// What the run reads: an output directory holding one of these is never replaced.
+    pub fn inputs(&self) -> Vec<&std::path::Path> {
+        vec![self.model.as_path(), self.interactions.as_path()]
+    }
+}
+
 /// Runs the evaluation and writes its report into `opts.out`; returns the report and
 /// the files written.
 pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBuf>)> {
     let t0 = Instant::now();
     // Fail before minutes of ranking, not after (the write checks again).
-    if opts.out.exists() && !opts.force {
-        return Err(EvalError::Exists(opts.out.clone()).into());
-    }
+    crate::atomic::check_target(&opts.out, opts.force, &opts.inputs()).map_err(EvalError::from)?;
     let mut engine = Engine::load(&opts.model)?;
     let (seqs, _) = Sequences::load(
         &opts.interactions,
@@ -267,6 +272,12 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
     let train_report = std::fs::read_to_string(opts.model.join("train_report.json"))
         .ok()
         .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
-    let files = report::write(&report, train_report.as_ref(), &opts.out, opts.force)?;
+    let files = report::write(
+        &report,
+        train_report.as_ref(),
+        &opts.out,
+        opts.force,
+        &opts.inputs(),
+    )?;
     Ok((report, files))
 }

@@ -20,6 +20,15 @@ use serde_json::{Map, Value};
 
 use super::llama::ModelError;
 
+/// The largest model a config may describe (parameters): far beyond what sidrec trains or
+/// serves, small enough that a damaged size is an error rather than an abort.
+pub const MAX_PARAMETERS: u64 = 1 << 36;
+
+/// Positions the RoPE tables are built for at most. A config may state a longer
+/// context (`max_position_embeddings`), but sidrec's prompts are a few hundred tokens,
+/// and tables sized by a damaged value (10^9) would abort on a 100+ GB allocation.
+pub const MAX_POSITIONS: usize = 32_768;
+
 /// Keys this module writes itself; anything else in `extra` is passed through.
 const OWN_KEYS: &[&str] = &[
     "architectures",
@@ -122,6 +131,11 @@ impl LlamaConfig {
         })
     }
 
+    /// Positions the model runs: `max_position_embeddings`, at most [`MAX_POSITIONS`].
+    pub fn positions(&self) -> usize {
+        self.max_position_embeddings.min(MAX_POSITIONS)
+    }
+
     /// Size of one attention head.
     pub fn head_dim(&self) -> usize {
         self.head_dim
@@ -172,7 +186,36 @@ impl LlamaConfig {
         if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
             return bad("rms_norm_eps and rope_theta must be positive".into());
         }
+        // Sizes from a file must not turn into an allocation that aborts the process: a
+        // config is checked against what any machine could hold before anything is built.
+        let params = self.parameter_bound().filter(|&p| p <= MAX_PARAMETERS);
+        if params.is_none() {
+            return bad(format!(
+                "the sizes describe a model of more than {MAX_PARAMETERS} parameters \
+                 (vocab_size {}, hidden_size {}, intermediate_size {}, {} layers): the config \
+                 is damaged or not meant for this program",
+                self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers
+            ));
+        }
         Ok(())
+    }
+
+    /// An upper bound on the parameter count (`None` on overflow): embeddings and head,
+    /// and per layer the four attention projections at full width and the three MLP
+    /// matrices.
+    fn parameter_bound(&self) -> Option<u64> {
+        let (v, h, i, l) = (
+            self.vocab_size as u64,
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+            self.num_hidden_layers as u64,
+        );
+        let heads = (self.num_attention_heads as u64).checked_mul(self.head_dim() as u64)?;
+        let embed = v.checked_mul(h)?.checked_mul(2)?;
+        let attn = h.checked_mul(heads)?.checked_mul(4)?;
+        let mlp = h.checked_mul(i)?.checked_mul(3)?;
+        let layer = attn.checked_add(mlp)?.checked_add(h.checked_mul(2)?)?;
+        embed.checked_add(layer.checked_mul(l)?)
     }
 
     /// A compact model config for tests and examples (`vocab_size` as given).

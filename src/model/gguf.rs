@@ -89,8 +89,16 @@ pub enum ModelIoError {
         file: String,
         reason: String,
     },
-    #[error("{path} already exists: pass --force to replace it")]
-    Exists { path: PathBuf },
+    /// The output directory may not be replaced (see [`crate::atomic::check_target`]).
+    #[error(transparent)]
+    Refused(#[from] crate::atomic::Refusal),
+    /// A file of a model directory does not match its `SHA256SUMS` line.
+    #[error("{}:{line}: {reason}", .path.display())]
+    Checksum {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
     #[error("{path}: invalid sidrec.json: {reason}")]
     Sidecar { path: PathBuf, reason: String },
     #[error(

@@ -305,11 +305,7 @@ pub fn convert(
 ) -> Result<HfLlamaConfig> {
     let out = out.as_ref();
     // Checked before the expensive part too, so a forgotten --force fails at once.
-    if out.exists() && !overwrite {
-        return Err(ModelIoError::Exists {
-            path: out.to_path_buf(),
-        });
-    }
+    crate::atomic::check_target(out, overwrite, &[gguf_path.as_ref()])?;
     let gguf = GgufModel::open(gguf_path)?;
     let hf = gguf.hf_config();
     let config = serde_json::to_value(&hf).map_err(|e| ModelIoError::Config {
@@ -486,6 +482,58 @@ pub fn check_sid_map(model_dir: impl AsRef<Path>, sids_jsonl: impl AsRef<Path>) 
     Ok(())
 }
 
+/// The checksum list a published model directory may carry (`sha256sum` format).
+pub const CHECKSUMS_FILE: &str = "SHA256SUMS";
+
+/// Checks every file listed in `dir/SHA256SUMS` (when the directory has one) against its
+/// sha256: a model copied or downloaded incompletely fails here, naming the file, rather
+/// than answering with damaged weights. A directory without the list passes.
+pub fn verify_checksums(dir: &Path) -> Result<()> {
+    let list = dir.join(CHECKSUMS_FILE);
+    let text = match fs::read_to_string(&list) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(ModelIoError::io(&list, e)),
+    };
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| ModelIoError::Checksum {
+            path: list.clone(),
+            line: i + 1,
+            reason,
+        };
+        let (want, name) = line
+            .split_once(char::is_whitespace)
+            .map(|(h, n)| (h, n.trim_start().trim_start_matches('*')))
+            .ok_or_else(|| bad("expected \"SHA256  FILE\"".into()))?;
+        if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad(format!("{want:?} is not a sha256")));
+        }
+        let rel = Path::new(name);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(bad(format!("{name:?} is not a file of the directory")));
+        }
+        let file = dir.join(rel);
+        if !file.is_file() {
+            return Err(bad(format!("{name} is listed but missing")));
+        }
+        let found = sha256_file(&file)?;
+        if !found.eq_ignore_ascii_case(want) {
+            return Err(bad(format!(
+                "{name} has sha256 {found}, the list says {want}: the file is damaged or \
+                 was replaced; copy the model directory again"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The distinct shard file names of a `model.safetensors.index.json`, sorted.
 fn shard_names(index: &Path) -> Result<Vec<String>> {
     let v = read_json(index, "weights index")?;
@@ -547,9 +595,8 @@ fn write_atomically(
     crate::atomic::write_dir(
         out,
         overwrite,
-        |p: &Path| ModelIoError::Exists {
-            path: p.to_path_buf(),
-        },
+        &[],
+        ModelIoError::Refused,
         |p: &Path, e| ModelIoError::io(p, e),
         fill,
     )

@@ -1205,7 +1205,7 @@ impl Llama {
     }
 
     fn check_len(&self, needed: usize) -> Result<()> {
-        let max = self.cfg.max_position_embeddings;
+        let max = self.cfg.positions();
         if needed > max {
             return Err(ModelError::TooLong { needed, max });
         }
@@ -1555,7 +1555,7 @@ fn rope_tables(cfg: &LlamaConfig, dev: &Device) -> Result<(Tensor, Tensor)> {
             }
         })
         .collect();
-    let n = cfg.max_position_embeddings;
+    let n = cfg.positions();
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
     for p in 0..n {

@@ -97,6 +97,10 @@ pub struct TrainOptions {
     pub force: bool,
     #[serde(skip)]
     pub prompts: Option<PathBuf>,
+    /// Leave out unreadable interaction lines and unknown items instead of failing
+    /// ([`ReadOptions::skip_invalid`]); they are listed in `train_report.json`.
+    #[serde(skip)]
+    pub skip_invalid: bool,
     /// Stage 1 (alignment: item text ↔ SID); `None` skips it.
     pub stage1: Option<StageConfig>,
     /// Stage 2 (the instruction mix of every task); `None` skips it.
@@ -145,6 +149,19 @@ pub struct TrainOptions {
     pub select_mix_recent: usize,
 }
 
+impl TrainOptions {
+    /// What the run reads: an output directory holding one of these is never replaced.
+    pub fn inputs(&self) -> Vec<&std::path::Path> {
+        let mut v = vec![self.artifacts.as_path(), self.interactions.as_path()];
+        match &self.base {
+            BaseModel::Scratch { config, .. } => v.push(config),
+            BaseModel::HfDir(p) | BaseModel::Gguf(p) => v.push(p),
+        }
+        v.extend(self.prompts.as_deref());
+        v
+    }
+}
+
 pub const REPORT_FILE: &str = "train_report.json";
 
 /// `train_report.json`.
@@ -165,6 +182,9 @@ pub struct TrainReport {
     /// weights, recorded by the options' own `Serialize` so a new one is never left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipe: Option<serde_json::Value>,
+    /// Interaction records `--skip-invalid` left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_interactions: Vec<crate::skipped::Skipped>,
 }
 
 /// One stage of `train_report.json`.
@@ -183,10 +203,20 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
     let t0 = Instant::now();
     refuse_existing(opts)?;
     // 1. Catalog, SIDs, interactions, examples.
-    let catalog = artifacts::read_catalog(&opts.artifacts)?;
-    let sids = SidMap::load(&opts.artifacts)?;
+    let (catalog, sids) = artifacts::read_pair(&opts.artifacts)?;
     let sids_sha = hfdir::sha256_file(opts.artifacts.join(artifacts::SIDS_FILE))?;
-    let (seqs, _) = Sequences::load(&opts.interactions, &catalog, &ReadOptions::default())?;
+    let read = ReadOptions {
+        skip_invalid: opts.skip_invalid,
+        ..ReadOptions::default()
+    };
+    let (seqs, read_stats) = Sequences::load(&opts.interactions, &catalog, &read)?;
+    if !read_stats.skipped.is_empty() || read_stats.unknown_skipped > 0 {
+        crate::progress::warn(&format!(
+            "{} ({} unknown items dropped); listed in train_report.json",
+            crate::skipped::summary("interaction records", &read_stats.skipped),
+            read_stats.unknown_skipped
+        ));
+    }
     let split = seqs.split();
     let prompts = match &opts.prompts {
         Some(dir) => Prompts::load(dir)?,
@@ -292,6 +322,7 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         validation_examples: valid.len(),
         stages: Vec::new(),
         seconds: 0.0,
+        skipped_interactions: read_stats.skipped.clone(),
         recipe: Some(
             serde_json::to_value(opts).map_err(|e| Error::Invalid(format!("recipe: {e}")))?,
         ),
@@ -484,19 +515,27 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
     };
     // The model carries the catalog and SID map it speaks, so it can be used (and moved)
     // without the artifact directory.
-    let files = [
+    // The transition memory (what followed each item in the same training parts:
+    // `--memory` at inference) and the report join the directory before it is swapped in,
+    // so a kill can never leave a model without them.
+    let side = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    memory.save(&side.path().join(MEMORY_FILE), &catalog)?;
+    let report_path = side.path().join(REPORT_FILE);
+    let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(e.to_string()))?;
+    std::fs::write(&report_path, json + "\n").map_err(|e| Error::io(&report_path, e))?;
+    let mut files: Vec<(&str, PathBuf)> = [
         artifacts::CATALOG_FILE,
         artifacts::SIDS_FILE,
         artifacts::CODEBOOKS_FILE,
     ]
-    .map(|f| (f, opts.artifacts.join(f)));
-    let extra = files.each_ref().map(|(f, p)| (*f, p.as_path()));
+    .into_iter()
+    .map(|f| (f, opts.artifacts.join(f)))
+    .collect();
+    files.push((MEMORY_FILE, side.path().join(MEMORY_FILE)));
+    files.push((REPORT_FILE, report_path));
+    let extra: Vec<(&str, &std::path::Path)> =
+        files.iter().map(|(f, p)| (*f, p.as_path())).collect();
     dir.save_with_files(&opts.out, opts.force || opts.resume, &extra)?;
-    // What followed each item in the same training parts: `--memory` at inference.
-    memory.save(&opts.out.join(MEMORY_FILE), &catalog)?;
-    let report_path = opts.out.join(REPORT_FILE);
-    let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(e.to_string()))?;
-    std::fs::write(&report_path, json + "\n").map_err(|e| Error::io(&report_path, e))?;
     let _ = std::fs::remove_dir_all(&ckpt_root);
     Ok(report)
 }
@@ -532,7 +571,22 @@ pub fn run_members(
     }
     refuse_existing(opts)?;
     let staging = opts.out.with_extension("members");
-    let _ = std::fs::remove_dir_all(&staging);
+    // Members train beside the output; a leftover staging directory of a killed run is
+    // removed, anything else by that name is the user's and stops the run.
+    if staging.exists() {
+        let ours = std::fs::read_dir(&staging)
+            .map_err(|e| Error::io(&staging, e))?
+            .filter_map(|e| e.ok())
+            .all(|e| crate::atomic::check_target(&e.path(), true, &opts.inputs()).is_ok());
+        if !ours {
+            return Err(Error::Invalid(format!(
+                "{} exists and holds files sidrec did not write there: members train in that \
+                 directory; move it away",
+                staging.display()
+            )));
+        }
+        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    }
     let result = train_members(opts, members, &staging, progress);
     let _ = std::fs::remove_dir_all(&staging);
     result
@@ -540,13 +594,8 @@ pub fn run_members(
 
 /// An existing output directory is an error unless `--force` or `--resume` asks for it.
 fn refuse_existing(opts: &TrainOptions) -> Result<()> {
-    if opts.out.exists() && !opts.force && !opts.resume {
-        return Err(Error::Invalid(format!(
-            "{} already exists: pass --force to replace it",
-            opts.out.display()
-        )));
-    }
-    Ok(())
+    crate::atomic::check_target(&opts.out, opts.force || opts.resume, &opts.inputs())
+        .map_err(|r| Error::Invalid(r.to_string()))
 }
 
 fn train_members(
@@ -607,7 +656,8 @@ fn train_members(
     crate::atomic::write_dir(
         &opts.out,
         true,
-        |p| Error::Invalid(format!("{} exists", p.display())),
+        &opts.inputs(),
+        |r| Error::Invalid(r.to_string()),
         |p, e| Error::io(p, e),
         |tmp| {
             for entry in std::fs::read_dir(&first).map_err(|e| Error::io(&first, e))? {

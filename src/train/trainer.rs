@@ -501,7 +501,8 @@ fn save_checkpoint(
     crate::atomic::write_dir(
         dir,
         true,
-        |p: &Path| TrainError::Invalid(format!("{} exists", p.display())),
+        &[],
+        |r| TrainError::Invalid(r.to_string()),
         |p: &Path, source| TrainError::Io {
             path: p.to_path_buf(),
             source,

@@ -44,6 +44,7 @@ pub fn artifacts(dir: &Path, seed: u64) -> PathBuf {
         load: LoadOptions {
             format: None,
             default_type: "item".into(),
+            skip_invalid: false,
         },
         template: Template::default(),
         embeddings: EmbeddingSource::Precomputed(emb),
@@ -119,6 +120,7 @@ pub fn options(artifacts: PathBuf, inter: PathBuf, base: BaseModel, out: PathBuf
         out,
         force: false,
         prompts: None,
+        skip_invalid: false,
         item_embeddings: false,
         item_dropout: 0.0,
         stage1: Some(StageConfig {
