@@ -114,7 +114,7 @@ fn compare(name: &str, peer: &Value, ours: &[Value]) -> Value {
 }
 
 /// One level of k-means with linfa-clustering beside sidrec's, on the same training
-/// sample: why the hot path is sidrec's own (see the README).
+/// sample: why the hot path is sidrec's own (docs/benchmarks.md, "Tokenize").
 fn linfa_level(data: &[f32], n: usize, d: usize) -> Value {
     use linfa::traits::Fit;
     use linfa::DatasetBase;

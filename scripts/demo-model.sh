@@ -29,8 +29,7 @@ set -x
     -o "$build/artifacts" --force
 "$bin" --threads $threads train --artifacts "$build/artifacts" \
     --interactions assets/ml-100k/ml-100k.inter -o "$build/model" --force \
-    --recommend-per-user 10 --stage1-epochs 2 --search-per-item 3 \
-    --recommend-query-share 0.3 --eval-every 500 --seed 0
+    --recipe recipes/demo.toml --seed 0
 set +x
 
 # What a model directory needs to answer requests; train_report.json (loss curves, wall

@@ -47,6 +47,7 @@ pub struct SidRecord {
 
 /// A catalog's SIDs: the vocabulary, one record per item (catalog order) and the trie
 /// over their token ids. Item index `i` in the trie is `records[i]`.
+#[derive(Clone)]
 pub struct SidMap {
     pub vocab: SidVocab,
     pub records: Vec<SidRecord>,

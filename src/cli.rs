@@ -210,17 +210,19 @@ struct EvalArgs {
     #[arg(long)]
     exclude_seen: bool,
     /// Rank by the mixture of the whole history and each of its last N items asked
-    /// alone (as `recommend --mix-recent`; 0: the whole history only).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    mix_recent: usize,
+    /// alone (as `recommend --mix-recent`; 0: the whole history only) [default: as the
+    /// model's recipe says, in sidrec.json].
+    #[arg(long, value_name = "N")]
+    mix_recent: Option<usize>,
     /// Under --mix-recent, each further recent item weighs this many times the one after
-    /// it [default: 0.5].
+    /// it [default: the recipe's, else 0.5].
     #[arg(long, value_name = "X")]
     recent_decay: Option<f32>,
     /// Also mix in a transition memory built from the training parts (what followed each
     /// of the last 5 history items within 3 positions) at weight W against the whole
-    /// history's 1, as `recommend --memory` does with the model's transitions.json.
-    /// The report also ranks by the memory alone, as a baseline.
+    /// history's 1, as `recommend --memory` does with the model's transitions.json (0:
+    /// off) [default: the recipe's]. The report also ranks by the memory alone, as a
+    /// baseline.
     #[arg(long, value_name = "W")]
     memory: Option<f32>,
     /// Users asked the steering requests (0: skip steerability).
@@ -364,198 +366,58 @@ const TRAIN_HELP: &str = "Trains a decoder that speaks the catalog's semantic ID
 Inputs: an artifact directory from `sidrec tokenize` and the users' interactions \
 (RecBole .inter, the Amazon interactions.json layout, or JSONL {\"user\", \"items\"}). The \
 last two items of every user (validation, test) never appear in training data.\n\n\
-The base model is a config for training from scratch (models/tiny.json: a byte-level BPE \
-is trained on the catalog and prompt texts), a Hugging Face directory, or a GGUF file. \
-Its vocabulary is extended with every SID token in one call.\n\n\
-Stage 1 (align) trains on item text <-> SID; stage 2 (instruct) on every task. Modes: \
-full (every weight), lora (adapters + SID rows), rows (SID embedding rows only).\n\n\
---sequence-examples adds whole histories (every item a target, as SASRec trains): one \
-pass over a history trains all its positions, instead of one pass per position. With \
---sid-only-histories, --recommend-per-user 0 and several epochs it is the fastest way to \
-learn the sequences. Many epochs over a small catalog memorise it: --dropout 0.2 with the \
-smaller models/small.json (more epochs per hour) is the best recipe measured (see the \
-README's Evaluation).\n\n\
+Everything else is a recipe: a TOML file of settings (base model, stages, epochs, \
+dropout, example mix, and how the model ranks best). Without --recipe, train picks the \
+built-in recipe measured best for data like yours and says which: `movielens` for long \
+histories, `amazon` for short ones (fewer than 20 items per user on average). \
+--set KEY=VALUE changes one setting of it; train_report.json records the whole recipe \
+and sidrec.json how the model ranks, so recommend, repl, serve and eval need no flags. \
+The recipe files, every key and the measured tables: recipes/*.toml and docs/training.md.\n\n\
 Output: config.json, model.safetensors, tokenizer.json (with SID tokens), sidrec.json \
-(sha256 of sids.jsonl, prompts version) and train_report.json (loss curves and the recipe: \
-seed, stages, dropout, soft targets, data options).\n\n\
+(sha256 of sids.jsonl, recipe, ranking), the catalog and SID map, transitions.json and \
+train_report.json (loss curves and the recipe). Written all at once: an interrupted or \
+failed run leaves no half-written model.\n\n\
 Examples:\n  \
-sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter -o out/ml100k-tiny\n  \
-sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter \\\n    \
---base assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --stage1-mode rows --stage2-mode none -o out/ml100k-smol";
+sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter -o out/ml100k\n  \
+sidrec train --artifacts out/amz --interactions interactions.json -o out/amz --set stage2_epochs=3\n  \
+sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter --recipe my.toml -o out/m";
 
 #[derive(Args)]
 struct TrainArgs {
     /// Artifact directory written by `sidrec tokenize`.
-    #[arg(long)]
+    #[arg(long, help_heading = "Input and output")]
     artifacts: PathBuf,
+    /// User interactions (RecBole .inter, Amazon interactions.json, or JSONL).
+    #[arg(long, help_heading = "Input and output")]
+    interactions: PathBuf,
+    /// Output model directory.
+    #[arg(short, long, help_heading = "Input and output")]
+    out: PathBuf,
+    /// Replace the output directory if it is one sidrec wrote.
+    #[arg(long, help_heading = "Input and output")]
+    force: bool,
     /// Leave out interaction lines that cannot be read and items the catalog lacks,
     /// instead of stopping at the first; they are listed in train_report.json.
-    #[arg(long)]
+    #[arg(long, help_heading = "Input and output")]
     skip_invalid: bool,
-    /// User interactions (RecBole .inter, Amazon interactions.json, or JSONL).
-    #[arg(long)]
-    interactions: PathBuf,
-    /// Base model: a config JSON (from scratch), a Hugging Face directory, or a .gguf file.
-    #[arg(long, default_value = "models/tiny.json")]
-    base: PathBuf,
-    /// Output model directory.
-    #[arg(short, long)]
-    out: PathBuf,
-    /// Replace the output directory if it exists.
-    #[arg(long)]
-    force: bool,
-    /// Continue from the checkpoints of an interrupted run with the same settings.
-    #[arg(long)]
-    resume: bool,
-    /// Prompt templates directory [default: the built-in prompts/].
-    #[arg(long)]
-    prompts: Option<PathBuf>,
-    /// Vocabulary size of the BPE trained for a from-scratch model.
-    #[arg(long, default_value_t = 4096)]
-    vocab_size: usize,
-    /// Stage 1 (align) mode: full, lora, rows, or none to skip [default: full from
-    /// scratch, rows for a pretrained base].
-    #[arg(long)]
-    stage1_mode: Option<String>,
-    /// Stage 2 (instruct) mode: full, lora, or none to skip [default: full from scratch,
-    /// lora for a pretrained base].
-    #[arg(long)]
-    stage2_mode: Option<String>,
-    #[arg(long, default_value_t = 1)]
-    stage1_epochs: usize,
-    #[arg(long, default_value_t = 1)]
-    stage2_epochs: usize,
-    /// Stop a stage after this many steps (0: run its epochs).
-    #[arg(long, default_value_t = 0)]
-    max_steps: usize,
-    /// Peak learning rate of stage 1 and stage 2.
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
-    /// Tokens per example (longer prompts are cut from the left).
-    #[arg(long, default_value_t = 256)]
-    max_len: usize,
-    #[arg(long, default_value_t = 50)]
-    warmup: usize,
-    /// Gradient clipping (global L2 norm).
-    #[arg(long, default_value_t = 1.0)]
-    clip: f64,
-    #[arg(long, default_value_t = 0.01)]
-    weight_decay: f64,
-    /// Dropout on token embeddings and on every attention and MLP output while training
-    /// (0: none). Long runs on small catalogs memorise their histories; 0.1–0.3 is the
-    /// usual range (SASRec uses 0.2).
-    #[arg(long, default_value_t = 0.0, value_parser = dropout_rate)]
-    dropout: f32,
-    /// Give every catalog item its own learned input vector, added where the model has
-    /// read that item's SID: a direct key for transitions seen only once or twice, which
-    /// a small model otherwise recalls poorly through the shared SID codes. Outputs stay
-    /// SID tokens. Costs items × hidden parameters, no compute.
-    #[arg(long)]
-    item_embeddings: bool,
-    /// With --item-embeddings: the share of positions that lose their item vector while
-    /// training, so the model also learns to predict from the SID codes alone (item
-    /// vectors alone recall seen transitions but generalise worse).
-    #[arg(long, default_value_t = 0.0, value_parser = dropout_rate)]
-    item_dropout: f32,
-    /// Soft targets: wherever the model writes an item after others, give this share of
-    /// the target to the transition memory's distribution for the items before it (the
-    /// decayed successor counts of the training parts, as `--memory` uses), the rest to
-    /// the item that came. Every item then teaches all its successors, not only the one
-    /// a user took (0: plain targets).
-    #[arg(long, default_value_t = 0.0, value_parser = dropout_rate, value_name = "SHARE")]
-    soft_targets: f32,
-    /// Project every position on the vocabulary, not only the scored ones: the training
-    /// path before 2026-12-07, the same loss and gradients to rounding but slower (1.38x
-    /// on the Amazon recipe). Rounding steers a run elsewhere, so this is how the README's
-    /// earlier tables reproduce to the last digit (scripts/eval.sh passes it for them).
-    #[arg(long)]
-    full_logits: bool,
-    #[arg(long, default_value_t = 16)]
-    lora_rank: usize,
-    #[arg(long, default_value_t = 32.0)]
-    lora_alpha: f64,
-    /// Validation loss every N steps (0: only at the end of each stage).
-    #[arg(long, default_value_t = 200)]
-    eval_every: usize,
-    /// Validation examples (held-out next items of sampled users; 0: every user). The
-    /// loss over them is computed every --eval-every steps, so keep it small for big
-    /// models.
-    #[arg(long, default_value_t = 256)]
-    valid_examples: usize,
-    /// Keep the instruct stage's weights from the evaluation (every --eval-every steps)
-    /// with the best validation NDCG@10, ranking the held-out next item of N sampled
-    /// users over the whole catalog as `sidrec eval` does (0: keep the last step's).
-    /// The held-out loss is a poor guide to ranking (models with item vectors rank
-    /// better while it climbs); the SASRec baseline selects its epoch the same way.
-    /// Each evaluation costs N rankings (about 4 ms each for the small config).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    select_best: usize,
-    /// With --select-best: rank those users by the mixture with their last N items alone,
-    /// as `sidrec eval --mix-recent N` would.
-    #[arg(long, default_value_t = 0, value_name = "N", requires = "select_best")]
-    select_mix_recent: usize,
-    #[arg(long, default_value_t = 500)]
-    checkpoint_every: usize,
-    /// Recommendation examples per user (default: every position of the training part;
-    /// 0: none).
-    #[arg(long)]
-    recommend_per_user: Option<usize>,
-    /// Share of recommendation examples that also carry a request in words the target
-    /// satisfies ("... They ask for a 1990s comedy movie."): what lets words steer a
-    /// history-based recommendation at inference.
-    #[arg(long, default_value_t = 0.3, value_parser = share)]
-    recommend_query_share: f64,
-    /// Search examples per item (text query from its genre, decade, category, brand or
-    /// title words -> its SID).
-    #[arg(long, default_value_t = 1)]
-    search_per_item: usize,
-    /// Write history items as their SIDs alone, without titles: prompts get several
-    /// times shorter (recorded in sidrec.json, so inference does the same).
-    #[arg(long)]
-    sid_only_histories: bool,
-    /// Also teach whole histories: each user's training part written out as one answer,
-    /// every item a target given the items before it, in windows of 21 items. One pass
-    /// then trains every position (as SASRec does) for the cost of the longest prefix.
-    /// Plain history requests to the model are then asked as a continuation of the
-    /// history (recorded in sidrec.json).
-    #[arg(long)]
-    sequence_examples: bool,
-    /// With --sequence-examples, also cut each longer history into half-overlapping
-    /// windows of N+1 items (0: none). Their targets follow only a few items, so the
-    /// model learns what follows an item whatever came long before; N=3 gave 1.8× the
-    /// tokens per epoch on Amazon Scientific (README, Evaluation).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    short_windows: usize,
-    /// With --sequence-examples, also teach soon-after pairs under their own instruction
-    /// (prompts/soon.txt): an item and one D = 1..=N positions after it, each kept with
-    /// probability 1/D (0: none). `--mix-recent` then asks each recent item alone what
-    /// follows it within a few items, as decayed co-occurrence counts do, instead of
-    /// the very next item only (recorded in sidrec.json).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    soon_pairs: usize,
-    /// User-profile (describe) examples per user (0: none).
-    #[arg(long, default_value_t = 1)]
-    describe_per_user: usize,
-    /// Type-steering examples per user ("... Recommend their next podcast." answered by
-    /// the next item of that type; 0: none). Built only for catalogs with several types.
-    #[arg(long, default_value_t = 10)]
-    steer_per_user: usize,
-    /// Alignment examples per item and direction (item text -> SID, SID -> item text;
-    /// 0: none, which also skips stage 1).
-    #[arg(long, default_value_t = 1)]
-    align_per_item: usize,
+    /// The recipe: a built-in name (amazon, movielens) or a TOML file [default: chosen
+    /// from the data's history length, and printed].
+    #[arg(long, help_heading = "Recipe")]
+    recipe: Option<String>,
+    /// Change one setting of the recipe, e.g. --set dropout=0.1 --set rank.memory=2
+    /// (keys: docs/training.md). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE", help_heading = "Recipe")]
+    set: Vec<String>,
+    /// Base model instead of the recipe's: a config JSON (from scratch), a Hugging Face
+    /// directory, or a .gguf file (e.g. assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(long, help_heading = "Recipe")]
+    base: Option<PathBuf>,
     /// Random seed (members take seed, seed + 1, ...).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, help_heading = "Recipe")]
     seed: u64,
-    /// Train this many models that differ only in their seed, at the same time (each on
-    /// an equal share of --threads), and save them as one ensemble: the model directory
-    /// and its members/01, members/02, ... Ranked items then come from the mixture of
-    /// all of them, which is steadier than any one seed on small catalogs (README,
-    /// Evaluation).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
-    members: u64,
+    /// Continue from the checkpoints of an interrupted run with the same settings.
+    #[arg(long, help_heading = "Run")]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -694,24 +556,6 @@ struct InspectArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
-}
-
-/// A share between 0 and 1.
-fn share(s: &str) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        _ => Err(format!("expected a number from 0 to 1, got {s:?}")),
-    }
-}
-
-/// A dropout rate: at least 0, below 1 (1 would zero everything).
-fn dropout_rate(s: &str) -> Result<f32, String> {
-    match s.trim().parse::<f32>() {
-        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
-        _ => Err(format!(
-            "expected a number from 0 up to (not including) 1, got {s:?}"
-        )),
-    }
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -995,119 +839,40 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
-    use sidrec::train::pipeline::{self, BaseModel, Mode, StageConfig, TrainOptions};
-    if a.short_windows > 0 && !a.sequence_examples {
-        bail!("--short-windows cuts sequence examples: it needs --sequence-examples");
-    }
-    if a.soon_pairs > 0 && !a.sequence_examples {
-        bail!("--soon-pairs adds sequence examples: it needs --sequence-examples");
-    }
-    if a.item_dropout > 0.0 && !a.item_embeddings {
-        bail!("--item-dropout drops item vectors: it needs --item-embeddings");
-    }
-    if a.sequence_examples && !a.sid_only_histories {
-        bail!(
-            "--sequence-examples needs --sid-only-histories: with titles a window of {} items \
-             outgrows --max-len {} and would be cut",
-            sidrec::train::data::DataOptions::default().max_history + 1,
-            a.max_len
-        );
-    }
-    let scratch = a.base.extension().is_some_and(|e| e == "json");
-    let base = if scratch {
-        // The shipped configs are found from any working directory.
-        let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(&a.base);
-        let config = if !a.base.exists() && shipped.exists() {
-            shipped
-        } else {
-            a.base.clone()
-        };
-        BaseModel::Scratch {
-            config,
-            vocab_size: a.vocab_size,
+    use sidrec::train::recipe::{self, Loaded};
+    let mut loaded = match &a.recipe {
+        Some(spec) => Loaded::from_spec(spec)?,
+        None => {
+            let (loaded, why) = recipe::choose(mean_history(&a)?)?;
+            if !progress.quiet {
+                eprintln!(
+                    "recipe: {} ({}): {why}; --recipe chooses another",
+                    loaded.recipe.name, loaded.origin
+                );
+            }
+            loaded
         }
-    } else if a.base.extension().is_some_and(|e| e == "gguf") {
-        BaseModel::Gguf(a.base.clone())
-    } else if a.base.is_dir() {
-        BaseModel::HfDir(a.base.clone())
-    } else {
-        bail!(
-            "--base {}: expected a config .json (from scratch), a .gguf file or a model directory",
-            a.base.display()
-        );
     };
-    let stage =
-        |mode: &Option<String>, default: Mode, epochs: usize| -> Result<Option<StageConfig>> {
-            let mode = match mode.as_deref() {
-                Some("none") => return Ok(None),
-                Some(m) => m.parse::<Mode>().map_err(anyhow::Error::msg)?,
-                None => default,
-            };
-            Ok(Some(StageConfig {
-                mode,
-                epochs,
-                max_steps: a.max_steps,
-                lr: a.lr,
-            }))
-        };
-    let (d1, d2) = if scratch {
-        (Mode::Full, Mode::Full)
-    } else {
-        (Mode::Rows, Mode::Lora)
-    };
-    let opts = TrainOptions {
-        artifacts: a.artifacts.clone(),
-        interactions: a.interactions.clone(),
-        base,
-        out: a.out.clone(),
-        force: a.force,
-        prompts: a.prompts.clone(),
-        skip_invalid: a.skip_invalid,
-        // Stage 1 trains on align examples alone: none, no stage.
-        stage1: if a.align_per_item == 0 {
-            None
-        } else {
-            stage(&a.stage1_mode, d1, a.stage1_epochs)?
-        },
-        stage2: stage(&a.stage2_mode, d2, a.stage2_epochs)?,
-        batch_size: a.batch_size,
-        max_len: a.max_len,
-        warmup: a.warmup,
-        clip: a.clip,
-        weight_decay: a.weight_decay,
-        dropout: a.dropout,
-        item_embeddings: a.item_embeddings,
-        item_dropout: a.item_dropout,
-        soft_targets: a.soft_targets,
-        full_logits: a.full_logits,
-        lora_rank: a.lora_rank,
-        lora_alpha: a.lora_alpha,
-        eval_every: a.eval_every,
-        checkpoint_every: a.checkpoint_every,
-        valid_examples: a.valid_examples,
-        resume: a.resume,
-        seed: a.seed,
-        select_users: a.select_best,
-        select_mix_recent: a.select_mix_recent,
-        data: sidrec::train::data::DataOptions {
-            seed: a.seed,
-            recommend_per_user: a.recommend_per_user,
-            recommend_query_share: a.recommend_query_share,
-            search_per_item: a.search_per_item,
-            history_titles: !a.sid_only_histories,
-            sequence: a.sequence_examples,
-            sequence_short: a.short_windows,
-            sequence_soon: a.soon_pairs,
-            describe_per_user: a.describe_per_user,
-            steer_per_user: a.steer_per_user,
-            align_per_item: a.align_per_item,
-            ..Default::default()
-        },
-    };
-    if opts.stage1.is_none() && opts.stage2.is_none() {
-        bail!("both stages are off: nothing to train");
+    if let Some(base) = &a.base {
+        // A path given on the command line is relative to the working directory.
+        let abs = std::path::absolute(base).unwrap_or_else(|_| base.clone());
+        loaded.recipe.base = abs.display().to_string();
     }
-    let reports = pipeline::run_members(&opts, a.members as usize, progress)?;
+    loaded.set(&a.set)?;
+    let mut opts = loaded.options(
+        a.artifacts.clone(),
+        a.interactions.clone(),
+        a.out.clone(),
+        a.seed,
+    )?;
+    opts.force = a.force;
+    opts.resume = a.resume;
+    opts.skip_invalid = a.skip_invalid;
+    if opts.select_users > 0 {
+        opts.validator = Some(sidrec::eval::select_validator());
+    }
+    let members = loaded.recipe.members;
+    let reports = sidrec::train::pipeline::run_members(&opts, members, progress)?;
     for (i, report) in reports.iter().enumerate() {
         let member = match reports.len() {
             1 => String::new(),
@@ -1123,8 +888,30 @@ fn cmd_train(a: TrainArgs, progress: Progress) -> Result<()> {
         );
         print_stages(report);
     }
-    println!("  wrote {}", a.out.display());
+    println!(
+        "  wrote {} (recipe {}{})",
+        a.out.display(),
+        loaded.recipe.name,
+        if a.set.is_empty() {
+            String::new()
+        } else {
+            format!(", with {}", a.set.join(" "))
+        }
+    );
     Ok(())
+}
+
+/// The mean length of the users' training histories, which picks the recipe.
+fn mean_history(a: &TrainArgs) -> Result<f64> {
+    let catalog = artifacts::read_catalog(&a.artifacts)?;
+    let read = ReadOptions {
+        skip_invalid: a.skip_invalid,
+        ..ReadOptions::default()
+    };
+    let (seqs, _) = sidrec::interactions::Sequences::load(&a.interactions, &catalog, &read)?;
+    let split = seqs.split();
+    let total: usize = split.train.iter().map(Vec::len).sum();
+    Ok(total as f64 / split.train.len().max(1) as f64)
 }
 
 /// One line per training stage of a report.

@@ -3,7 +3,7 @@
 //!
 //! A small decoder trained for an hour recalls the transitions it saw about as often as a
 //! count table does only at the price of generalising worse to the ones it did not see
-//! (README, Evaluation). A memory recalls every training transition exactly and costs
+//! (docs/lab/amazon-recipes.md). A memory recalls every training transition exactly and costs
 //! nothing to train, as a nearest-neighbour memory does for a language model: the
 //! decoder's distribution and the memory's are mixed token by token
 //! ([`crate::decode::MemorySource`]), so every score stays a log-probability and beam search

@@ -7,7 +7,7 @@
 //! pays for zero-filling new pages in the kernel: profiled on SmolLM2-135M, page faults
 //! and page clearing took about a third of the time of a training step. Keeping large
 //! blocks in the heap and not trimming it lets the next step reuse them (measured: 107 →
-//! 150 tokens/s, README "Training throughput"). jemalloc (LD_PRELOAD) was 3× slower
+//! 150 tokens/s, docs/benchmarks.md, "Training throughput"). jemalloc (LD_PRELOAD) was 3× slower
 //! here: its decay returns the pages just as eagerly.
 
 /// Keeps freed large blocks for reuse instead of returning them to the kernel. Call once,

@@ -166,31 +166,10 @@ fn unknown_format_is_a_usage_error() {
     assert!(!tmp.path().join("out").exists());
 }
 
-/// Whole-history examples with titles would outgrow an example: refused before anything
-/// is read or written.
+/// Recipe settings that contradict each other, or name no setting, are refused before
+/// anything is read or written.
 #[test]
-fn sequence_examples_need_sid_only_histories() {
-    let tmp = tempfile::tempdir().unwrap();
-    let err = stderr_of_failure(sidrec(tmp.path()).args([
-        "train",
-        "--artifacts",
-        "art",
-        "--interactions",
-        "u.jsonl",
-        "--sequence-examples",
-        "-o",
-        "m",
-    ]));
-    assert!(
-        err.contains("--sequence-examples needs --sid-only-histories"),
-        "{err}"
-    );
-    assert!(!tmp.path().join("m").exists());
-}
-
-/// Flags that only mean something with another one are refused before any work.
-#[test]
-fn dependent_train_flags_name_what_they_need() {
+fn contradicting_recipe_settings_name_what_they_need() {
     let tmp = tempfile::tempdir().unwrap();
     let base = [
         "train",
@@ -200,21 +179,50 @@ fn dependent_train_flags_name_what_they_need() {
         "u.jsonl",
         "-o",
         "m",
+        "--recipe",
+        "movielens",
     ];
     for (extra, needs) in [
         (
-            &["--short-windows", "3"][..],
-            "--short-windows cuts sequence examples: it needs --sequence-examples",
+            &["--set", "sid_only_histories=false"][..],
+            "sequence_examples needs sid_only_histories = true",
         ),
         (
-            &["--item-dropout", "0.3"][..],
-            "--item-dropout drops item vectors: it needs --item-embeddings",
+            &[
+                "--set",
+                "sequence_examples=false",
+                "--set",
+                "short_windows=3",
+            ][..],
+            "short_windows cuts sequence examples: it needs sequence_examples = true",
         ),
+        (
+            &["--set", "item_dropout=0.3"][..],
+            "item_dropout drops item vectors: it needs item_embeddings = true",
+        ),
+        (&["--set", "dropuot=0.3"][..], "unknown field `dropuot`"),
+        (&["--set", "dropout=1.5"][..], "dropout must be in [0, 1)"),
     ] {
         let err = stderr_of_failure(sidrec(tmp.path()).args(base).args(extra));
         assert!(err.contains(needs), "{err}");
         assert!(!tmp.path().join("m").exists());
     }
+}
+
+/// `train --help` keeps the flags a user needs; the rest is the recipe's.
+#[test]
+fn train_help_has_at_most_fifteen_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let help = stdout_of(sidrec(tmp.path()).args(["train", "--help"]));
+    let flags = help
+        .lines()
+        .filter(|l| l.trim_start().starts_with('-'))
+        .count();
+    assert!(flags <= 15, "{flags} flags:\n{help}");
+    assert!(
+        help.contains("--recipe") && help.contains("--set"),
+        "{help}"
+    );
 }
 
 #[test]

@@ -549,6 +549,8 @@ fn sidecar(sha: &str) -> Sidecar {
         sid_token_offset: 49152,
         sequence: false,
         soon: false,
+        recipe: String::new(),
+        ranking: Default::default(),
     }
 }
 

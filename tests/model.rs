@@ -720,7 +720,7 @@ fn loss_is_the_masked_mean_nll() {
 }
 
 /// The shipped from-scratch configs parse and build, and `small.json` costs about a
-/// quarter of `tiny.json` per token (what its comment and the README promise).
+/// quarter of `tiny.json` per token (what its comment and docs/training.md promise).
 #[test]
 fn shipped_configs_build() {
     let params = |name: &str| {

@@ -472,7 +472,7 @@ fn prompt_files_parse_and_use_only_known_slots() {
     assert_eq!(loaded.fingerprint().len(), 64);
     for kind in PromptKind::ALL {
         let set = loaded.phrasings(kind);
-        // soon.txt keeps the two phrasings the README's Amazon models were taught.
+        // soon.txt keeps the two phrasings the Amazon models of docs/evaluation.md were taught.
         let least = if kind == PromptKind::Soon { 2 } else { 3 };
         assert!(set.len() >= least, "{kind}: only {} phrasings", set.len());
         for p in set {

@@ -294,6 +294,11 @@ impl Engine {
         self.memory.as_ref()
     }
 
+    /// How the model ranks best, from its recipe (`sidrec.json`).
+    pub fn ranking(&self) -> &crate::model::hfdir::Ranking {
+        &self.sidecar.ranking
+    }
+
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
     }

@@ -24,8 +24,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::catalog::Catalog;
@@ -286,16 +284,32 @@ pub fn transition_breakdown(
         .collect()
 }
 
-/// The users to evaluate: all, or a seeded sample of `max` of them (in user order).
-pub fn sample_users(n: usize, max: Option<usize>, seed: u64) -> Vec<usize> {
-    let mut users: Vec<usize> = (0..n).collect();
-    if let Some(m) = max.filter(|&m| m < n) {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        users.shuffle(&mut rng);
-        users.truncate(m);
-        users.sort_unstable();
-    }
-    users
+pub use crate::interactions::sample_users;
+
+/// The validator `sidrec train` selects weights with (`select_best`): each validation
+/// case ranked over the whole catalog by an engine on the weights being trained, exactly
+/// as [`evaluate_model`] ranks test users, scored by NDCG@10.
+pub fn select_validator() -> crate::train::pipeline::ValidatorHandle {
+    use crate::train::pipeline::ValidationModel;
+    let f = |m: &ValidationModel<'_>, cases: &[(Vec<u32>, u32)], mix_recent: usize| {
+        let engine = Engine::from_model(
+            m.model.clone(),
+            m.tokenizer.clone(),
+            m.catalog.clone(),
+            m.sids.clone(),
+            m.sidecar.clone(),
+            m.prompts.clone(),
+            m.dir,
+        );
+        let opts = ModelOptions {
+            mix_recent,
+            ..ModelOptions::default()
+        };
+        evaluate_model(&engine, cases, &opts, &Progress::new(true))
+            .map(|r| r.metrics.ndcg_10)
+            .map_err(|e| e.to_string())
+    };
+    crate::train::pipeline::ValidatorHandle(std::sync::Arc::new(f))
 }
 
 /// Settings of [`evaluate_model`].

@@ -1,5 +1,5 @@
 //! The evaluation's outputs: `eval.json` (everything measured), `eval.md` (the tables the
-//! README quotes) and SVG plots (training loss curves, metric bars), written together
+//! docs/evaluation.md quotes) and SVG plots (training loss curves, metric bars), written together
 //! into one directory, all or nothing.
 
 use std::fmt::Write as _;

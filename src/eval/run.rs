@@ -43,8 +43,9 @@ pub struct RunOptions {
     pub exact: bool,
     /// Leave each user's history out of their ranking (not the peers' protocol).
     pub exclude_seen: bool,
-    /// Rank by the mixture of the whole history and its last N items alone (0: off).
-    pub mix_recent: usize,
+    /// Rank by the mixture of the whole history and its last N items alone (0: off;
+    /// `None`: as the model's `sidrec.json` says).
+    pub mix_recent: Option<usize>,
     /// Weight ratio of each further recent item under `mix_recent` (`None`: the default).
     pub recent_decay: Option<f32>,
     /// Mix in a transition memory built from the training parts at this weight
@@ -86,7 +87,11 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         &split.train,
         MemorySettings::default(),
     )?;
-    if opts.memory.is_some() {
+    // As the model ranks best (its recipe's ranking), unless the options say otherwise.
+    let rank = engine
+        .ranking()
+        .with(opts.mix_recent, opts.recent_decay, opts.memory);
+    if rank.memory.is_some() {
         engine.set_memory(Some(memory.clone()));
     }
     let users = sample_users(split.test.len(), opts.users, opts.seed);
@@ -102,9 +107,9 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         beams: opts.beams,
         exact: opts.exact,
         exclude_seen: opts.exclude_seen,
-        mix_recent: opts.mix_recent,
-        recent_decay: opts.recent_decay,
-        memory: opts.memory,
+        mix_recent: rank.mix_recent,
+        recent_decay: rank.recent_decay,
+        memory: rank.memory,
         ..ModelOptions::default()
     };
     let sidrec = evaluate_model(&engine, &cases, &model_opts, progress)?;
@@ -118,16 +123,16 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
                 1 => String::new(),
                 n => format!(", ensemble of {n} decoders"),
             },
-            if opts.mix_recent > 0 {
+            if rank.mix_recent > 0 {
                 format!(
                     ", mixture with the last {} items alone (decay {})",
-                    opts.mix_recent,
-                    opts.recent_decay.unwrap_or(crate::decode::RECENT_DECAY)
+                    rank.mix_recent,
+                    rank.recent_decay.unwrap_or(crate::decode::RECENT_DECAY)
                 )
             } else {
                 String::new()
             },
-            match opts.memory {
+            match rank.memory {
                 Some(w) if w > 0.0 => format!(", transition memory at weight {w}"),
                 _ => String::new(),
             },

@@ -351,8 +351,46 @@ fn tokenizer_config(gguf: &GgufModel, tokenizer: &Tokenizer) -> serde_json::Valu
     serde_json::Value::Object(c)
 }
 
+/// How a model ranks best, from its recipe: the mixture with recent items asked alone
+/// and the transition memory's weight. `sidrec.json` records it, and `recommend`,
+/// `repl`, `serve` and `eval` rank this way unless a request or flag says otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ranking {
+    /// Also ask each of the last N history items alone, and rank by the mixture (0:
+    /// the whole history alone).
+    pub mix_recent: usize,
+    /// Weight ratio of each further recent item under `mix_recent` (absent: 0.5).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recent_decay: Option<f32>,
+    /// Weight of the transition memory against the whole history's 1 (absent: off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<f32>,
+}
+
+impl Ranking {
+    fn is_plain(&self) -> bool {
+        *self == Ranking::default()
+    }
+
+    /// This ranking with what a request or flag states in its place (a memory weight of
+    /// 0 turns the memory off).
+    pub fn with(
+        &self,
+        mix_recent: Option<usize>,
+        recent_decay: Option<f32>,
+        memory: Option<f32>,
+    ) -> Ranking {
+        Ranking {
+            mix_recent: mix_recent.unwrap_or(self.mix_recent),
+            recent_decay: recent_decay.or(self.recent_decay),
+            memory: memory.or(self.memory).filter(|&w| w > 0.0),
+        }
+    }
+}
+
 /// `sidrec.json`: what a fine-tuned model was trained on.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sidecar {
     /// sha256 (lower-case hex) of the `sids.jsonl` the SID tokens were taken from.
     pub sids_sha256: String,
@@ -382,6 +420,12 @@ pub struct Sidecar {
     /// each recent item alone with that instruction. Written only when true.
     #[serde(default, skip_serializing_if = "is_no")]
     pub soon: bool,
+    /// The recipe the model was trained with (absent in models written before recipes).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub recipe: String,
+    /// How it ranks best. Written only when it is not the plain whole-history ranking.
+    #[serde(default, skip_serializing_if = "Ranking::is_plain")]
+    pub ranking: Ranking,
 }
 
 fn is_no(b: &bool) -> bool {

@@ -4,7 +4,7 @@
 //! Why: a SID is a few shared codes, so "this exact item" exists in the decoder only as a
 //! composition of those codes. Transitions the training data shows once or twice (item
 //! A, then item B) must then be memorised through weights shared by every item with the
-//! same codes, and a small model recalls them poorly (README, Evaluation: where the gap
+//! same codes, and a small model recalls them poorly (docs/lab/amazon-recipes.md: where the gap
 //! to Markov is). An item vector gives every item its own key at no compute cost (one
 //! row gathered per item read), while the output side stays SID tokens: the trie, beam
 //! search and every other part of decoding are unchanged.
@@ -17,7 +17,7 @@
 //! - so does every later position up to and including the next item's type token: that
 //!   is where the model predicts the next item's first code, and the previous item is
 //!   what a transition is keyed on; the next item's codes find it there by attention
-//!   (keeping it over those codes too was measured on Amazon, README: no steady gain);
+//!   (keeping it over those codes too was measured on Amazon, docs/lab/amazon-recipes.md: no steady gain);
 //! - the code tokens of an item being written get none: they are not known to form an
 //!   item yet, so teacher forcing cannot leak an answer into its own prediction.
 

@@ -11,7 +11,7 @@
 //! Where no gradient can flow (no input is tracked by autograd: decoding, validation on a
 //! detached view) and the data is f32, [`rms_norm`] and [`rope`] hand over to the fused kernels: the composed
 //! versions are seven and ten candle operations each, and on SmolLM2 their dispatch was
-//! about a quarter of a beam step (README, "Decoding").
+//! about a quarter of a beam step (docs/benchmarks.md, "Decoding").
 
 use std::sync::Arc;
 
@@ -110,7 +110,7 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// One fused pass forward and one backward (`wᵢ · (softmaxᵢ − onehotᵢ)`), instead of the
 /// dozen passes `log_softmax` + `gather` + their gradients make over the logits. The
 /// logits are the largest tensor of a training step (`batch × seq × vocab`: 100 MB for
-/// SmolLM2 at 8 × 64), so this is where the fusion pays (README, "Training throughput").
+/// SmolLM2 at 8 × 64), so this is where the fusion pays (docs/benchmarks.md, "Training throughput").
 /// Rows with weight 0 cost nothing backward. f32 and f64.
 pub fn weighted_nll(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<Tensor> {
     let n = logits.dims2()?.0;

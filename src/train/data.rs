@@ -683,9 +683,9 @@ pub struct DataOptions {
     /// own instruction (`soon.txt`; 0: none). The model then learns, apart from the
     /// next item, what a user takes within a few items of another, weighted by
     /// closeness as decayed co-occurrence counts are: most test transitions were never
-    /// seen in training (README, Evaluation), and an item a few steps on is often the
+    /// seen in training (docs/lab/amazon-recipes.md), and an item a few steps on is often the
     /// one that follows. The same pairs under the sequence instruction blurred the
-    /// next-item transitions and ranked worse (README).
+    /// next-item transitions and ranked worse (docs/lab/transition-memory.md).
     pub sequence_soon: usize,
 }
 

@@ -11,5 +11,6 @@
 pub mod data;
 pub mod optim;
 pub mod pipeline;
+pub mod recipe;
 pub mod soft;
 pub mod trainer;

@@ -4,9 +4,9 @@
 //! `train_report.json`.
 //!
 //! With `select_users`, the instruct stage also ranks held-out items while it trains,
-//! through [`crate::decode::Engine`] and [`crate::eval::evaluate_model`] on the weights in
-//! memory: the only place where training reads the decoding side, so that a model is
-//! selected by the very ranking `sidrec eval` measures.
+//! through a [`Validator`] the caller passes in (`sidrec train` passes the evaluation's,
+//! `sidrec::eval::select_validator`), on the weights in memory: a model is selected by
+//! the very ranking `sidrec eval` measures, while training never depends on decoding.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -21,10 +21,8 @@ use super::data::{self, DataOptions, Example, Prompts, Task};
 use super::soft::{SoftError, SoftTargets, Targets};
 use super::trainer::{self, ChatFormat, Checkpointing, Encoded, LoopConfig, LoopReport};
 use crate::artifacts::{self, SidMap};
-use crate::decode::Engine;
 use crate::error::{Error, Result};
-use crate::eval;
-use crate::interactions::{ReadOptions, Sequences};
+use crate::interactions::{sample_users, ReadOptions, Sequences};
 use crate::memory::{MemorySettings, TransitionMemory, MEMORY_FILE};
 use crate::model::bpe;
 use crate::model::config::LlamaConfig;
@@ -123,11 +121,6 @@ pub struct TrainOptions {
     /// Share of every item target given to the transition memory's distribution for the
     /// items before it ([`super::soft`]; 0: one-hot targets).
     pub soft_targets: f32,
-    /// Project every position on the vocabulary, scored or not, as training did before
-    /// 2026-12-07: the same loss and gradients to rounding, at about 1/1.38 of the
-    /// speed on the Amazon recipe. Rounding steers a run elsewhere, so the README's
-    /// tables trained before then reproduce to the last digit only this way.
-    pub full_logits: bool,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     #[serde(skip)]
@@ -147,6 +140,42 @@ pub struct TrainOptions {
     pub select_users: usize,
     /// Rank those users by the mixture with their last N items alone (as `--mix-recent`).
     pub select_mix_recent: usize,
+    /// How the model ranks best, recorded in `sidrec.json` for inference.
+    pub rank: hfdir::Ranking,
+    /// The recipe's name, recorded in `sidrec.json`.
+    pub recipe_name: String,
+    /// Ranks validation users for `select_users` (required when it is above 0).
+    #[serde(skip)]
+    pub validator: Option<ValidatorHandle>,
+}
+
+/// What a [`Validator`] ranks with: the model being trained, as it is now, and everything
+/// an inference engine needs beside it.
+pub struct ValidationModel<'a> {
+    pub model: &'a Llama,
+    pub tokenizer: &'a Tokenizer,
+    pub catalog: &'a crate::catalog::Catalog,
+    pub sids: &'a SidMap,
+    pub sidecar: &'a Sidecar,
+    pub prompts: &'a Prompts,
+    pub dir: &'a std::path::Path,
+}
+
+/// Ranks `(history, held-out item)` cases with a model and returns their NDCG@10 ranked
+/// with the mixture over the last `mix_recent` items. Supplied from above training (the
+/// evaluation module), so that `train` does not depend on `decode` or `eval`.
+pub type Validator = dyn Fn(&ValidationModel<'_>, &[(Vec<u32>, u32)], usize) -> std::result::Result<f64, String>
+    + Send
+    + Sync;
+
+/// A shared [`Validator`] in [`TrainOptions`] (cloned with them).
+#[derive(Clone)]
+pub struct ValidatorHandle(pub std::sync::Arc<Validator>);
+
+impl std::fmt::Debug for ValidatorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Validator")
+    }
 }
 
 impl TrainOptions {
@@ -338,11 +367,13 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         history_titles: opts.data.history_titles,
         sequence: opts.data.sequence,
         soon: opts.data.sequence && opts.data.sequence_soon > 0,
+        recipe: opts.recipe_name.clone(),
+        ranking: opts.rank.clone(),
     };
     // Validation users for --select-best: held-out next items, ranked over the catalog.
     let select_cases: Vec<(Vec<u32>, u32)> = match opts.select_users {
         0 => Vec::new(),
-        n => eval::sample_users(split.valid.len(), Some(n), opts.seed ^ 0x5e1ec7)
+        n => sample_users(split.valid.len(), Some(n), opts.seed ^ 0x5e1ec7)
             .into_iter()
             .map(|u| split.valid[u].clone())
             .filter(|(history, _)| !history.is_empty())
@@ -400,18 +431,6 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
                 SoftError::Candle(c) => c,
                 other => candle_core::Error::Msg(other.to_string()),
             };
-            if opts.full_logits {
-                let logits = m
-                    .forward_train(&b.input, Some(&b.attention), dropout)
-                    .map_err(to_candle)?;
-                return match soft {
-                    Some(s) => s
-                        .loss(&logits, &b.input, &b.targets, &b.loss_mask)
-                        .map_err(soft_error),
-                    None => llama::masked_cross_entropy(&logits, &b.targets, &b.loss_mask)
-                        .map_err(to_candle),
-                };
-            }
             let targets = match soft {
                 Some(s) => s.targets(&b.input, &b.targets, &b.loss_mask),
                 None => Targets::one_hot(&b.targets, &b.loss_mask),
@@ -438,30 +457,30 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         let inference = model.detached();
         // The held-out loss stays the plain one, comparable across runs.
         let eval_fn = |b: &trainer::Batch| loss_with(&inference, b, None, None);
-        // Ranking validation users on the same detached view: the engine sees every update.
-        let ranker = match !align_only && !select_cases.is_empty() {
-            true => Some(Engine::from_model(
-                inference.clone(),
-                tok.clone(),
-                catalog.clone(),
-                SidMap::load(&opts.artifacts)?,
-                sidecar.clone(),
-                prompts.clone(),
-                &opts.out,
-            )),
+        // Ranking validation users on the same detached view: it sees every update.
+        let validator = match !align_only && !select_cases.is_empty() {
+            true => Some(opts.validator.as_ref().ok_or_else(|| {
+                Error::Invalid(
+                    "select_best ranks validation users, which needs a validator \
+                     (the evaluation's select_validator) in the training options"
+                        .into(),
+                )
+            })?),
             false => None,
         };
-        let ranking = eval::ModelOptions {
-            mix_recent: opts.select_mix_recent,
-            ..eval::ModelOptions::default()
+        let view = ValidationModel {
+            model: &inference,
+            tokenizer: &tok,
+            catalog: &catalog,
+            sids: &sids,
+            sidecar: &sidecar,
+            prompts: &prompts,
+            dir: &opts.out,
         };
-        let (cases, ranking) = (&select_cases, &ranking);
-        let ndcg = ranker.as_ref().map(|engine| {
-            move || -> std::result::Result<f64, String> {
-                eval::evaluate_model(engine, cases, ranking, &Progress::new(true))
-                    .map(|r| r.metrics.ndcg_10)
-                    .map_err(|e| e.to_string())
-            }
+        let (cases, view) = (&select_cases, &view);
+        let mix_recent = opts.select_mix_recent;
+        let ndcg = validator.map(|v| {
+            move || -> std::result::Result<f64, String> { (v.0)(view, cases, mix_recent) }
         });
         let select = ndcg.as_ref().map(|f| trainer::Selection {
             name: "NDCG@10",
@@ -542,16 +561,16 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
 
 /// Trains `members` models that differ only in their seed (`opts.seed`, `+ 1`, …) and
 /// writes them as one ensemble: the first as the model directory `opts.out`, the others
-/// under its `members/01/`, `members/02/`, …, where [`crate::decode::Engine`] finds them
+/// under its `members/01/`, `members/02/`, …, where the decoding engine finds them
 /// and ranks by the mixture of all of them.
 ///
 /// Why: on a small catalog a model's ranking quality depends on its seed as much as on
-/// its recipe (README, Evaluation), and the mixture of a few seeds is steadier than any
-/// one of them. Members train at the same time, each in its own thread pool with an
-/// equal share of the worker threads, since a model this small trains faster per core
-/// on one thread than on two. Measured: as separate processes two one-thread runs each
-/// keep a lone run's speed, but in one process each gets about half of it (README,
-/// Evaluation); the cause is not found yet.
+/// its recipe (docs/lab/decoder.md, "Seeds"), and the mixture of a few seeds is steadier
+/// than any one of them. Members train at the same time, each in its own thread pool
+/// with an equal share of the worker threads, since a model this small trains faster per
+/// core on one thread than on two. Measured: as separate processes two one-thread runs
+/// each keep a lone run's speed, but in one process each gets about half of it
+/// (docs/training.md, "Ensembles"); the cause is not found yet.
 ///
 /// Nothing is written to `opts.out` unless every member trained; the members are staged
 /// beside it (`OUT.members/`) and moved in at the end. Returns the reports in member

@@ -3,7 +3,7 @@
 //! Why: a training example shows one next item after a history, while the training parts
 //! as a whole know the distribution of what follows its recent items (decayed successor
 //! counts of its last few items, [`TransitionMemory`]). That distribution ranks held-out
-//! items better than any single observed successor does (README, Evaluation: the memory
+//! items better than any single observed successor does (docs/evaluation.md: the memory
 //! alone beats first-order Markov by 11% on Amazon), and a small decoder recalls a
 //! transition it saw once or twice far less surely than counts do. So wherever the model
 //! predicts an item, a share of the target is the memory's distribution for the items

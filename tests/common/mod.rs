@@ -150,8 +150,10 @@ pub fn options(artifacts: PathBuf, inter: PathBuf, base: BaseModel, out: PathBuf
         seed: 1,
         select_users: 0,
         select_mix_recent: 0,
+        rank: Default::default(),
+        recipe_name: String::new(),
+        validator: None,
         soft_targets: 0.0,
-        full_logits: false,
         data: DataOptions {
             seed: 1,
             ..Default::default()
