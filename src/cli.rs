@@ -284,10 +284,10 @@ pub(crate) struct RequestArgs {
     /// by `,` or ` and ` must all hold.
     #[arg(long, value_name = "EXPR")]
     pub filter: Option<String>,
-    /// Number of items.
+    /// Number of items (1 to 100).
     #[arg(short, long, default_value_t = 10)]
     pub k: usize,
-    /// Beam width (default: 2k, at least 10).
+    /// Beam width, 1 to 200 (default: 2k, at least 10; never below k).
     #[arg(long)]
     pub beams: Option<usize>,
     /// Leave the history's items out of the answer.
@@ -1144,12 +1144,28 @@ pub(crate) fn resolve_item(engine: &sidrec::decode::Engine, entry: &str) -> Resu
     Ok(engine.resolve_item(entry)?)
 }
 
-/// A request from flags (history resolved against the engine's catalog).
+/// The flags checked against the limits `serve` and the REPL hold requests to (the same
+/// words for the same fault), before any model is loaded.
+pub(crate) fn check_request_args(a: &RequestArgs, query: &str) -> Result<()> {
+    let limits = sidrec::decode::Limits::default();
+    limits.check_query(query)?;
+    limits.check_history(split_list(&a.history).len())?;
+    let k = limits.check_k(a.k)?;
+    limits.check_beams(a.beams, k)?;
+    limits.check_mix_recent(a.mix_recent)?;
+    limits.check_max_tokens(a.max_tokens)?;
+    Ok(())
+}
+
+/// A request from flags (history resolved against the engine's catalog), within the
+/// shared limits.
 pub(crate) fn build_request(
     engine: &sidrec::decode::Engine,
     a: &RequestArgs,
     query: &str,
 ) -> Result<sidrec::decode::Request> {
+    check_request_args(a, query)?;
+    let beams = sidrec::decode::Limits::default().check_beams(a.beams, a.k)?;
     let history = split_list(&a.history)
         .iter()
         .map(|e| resolve_item(engine, e))
@@ -1163,7 +1179,7 @@ pub(crate) fn build_request(
         filter: a.filter.clone(),
         exclude_seen: a.exclude_seen,
         k: a.k,
-        beams: a.beams,
+        beams,
         types_in_prompt_only: false,
         mix_recent: a.mix_recent,
         recent_decay: a.recent_decay,
@@ -1223,6 +1239,11 @@ pub(crate) fn answer(
         return Ok(out);
     }
     let items = engine.recommend(req)?;
+    // The limits left items to choose from (else `recommend` says so), so an empty or
+    // NaN-scored answer is the model failing, not an answer.
+    if items.is_empty() || items.iter().any(|r| !r.score.is_finite()) {
+        bail!("the model returned no usable items (none, or non-finite scores): are its weights finite?");
+    }
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     if json {
         let v = serde_json::json!({
@@ -1303,8 +1324,9 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
 }
 
 fn cmd_recommend(a: RecommendArgs) -> Result<()> {
-    let engine = load_engine(&a.req.model)?;
     let query = a.query.clone().unwrap_or_default();
+    check_request_args(&a.req, &query)?;
+    let engine = load_engine(&a.req.model)?;
     let req = build_request(&engine, &a.req, &query)?;
     print!("{}", answer(&engine, &req, &gen_config(&a.req), a.json)?);
     Ok(())
