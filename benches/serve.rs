@@ -55,9 +55,14 @@ fn main() -> anyhow::Result<()> {
         workers,
         ..Default::default()
     };
-    let server = rt.spawn(serve(listener, router(Arc::new(engine), opts), async {
-        let _ = stop_rx.await;
-    }));
+    let probe = sidrec::serve::probe(&engine)?;
+    let app = router(Arc::new(engine), opts.clone(), probe);
+    let server = rt.spawn(async move {
+        serve(listener, app, &opts, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
 
     let url = format!("http://{addr}/v1/recommend");
     let next = AtomicUsize::new(0);

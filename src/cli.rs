@@ -82,10 +82,17 @@ POST /v1/recommend  {\"query\", \"history\": [ids or titles], \"types\", \"filte
 POST /v1/generate   {\"query\", \"history\", \"mode\": chat|describe, \"format\", \"max_tokens\", \"temperature\", \"top_p\", \"seed\"}\n  \
 GET  /v1/items/{id}\n  \
 GET  /healthz\n\n\
-All requests share one loaded model; --workers of them decode at a time and up to --queue \
-more wait, beyond which the server answers 503. Bad input gets a 4xx status and \
-{\"error\": \"what was wrong\"}. SIGINT or SIGTERM stops accepting connections and lets \
-requests in flight finish.\n\n\
+Before listening, the server decodes one probe request; a model that cannot answer it \
+(no items, or non-finite scores: a diverged run) is refused with an error, and /healthz \
+reports the probe. All requests share one loaded model; --workers of them decode at a \
+time and up to --queue more wait, beyond which the server answers 503. Requests are held \
+to the limits of `sidrec recommend` (k 1 to 100, beams 1 to 200, mix_recent 0 to 8, \
+max_tokens 1 to 512, a query of 2000 bytes, a history of 500 items). Bad input gets a 4xx \
+status and {\"error\": \"what was wrong\"}; a body must be a JSON object.\n\n\
+A request head, and then its body, must arrive within --header-timeout seconds; a \
+connection where no byte moves and nothing is being decoded is closed after \
+--idle-timeout. SIGINT or SIGTERM stops accepting connections and lets requests in \
+flight finish for up to --shutdown-timeout seconds, then exits anyway.\n\n\
 Examples:\n  \
 sidrec serve                                   # the demo model on 127.0.0.1:8080\n  \
 sidrec serve --model out/ml100k-tiny --addr 0.0.0.0:9000 --workers 4\n  \
@@ -109,6 +116,30 @@ struct ServeArgs {
     /// Largest request body in bytes (larger: 413).
     #[arg(long, default_value_t = 64 * 1024)]
     max_body: usize,
+    /// Seconds a client has to send a request head, and then its body; a client that
+    /// sends half a head is disconnected after this.
+    #[arg(long, default_value = "10", value_parser = seconds, value_name = "SECONDS")]
+    header_timeout: std::time::Duration,
+    /// Seconds a connection may sit with no byte moving and nothing being decoded
+    /// before it is closed.
+    #[arg(long, default_value = "60", value_parser = seconds, value_name = "SECONDS")]
+    idle_timeout: std::time::Duration,
+    /// Seconds requests in flight get to finish after SIGINT/SIGTERM; then the server
+    /// exits anyway.
+    #[arg(long, default_value = "10", value_parser = seconds, value_name = "SECONDS")]
+    shutdown_timeout: std::time::Duration,
+}
+
+/// A positive number of seconds (fractions allowed).
+fn seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 && x <= 86_400.0 => {
+            Ok(std::time::Duration::from_secs_f64(x))
+        }
+        _ => Err(format!(
+            "expected seconds, more than 0 and at most 86400, not {s:?}"
+        )),
+    }
 }
 
 /// Where the demo model lives: `models/demo` in the source tree this binary was built
@@ -148,6 +179,11 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         workers: a.workers,
         queue: a.queue,
         max_body: a.max_body,
+        timeouts: sidrec::serve::Timeouts {
+            header: a.header_timeout,
+            idle: a.idle_timeout,
+            shutdown: a.shutdown_timeout,
+        },
         ..Default::default()
     };
     sidrec::serve::run(engine, a.addr, opts, |addr| {
@@ -286,10 +322,10 @@ pub(crate) struct RequestArgs {
     /// by `,` or ` and ` must all hold.
     #[arg(long, value_name = "EXPR")]
     pub filter: Option<String>,
-    /// Number of items.
+    /// Number of items (1 to 100).
     #[arg(short, long, default_value_t = 10)]
     pub k: usize,
-    /// Beam width (default: 2k, at least 10).
+    /// Beam width, 1 to 200 (default: 2k, at least 10; never below k).
     #[arg(long)]
     pub beams: Option<usize>,
     /// Leave the history's items out of the answer.
@@ -298,17 +334,19 @@ pub(crate) struct RequestArgs {
     /// Also ask for each of the last N history items alone and rank by the mixture of
     /// these and the whole history (the k-th most recent item weighs 0.5^(k-1) against
     /// the history's 1): what follows each recent item counts, as in co-occurrence
-    /// counts. N+1 decoder passes per request (README, Evaluation).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub mix_recent: usize,
+    /// counts. N+1 decoder passes per request (docs/decoding.md) [default: as the model's
+    /// recipe ranks, in sidrec.json; 0: the whole history alone].
+    #[arg(long, value_name = "N")]
+    pub mix_recent: Option<usize>,
     /// Under --mix-recent, each further recent item weighs this many times the one after
-    /// it [default: 0.5].
+    /// it [default: the recipe's, else 0.5].
     #[arg(long, value_name = "X")]
     pub recent_decay: Option<f32>,
     /// Also mix in the model's transition memory (transitions.json: what followed each
     /// of the user's last 5 items within 3 positions in the training sequences) at
     /// weight W against the whole history's 1. It recalls every training transition
-    /// exactly, which a small decoder does not (README, Evaluation). 0: off.
+    /// exactly, which a small decoder does not (docs/decoding.md) [default: the recipe's;
+    /// 0: off].
     #[arg(long, value_name = "W")]
     pub memory: Option<f32>,
     /// auto (recommend with a history, else search), recommend, search, describe, chat.
@@ -951,12 +989,30 @@ pub(crate) fn resolve_item(engine: &sidrec::decode::Engine, entry: &str) -> Resu
     Ok(engine.resolve_item(entry)?)
 }
 
-/// A request from flags (history resolved against the engine's catalog).
+/// The flags checked against the limits `serve` and the REPL hold requests to (the same
+/// words for the same fault), before any model is loaded.
+pub(crate) fn check_request_args(a: &RequestArgs, query: &str) -> Result<()> {
+    let limits = sidrec::decode::Limits::default();
+    limits.check_query(query)?;
+    limits.check_history(split_list(&a.history).len())?;
+    let k = limits.check_k(a.k)?;
+    limits.check_beams(a.beams, k)?;
+    if let Some(n) = a.mix_recent {
+        limits.check_mix_recent(n)?;
+    }
+    limits.check_max_tokens(a.max_tokens)?;
+    Ok(())
+}
+
+/// A request from flags (history resolved against the engine's catalog), within the
+/// shared limits.
 pub(crate) fn build_request(
     engine: &sidrec::decode::Engine,
     a: &RequestArgs,
     query: &str,
 ) -> Result<sidrec::decode::Request> {
+    check_request_args(a, query)?;
+    let beams = sidrec::decode::Limits::default().check_beams(a.beams, a.k)?;
     let history = split_list(&a.history)
         .iter()
         .map(|e| resolve_item(engine, e))
@@ -970,12 +1026,18 @@ pub(crate) fn build_request(
         filter: a.filter.clone(),
         exclude_seen: a.exclude_seen,
         k: a.k,
-        beams: a.beams,
+        beams,
         types_in_prompt_only: false,
-        mix_recent: a.mix_recent,
-        recent_decay: a.recent_decay,
-        memory: a.memory,
+        mix_recent: 0,
+        recent_decay: None,
+        memory: None,
     };
+    // As the model's recipe ranks, unless the flags say otherwise.
+    let rank = engine
+        .ranking()
+        .with(a.mix_recent, a.recent_decay, a.memory);
+    (req.mix_recent, req.recent_decay, req.memory) =
+        (rank.mix_recent, rank.recent_decay, rank.memory);
     if !a.literal {
         for r in engine.read_request(&mut req) {
             eprintln!("(read {:?} as {})", r.words, r.clause);
@@ -1030,6 +1092,11 @@ pub(crate) fn answer(
         return Ok(out);
     }
     let items = engine.recommend(req)?;
+    // The limits left items to choose from (else `recommend` says so), so an empty or
+    // NaN-scored answer is the model failing, not an answer.
+    if items.is_empty() || items.iter().any(|r| !r.score.is_finite()) {
+        bail!("the model returned no usable items (none, or non-finite scores): are its weights finite?");
+    }
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     if json {
         let v = serde_json::json!({
@@ -1110,8 +1177,9 @@ fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) -> Result<(
 }
 
 fn cmd_recommend(a: RecommendArgs) -> Result<()> {
-    let engine = load_engine(&a.req.model)?;
     let query = a.query.clone().unwrap_or_default();
+    check_request_args(&a.req, &query)?;
+    let engine = load_engine(&a.req.model)?;
     let req = build_request(&engine, &a.req, &query)?;
     print!("{}", answer(&engine, &req, &gen_config(&a.req), a.json)?);
     Ok(())

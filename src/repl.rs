@@ -3,8 +3,9 @@
 //! A line of text is a request (recommend from the session's history, or search when the
 //! history is empty); lines starting with `:` change the session. The line editor keeps a
 //! history file; a line ending in `\` continues on the next one. Errors are printed and
-//! the session goes on. Without a terminal (a pipe, a script) lines are read plainly, so
-//! a session can be scripted.
+//! the session goes on, a line that is not UTF-8 included. Without a terminal (a pipe, a
+//! script) lines are read plainly, so a session can be scripted. Requests are held to
+//! the same [`Limits`] as `sidrec recommend` and `sidrec serve`, in the same words.
 
 use std::path::PathBuf;
 
@@ -14,9 +15,10 @@ use rustyline::history::DefaultHistory;
 use rustyline::Editor;
 
 use crate::cli::{
-    answer, build_request, gen_config, load_engine, resolve_item, split_list, RequestArgs,
+    answer, build_request, check_request_args, gen_config, load_engine, resolve_item, split_list,
+    RequestArgs,
 };
-use sidrec::decode::{Engine, Mode};
+use sidrec::decode::{Engine, Limits, Mode};
 
 pub const HELP: &str = "An interactive session with a trained model.\n\n\
 Type a request in words (\"a 90s comedy\") to search, or build a history and ask for \
@@ -114,6 +116,7 @@ impl Session {
                             bail!(":history add needs an item id or title");
                         }
                         let i = resolve_item(engine, arg)?;
+                        Limits::default().check_history(self.history.len() + 1)?;
                         self.history.push(i);
                         let it = &engine.catalog().items[i as usize];
                         format!(
@@ -174,10 +177,7 @@ impl Session {
             }
             ":k" => {
                 let k: usize = rest.parse().context(":k needs a number")?;
-                if k == 0 {
-                    bail!(":k must be at least 1");
-                }
-                self.args.k = k;
+                self.args.k = Limits::default().check_k(k)?;
                 format!("k {k}")
             }
             ":exclude-seen" => {
@@ -203,6 +203,7 @@ impl Session {
         args.history.clear();
         let mut req = build_request(engine, &args, text)?;
         req.history = self.history.clone();
+        let req = Limits::default().check_request(req)?;
         let out = answer(engine, &req, &gen_config(&self.args), self.json)?;
         Ok(out.trim_end().to_string())
     }
@@ -210,6 +211,7 @@ impl Session {
 
 /// Runs the session; `history_file` keeps the line history (none when `None`).
 pub fn run(args: RequestArgs, json: bool, history_file: Option<PathBuf>) -> Result<()> {
+    check_request_args(&args, "")?;
     let engine = load_engine(&args.model)?;
     let history = split_list(&args.history)
         .iter()
@@ -244,6 +246,14 @@ pub fn run(args: RequestArgs, json: bool, history_file: Option<PathBuf>) -> Resu
                 continue;
             }
             Err(ReadlineError::Eof) => break,
+            // Bytes that are not UTF-8 (a pasted binary, a terminal in another
+            // encoding) spoil one line, not the session: the reader has consumed the
+            // line, so the next one reads cleanly.
+            Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                pending.clear();
+                println!("error: the line is not valid UTF-8; it was skipped");
+                continue;
+            }
             Err(e) => return Err(e.into()),
         };
         if let Some(head) = line.strip_suffix('\\') {

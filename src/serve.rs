@@ -7,37 +7,54 @@
 //! POST /v1/generate    {query, history, mode, format, max_tokens, temperature, top_p, seed, ...}
 //!                      -> {output: [{kind: "text", text} | {kind: "item", ...}], text}
 //! GET  /v1/items/{id}  -> the catalog item and its SID
-//! GET  /healthz        -> {status: "ok", items, ...}
+//! GET  /healthz        -> {status: "ok", probe: {ok, took_ms, items}, items, ...}
 //! ```
+//!
+//! Before it listens, the server decodes one probe request ([`probe`]): a model that
+//! cannot answer (non-finite weights from a diverged run decode to nothing) is refused
+//! at start instead of answering every request with an empty list, and `/healthz` shows
+//! the probe it passed.
 //!
 //! Every request shares one loaded model. Decoding is CPU work that blocks for
 //! milliseconds, so it runs on a small pool of blocking workers (a semaphore of
 //! `workers` permits in front of `spawn_blocking`), never on the async threads that
 //! accept connections; requests beyond `workers + queue` get 503 at once rather than
-//! piling up. Every error is a JSON `{"error": ...}` with a 4xx status for bad input
-//! (what was wrong, in words) and 5xx only for the server's own failures. Shutdown
-//! (SIGINT/SIGTERM or the future given to [`serve`]) stops accepting connections and lets
-//! requests in flight finish.
+//! piling up. Requests are held to the same [`Limits`] as `sidrec recommend` and the
+//! REPL, with the same messages. Every error the server answers is a JSON `{"error": ...}`
+//! with a 4xx status for bad input (what was wrong, in words) and 5xx only for the
+//! server's own failures, whose details go to the server's log, not the client; no answer
+//! names a path on the server. Malformed HTTP itself (a request line or header hyper
+//! cannot parse) is answered by hyper with an empty body.
+//!
+//! Connections are served by [`conn`]: a request head and body must arrive within
+//! `header_timeout`, a connection where nothing moves for `idle_timeout` is closed, and
+//! shutdown (SIGINT/SIGTERM or the future given to [`serve`]) stops accepting, lets
+//! requests in flight finish, and drops whatever is still open after `shutdown_timeout`.
+
+mod conn;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
+pub use conn::{serve, Timeouts};
+
 use crate::decode::engine::{Output, Recommendation};
-use crate::decode::{DecodeError, Engine, Format, GenConfig, Mode, Reading, Request};
+use crate::decode::{DecodeError, Engine, Format, GenConfig, Limits, Mode, Reading, Request};
 use crate::trie::ItemIdx;
 
-/// Limits and pool sizes; the defaults suit the tiny models on a laptop.
+/// Limits, timeouts and pool sizes; the defaults suit the tiny models on a laptop.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
     /// Requests decoded at the same time (blocking workers).
@@ -46,14 +63,10 @@ pub struct ServeOptions {
     pub queue: usize,
     /// Largest request body in bytes; larger ones get 413.
     pub max_body: usize,
-    /// Longest `query` in bytes.
-    pub max_query: usize,
-    /// Most history entries.
-    pub max_history: usize,
-    /// Largest `k` (and beam width).
-    pub max_k: usize,
-    /// Most generated tokens a request may ask for.
-    pub max_tokens: usize,
+    /// The bounds of a request, shared with `recommend` and the REPL.
+    pub limits: Limits,
+    /// How long a connection may take to send a request, sit idle, or finish at shutdown.
+    pub timeouts: Timeouts,
 }
 
 impl Default for ServeOptions {
@@ -62,17 +75,74 @@ impl Default for ServeOptions {
             workers: 2,
             queue: 64,
             max_body: 64 * 1024,
-            max_query: 2000,
-            max_history: 500,
-            max_k: 100,
-            max_tokens: 512,
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
         }
     }
+}
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The probe request failed or came back empty: the model cannot answer.
+    #[error("the model failed its start-up probe: {0}")]
+    Probe(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// What the start-up probe found, as `/healthz` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Probe {
+    /// Always true on a running server: one that failed its probe does not start.
+    pub ok: bool,
+    pub took_ms: f64,
+    /// Items the probe got back.
+    pub items: usize,
+}
+
+/// Decodes one request as a client would send it (recommend after the catalog's first
+/// item, k = 1): it must return an item with a finite score. A model whose weights are
+/// not finite decodes to nothing, or to NaN scores, without any error of its own; this
+/// turns that into a refusal to start rather than a server that answers every request
+/// with an empty list.
+pub fn probe(engine: &Engine) -> Result<Probe, ServeError> {
+    let t0 = Instant::now();
+    if engine.catalog().items.is_empty() {
+        return Err(ServeError::Probe("the catalog has no items".into()));
+    }
+    let req = Request {
+        mode: Mode::Recommend,
+        format: Format::Items,
+        history: vec![0],
+        k: 1,
+        ..Default::default()
+    };
+    let items = engine
+        .recommend(&req)
+        .map_err(|e| ServeError::Probe(e.to_string()))?;
+    let Some(first) = items.first() else {
+        return Err(ServeError::Probe(
+            "a recommend request came back with no items (are the weights finite?)".into(),
+        ));
+    };
+    if !first.score.is_finite() {
+        return Err(ServeError::Probe(format!(
+            "a recommend request scored its item {} (are the weights finite?)",
+            first.score
+        )));
+    }
+    Ok(Probe {
+        ok: true,
+        took_ms: millis(t0),
+        items: items.len(),
+    })
 }
 
 struct AppState {
     engine: Arc<Engine>,
     opts: ServeOptions,
+    probe: Probe,
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
 }
@@ -94,16 +164,30 @@ impl ApiError {
 }
 
 impl From<DecodeError> for ApiError {
+    /// Bad input is the client's to know in full; the model's own failures (I/O, tensor
+    /// errors) may name files on the server, so the client gets a plain 500 and the
+    /// details go to the server's log.
     fn from(e: DecodeError) -> Self {
-        let status = match e {
+        match e {
             DecodeError::Invalid(_)
             | DecodeError::Filter { .. }
-            | DecodeError::NothingAllowed(_) => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+            | DecodeError::NothingAllowed(_) => ApiError::bad(e.to_string()),
+            _ => {
+                eprintln!("error while decoding: {e}");
+                ApiError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    message: "the model failed on this request (the server's log says why)".into(),
+                }
+            }
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
         ApiError {
-            status,
-            message: e.to_string(),
+            status: r.status(),
+            message: r.body_text(),
         }
     }
 }
@@ -133,6 +217,69 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A request body that must be a JSON object, read as `T`.
+///
+/// Serde reads a JSON array as a struct's fields in order (`["Heat"]` as `{"query":
+/// "Heat"}`), which is never what a client meant, so anything but an object is refused
+/// before it is read. Otherwise it answers as axum's `Json` does: 415 without a JSON
+/// content type, 400 for bad JSON, 422 (naming the field) for the wrong fields or types.
+pub struct JsonObject<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonObject<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        if !json_content_type(req.headers()) {
+            return Err(ApiError {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                message: "expected a request with Content-Type: application/json".into(),
+            });
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|r| ApiError {
+                status: r.status(),
+                message: r.body_text(),
+            })?;
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            // Valid JSON of another kind is named; anything else gets the parser's word.
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+                let kind = match v {
+                    serde_json::Value::Array(_) => "an array",
+                    serde_json::Value::String(_) => "a string",
+                    serde_json::Value::Number(_) => "a number",
+                    serde_json::Value::Bool(_) => "a boolean",
+                    _ => "null",
+                };
+                return Err(ApiError::bad(format!(
+                    "the request body must be a JSON object ({{\"field\": value, ...}}), not {kind}"
+                )));
+            }
+        }
+        let Json(t) = Json::<T>::from_bytes(&bytes)?;
+        Ok(JsonObject(t))
+    }
+}
+
+/// `application/json` or `application/*+json`, parameters (charset) aside.
+fn json_content_type(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
 /// `POST /v1/recommend`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -152,20 +299,19 @@ pub struct RecommendBody {
     pub mode: Option<String>,
     pub beams: Option<usize>,
     /// Rank by the mixture of the whole history and each of its last N items alone
-    /// (0, the default: the whole history only; at most [`MAX_MIX_RECENT`]).
-    pub mix_recent: usize,
+    /// (0: the whole history only; at most [`Limits::max_mix_recent`]; absent: as the
+    /// model's recipe ranks, in `sidrec.json`).
+    pub mix_recent: Option<usize>,
     /// Under `mix_recent`, each further recent item weighs this many times the one
-    /// after it (default 0.5; must be positive).
+    /// after it (default: the recipe's, else 0.5; must be positive).
     pub recent_decay: Option<f32>,
     /// Mix in the model's transition memory at this weight against the whole history's
-    /// 1 (default: off; a model without `transitions.json` answers 400).
+    /// 1 (absent: as the model's recipe ranks; 0: off; a model without `transitions.json`
+    /// answers 400).
     pub memory: Option<f32>,
     /// Give the words to the model only (no titles or attribute words read as limits).
     pub literal: bool,
 }
-
-/// Most recent items a recommend request may mix in: each costs a decoder pass.
-pub const MAX_MIX_RECENT: usize = 8;
 
 #[derive(Debug, Serialize)]
 pub struct RecommendResponse {
@@ -215,9 +361,11 @@ pub struct GenerateResponse {
 }
 
 /// The router: every endpoint, the body limit, JSON errors for unknown paths and methods.
-pub fn router(engine: Arc<Engine>, opts: ServeOptions) -> Router {
+/// `probe` is what [`probe`] found, for `/healthz`.
+pub fn router(engine: Arc<Engine>, opts: ServeOptions, probe: Probe) -> Router {
     let state = Arc::new(AppState {
         engine,
+        probe,
         permits: Arc::new(Semaphore::new(opts.workers.max(1))),
         waiting: AtomicUsize::new(0),
         opts: opts.clone(),
@@ -243,18 +391,6 @@ pub fn router(engine: Arc<Engine>, opts: ServeOptions) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then lets requests in flight
-/// finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -277,23 +413,30 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Binds `addr` and serves until SIGINT/SIGTERM; `on_ready` gets the bound address
-/// (port 0 picks a free one) before the first request is accepted.
+/// Probes the model, binds `addr` and serves until SIGINT/SIGTERM; `on_ready` gets the
+/// bound address (port 0 picks a free one) before the first request is accepted. A model
+/// that fails its [`probe`] is refused before anything listens.
 pub fn run(
     engine: Engine,
     addr: SocketAddr,
     opts: ServeOptions,
     on_ready: impl FnOnce(SocketAddr),
-) -> std::io::Result<()> {
+) -> Result<(), ServeError> {
+    let probe = probe(&engine)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         on_ready(listener.local_addr()?);
-        serve(listener, router(Arc::new(engine), opts), shutdown_signal()).await
-    })
+        let app = router(Arc::new(engine), opts.clone(), probe);
+        serve(listener, app, &opts, shutdown_signal()).await
+    });
+    // A decode still running past the shutdown deadline is not waited for: the
+    // deadline is the promise.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    Ok(served?)
 }
 
 /// Counts a request as waiting for a worker until dropped (also when the client goes
@@ -341,11 +484,13 @@ async fn on_worker<T: Send + 'static>(
     })?
 }
 
+/// The probe the server passed at start, and what it serves. No path: the model's
+/// place on the server's disk is none of the client's business.
 async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let e = &state.engine;
     Json(serde_json::json!({
-        "status": "ok",
-        "model": e.dir().display().to_string(),
+        "status": if state.probe.ok { "ok" } else { "failing" },
+        "probe": state.probe,
         "items": e.catalog().items.len(),
         "types": e.catalog().types(),
         "workers": state.opts.workers,
@@ -354,17 +499,21 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
 
 async fn item(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = path?;
     let e = &state.engine;
     let i = e.index_of(&id).ok_or_else(|| ApiError {
         status: StatusCode::NOT_FOUND,
         message: format!("no item with id {id:?}"),
     })?;
     let it = &e.catalog().items[i as usize];
-    let mut v = serde_json::to_value(it).map_err(|e| ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        message: e.to_string(),
+    let mut v = serde_json::to_value(it).map_err(|e| {
+        eprintln!("error while writing item {id:?}: {e}");
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: "the item could not be written as JSON".into(),
+        }
     })?;
     if let Some(o) = v.as_object_mut() {
         o.insert(
@@ -401,33 +550,24 @@ struct Common<'a> {
     literal: bool,
 }
 
+/// A query or history over its limit is 413 (too large), the rest of the limits' errors
+/// 400: the message is [`Limits`]'s either way.
+fn too_large(e: DecodeError) -> ApiError {
+    ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: e.to_string(),
+    }
+}
+
 fn build(
     e: &Engine,
-    opts: &ServeOptions,
+    limits: &Limits,
     c: Common<'_>,
     mode: Mode,
     k: usize,
 ) -> Result<(Request, Vec<Reading>), ApiError> {
-    if c.query.len() > opts.max_query {
-        return Err(ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!(
-                "query is {} bytes; at most {} are read",
-                c.query.len(),
-                opts.max_query
-            ),
-        });
-    }
-    if c.history.len() > opts.max_history {
-        return Err(ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!(
-                "history has {} items; at most {} are read",
-                c.history.len(),
-                opts.max_history
-            ),
-        });
-    }
+    limits.check_query(c.query).map_err(too_large)?;
+    limits.check_history(c.history.len()).map_err(too_large)?;
     let history = c
         .history
         .iter()
@@ -451,29 +591,24 @@ fn build(
     Ok((req, read))
 }
 
-fn check_k(k: usize, what: &str, max: usize) -> Result<usize, ApiError> {
-    if k == 0 || k > max {
-        return Err(ApiError::bad(format!("{what} must be 1 to {max}, got {k}")));
-    }
-    Ok(k)
-}
-
 fn millis(t0: Instant) -> f64 {
     t0.elapsed().as_secs_f64() * 1e3
 }
 
 async fn recommend(
     State(state): State<Arc<AppState>>,
-    body: Result<Json<RecommendBody>, JsonRejection>,
+    JsonObject(b): JsonObject<RecommendBody>,
 ) -> Result<Json<RecommendResponse>, ApiError> {
-    let Json(b) = body?;
     let t0 = Instant::now();
-    let opts = &state.opts;
-    let k = check_k(b.k.unwrap_or(10), "k", opts.max_k)?;
-    let beams = match b.beams {
-        Some(n) => Some(check_k(n, "beams", opts.max_k.max(2 * k))?.max(k)),
-        None => None,
-    };
+    let limits = &state.opts.limits;
+    let k = limits.check_k(b.k.unwrap_or(10))?;
+    let beams = limits.check_beams(b.beams, k)?;
+    // As the model's recipe ranks (sidrec.json), unless the request says otherwise.
+    let rank = state
+        .engine
+        .ranking()
+        .with(b.mix_recent, b.recent_decay, b.memory);
+    let mix_recent = limits.check_mix_recent(rank.mix_recent)?;
     let mode = parse_mode(
         b.mode.as_deref(),
         Mode::Auto,
@@ -481,7 +616,7 @@ async fn recommend(
     )?;
     let (mut req, read) = build(
         &state.engine,
-        opts,
+        limits,
         Common {
             query: &b.query,
             history: &b.history,
@@ -493,18 +628,21 @@ async fn recommend(
         mode,
         k,
     )?;
-    if b.mix_recent > MAX_MIX_RECENT {
-        return Err(ApiError::bad(format!(
-            "mix_recent must be 0 to {MAX_MIX_RECENT}, got {}",
-            b.mix_recent
-        )));
-    }
     req.beams = beams;
-    req.mix_recent = b.mix_recent;
-    req.recent_decay = b.recent_decay;
-    req.memory = b.memory;
+    req.mix_recent = mix_recent;
+    req.recent_decay = rank.recent_decay;
+    req.memory = rank.memory;
     req.format = Format::Items;
     let (items, req) = on_worker(&state, move |e| Ok((e.recommend(&req)?, req))).await?;
+    // The limits left items to choose from (else `recommend` says so), so an empty or
+    // NaN-scored answer is the model failing, never a 200.
+    if items.is_empty() || items.iter().any(|r| !r.score.is_finite()) {
+        eprintln!("error while decoding: no usable items (none, or non-finite scores)");
+        return Err(ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: "the model returned no usable items for this request".into(),
+        });
+    }
     let e = &state.engine;
     Ok(Json(RecommendResponse {
         items,
@@ -522,11 +660,10 @@ async fn recommend(
 
 async fn generate(
     State(state): State<Arc<AppState>>,
-    body: Result<Json<GenerateBody>, JsonRejection>,
+    JsonObject(b): JsonObject<GenerateBody>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
-    let Json(b) = body?;
     let t0 = Instant::now();
-    let opts = &state.opts;
+    let limits = &state.opts.limits;
     let default_mode = if b.query.trim().is_empty() {
         Mode::Describe
     } else {
@@ -541,7 +678,7 @@ async fn generate(
         None => Format::Auto,
         Some(f) => f.parse::<Format>().map_err(ApiError::bad)?,
     };
-    let max_tokens = check_k(b.max_tokens.unwrap_or(96), "max_tokens", opts.max_tokens)?;
+    let max_tokens = limits.check_max_tokens(b.max_tokens.unwrap_or(96))?;
     let temperature = b.temperature.unwrap_or(0.0);
     if !temperature.is_finite() || temperature < 0.0 {
         return Err(ApiError::bad(format!(
@@ -556,7 +693,7 @@ async fn generate(
     }
     let (mut req, read) = build(
         &state.engine,
-        opts,
+        limits,
         Common {
             query: &b.query,
             history: &b.history,

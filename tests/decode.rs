@@ -459,6 +459,33 @@ fn repl_session() {
     assert!(text.contains("describe needs a history"), "{text}");
 }
 
+/// A line that is not UTF-8 is reported and skipped; the session goes on with the next.
+#[test]
+fn repl_survives_a_line_that_is_not_utf8() {
+    let dir = &fixture_model().1;
+    let mut script = b":k 2\n".to_vec();
+    script.extend_from_slice(b"a comedy \xff\xfe\xc3(\n");
+    script.extend_from_slice(b":history add Toy Story\n:show\n:quit\n");
+    let out = sidrec()
+        .args(["repl", "--no-history-file", "--model"])
+        .arg(dir)
+        .write_stdin(script)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("error: the line is not valid UTF-8"),
+        "{text}"
+    );
+    assert!(text.contains("added Toy Story (m1)"), "{text}");
+    assert!(text.contains("| k 2 |"), "{text}");
+}
+
 fn req(history: &[&str], k: usize) -> Request {
     let e = engine();
     Request {

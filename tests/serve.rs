@@ -1,111 +1,23 @@
 //! `sidrec serve` as a client sees it: the real binary is started on a free loopback
 //! port with a model trained here, and every endpoint is called over HTTP, with good and
-//! bad input, one at a time and concurrently; then SIGTERM must stop it cleanly.
+//! bad input, one at a time and concurrently; then SIGTERM must stop it cleanly. A model
+//! with NaN weights must be refused at start, and `recommend`, the REPL and the server
+//! must refuse the same out-of-range requests in the same words. (Connections, timeouts
+//! and shutdown under held sockets: `tests/serve_conn.rs`.)
 
-use std::io::{BufRead, BufReader};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 mod common;
+#[path = "common/server.rs"]
+mod server;
 
-fn model() -> &'static Path {
-    static MODEL: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &MODEL
-        .get_or_init(|| {
-            let tmp = tempfile::tempdir().unwrap();
-            let dir = common::trained_model(tmp.path());
-            (tmp, dir)
-        })
-        .1
-}
-
-/// A running `sidrec serve`; killed when dropped (a test that fails midway leaves no
-/// server behind).
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sidrec"))
-            .args(["serve", "--addr", "127.0.0.1:0", "--model"])
-            .arg(model())
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_string();
-        Server { child, base: addr }
-    }
-
-    /// Sends a request; returns the status and the JSON body (every answer, errors
-    /// included, must be JSON).
-    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        let req = ureq::request(method, &format!("{}{path}", self.base));
-        let res = match body {
-            Some(b) => req.set("Content-Type", "application/json").send_string(b),
-            None => req.call(),
-        };
-        let resp = match res {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let status = resp.status();
-        let text = resp.into_string().unwrap();
-        let v = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text:?}"));
-        (status, v)
-    }
-
-    fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.call("POST", path, Some(&body.to_string()))
-    }
-
-    /// SIGTERM, then the exit status and what it wrote to stderr.
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: signalling our own child process.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let status = self.child.wait().unwrap();
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            use std::io::Read;
-            e.read_to_string(&mut err).unwrap();
-        }
-        (status, err)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An error answer: the status expected and a message containing `says`.
-fn assert_error(got: (u16, Value), status: u16, says: &str) {
-    let (s, v) = got;
-    let msg = v["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error message: {v}"));
-    assert_eq!(s, status, "{msg}");
-    assert!(msg.contains(says), "{msg:?} does not say {says:?}");
-}
+use server::{assert_error, model, Server};
 
 fn ids(v: &Value) -> Vec<String> {
     v["items"]
@@ -125,6 +37,12 @@ fn endpoints_answer_and_bad_input_gets_4xx_json() {
     assert_eq!(h["status"], "ok");
     assert_eq!(h["items"], 10);
     assert_eq!(h["types"], json!(["movie", "podcast"]));
+    // The probe decoded at start, and no path on the server's disk.
+    assert_eq!(h["probe"]["ok"], true, "{h}");
+    assert!(h["probe"]["took_ms"].as_f64().unwrap() > 0.0, "{h}");
+    let dir = model().to_str().unwrap();
+    assert!(!h.to_string().contains(dir), "{h}");
+    assert!(h.get("model").is_none(), "{h}");
 
     let (st, it) = s.call("GET", "/v1/items/m1", None);
     assert_eq!(st, 200);
@@ -334,6 +252,18 @@ fn endpoints_answer_and_bad_input_gets_4xx_json() {
         400,
         "JSON",
     );
+    // Serde would read an array as the fields in order; only an object is a request.
+    for (path, body) in [
+        ("/v1/recommend", "[\"a comedy\", [\"m1\"]]"),
+        ("/v1/generate", " [\"hi\"]"),
+        ("/v1/recommend", "\"m1\""),
+    ] {
+        assert_error(
+            s.call("POST", path, Some(body)),
+            400,
+            "must be a JSON object",
+        );
+    }
     let resp = ureq::post(&format!("{}/v1/recommend", s.base))
         .set("Content-Type", "text/plain")
         .send_string("{}");
@@ -449,4 +379,239 @@ fn a_missing_model_is_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--workers"));
+}
+
+/// Every file of `from` copied into `to`, subdirectories (ensemble members) included.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// The trained model with its token embeddings (tied to the output head) all NaN: what
+/// a diverged run leaves behind. `SHA256SUMS`, if any, is dropped with the old weights.
+fn nan_model() -> &'static Path {
+    static MODEL: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &MODEL
+        .get_or_init(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("nan-model");
+            copy_dir(model(), &dir);
+            let _ = std::fs::remove_file(dir.join("SHA256SUMS"));
+            let bytes = std::fs::read(model().join("model.safetensors")).unwrap();
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let name = st
+                .names()
+                .into_iter()
+                .find(|n| n.contains("embed_tokens"))
+                .expect("an embedding tensor")
+                .to_string();
+            let embedding = st.tensor(&name).unwrap();
+            assert_eq!(embedding.dtype(), safetensors::Dtype::F32);
+            let shape = embedding.shape().to_vec();
+            let nan = f32::NAN.to_le_bytes().repeat(shape.iter().product());
+            let mut tensors = st.tensors();
+            for (n, view) in tensors.iter_mut() {
+                if *n == name {
+                    *view = safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        shape.clone(),
+                        &nan,
+                    )
+                    .unwrap();
+                }
+            }
+            let out = safetensors::serialize(tensors, meta.metadata().clone()).unwrap();
+            std::fs::write(dir.join("model.safetensors"), out).unwrap();
+            (tmp, dir)
+        })
+        .1
+}
+
+/// A model that cannot answer is refused at start with a message, before it listens,
+/// rather than answering every request with an empty list.
+#[test]
+fn serve_refuses_a_model_with_nan_weights() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sidrec"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--model"])
+        .arg(nan_model())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve is still running on a model with NaN weights");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "{out}{err}");
+    assert!(!out.contains("listening"), "{out}");
+    assert!(err.contains("probe"), "{err}");
+}
+
+/// `recommend` on the same model must fail too, not print nothing and exit 0.
+#[test]
+fn recommend_fails_on_a_model_with_nan_weights() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sidrec"))
+        .args([
+            "recommend",
+            "--json",
+            "--history",
+            "m1",
+            "-k",
+            "3",
+            "--model",
+        ])
+        .arg(nan_model())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// `recommend`, the REPL and `serve` refuse the same out-of-range requests in the same
+/// words; the CLI exits non-zero and prints nothing to stdout.
+#[test]
+fn recommend_repl_and_serve_share_their_limits() {
+    let s = Server::start(&[]);
+    let long = "x".repeat(2001);
+    let cases: Vec<(Vec<&str>, &str, Value, u16, &str)> = vec![
+        (
+            vec!["-k", "0"],
+            "/v1/recommend",
+            json!({"k": 0}),
+            400,
+            "k must be 1 to 100, got 0",
+        ),
+        (
+            vec!["-k", "100000"],
+            "/v1/recommend",
+            json!({"k": 100000}),
+            400,
+            "k must be 1 to 100, got 100000",
+        ),
+        (
+            vec!["--beams", "0"],
+            "/v1/recommend",
+            json!({"beams": 0}),
+            400,
+            "beams must be 1 to 200, got 0",
+        ),
+        (
+            vec!["--mix-recent", "9"],
+            "/v1/recommend",
+            json!({"mix_recent": 9}),
+            400,
+            "mix_recent must be 0 to 8, got 9",
+        ),
+        (
+            vec!["--max-tokens", "0", "--mode", "describe"],
+            "/v1/generate",
+            json!({"max_tokens": 0}),
+            400,
+            "max_tokens must be 1 to 512, got 0",
+        ),
+        (
+            vec![long.as_str()],
+            "/v1/recommend",
+            json!({"query": long}),
+            413,
+            "query is 2001 bytes; at most 2000 are read",
+        ),
+    ];
+    for (flags, path, mut body, status, says) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_sidrec"))
+            .args(["recommend", "--history", "m1", "--model"])
+            .arg(model())
+            .args(&flags)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?}");
+        assert!(out.stdout.is_empty(), "{flags:?}");
+        assert!(err.contains(says), "{flags:?}: {err}");
+        body["history"] = json!(["m1"]);
+        assert_error(s.post(path, body), status, says);
+    }
+    // A good request between the bad ones still works: the bounds themselves pass.
+    let out = Command::new(env!("CARGO_BIN_EXE_sidrec"))
+        .args([
+            "recommend",
+            "--history",
+            "m1",
+            "-k",
+            "3",
+            "--beams",
+            "1",
+            "--model",
+        ])
+        .arg(model())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sidrec"))
+        .args(["repl", "--no-history-file", "--model"])
+        .arg(model())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(b":k 0\n:k 100000\n:k 2\n:show\n:quit\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("error: k must be 1 to 100, got 0"), "{text}");
+    assert!(
+        text.contains("error: k must be 1 to 100, got 100000"),
+        "{text}"
+    );
+    assert!(text.contains("| k 2 |"), "{text}");
+    let (status, err) = s.stop();
+    assert!(status.success(), "{status:?}: {err}");
 }

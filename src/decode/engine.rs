@@ -683,9 +683,9 @@ impl Engine {
             return Ok(None);
         }
         let Some(memory) = &self.memory else {
+            // No path in the message: `sidrec serve` sends it to clients.
             return Err(DecodeError::Invalid(format!(
-                "{}: this model has no transition memory ({MEMORY_FILE}; `sidrec train` writes one)",
-                self.dir.display()
+                "this model has no transition memory ({MEMORY_FILE}; `sidrec train` writes one)"
             )));
         };
         let dist = memory.distribution(&req.history);

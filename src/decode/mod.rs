@@ -12,6 +12,8 @@
 //!   probabilities over the trie, so it can join the mixture.
 //! * [`engine`]: a trained model directory with its catalog: requests in, ranked items or
 //!   segments out. What `sidrec recommend`, `repl` and `serve` call.
+//! * [`limits`]: the bounds of a request (k, beams, query and history length, generated
+//!   tokens, `mix_recent`) that `recommend`, `repl` and `serve` all check, in one wording.
 //!
 //! The model enters the search through [`LogitSource`] (prefill a prompt, then extend
 //! chosen rows by one token each), so the search is tested on random logits and random
@@ -23,6 +25,7 @@ pub mod beam;
 pub mod engine;
 pub mod filter;
 pub mod generate;
+pub mod limits;
 pub mod memory;
 pub mod mixture;
 pub mod query;
@@ -31,6 +34,7 @@ pub use beam::{beam_search, beam_search_from, BeamConfig, Hit};
 pub use engine::{Engine, Format, Mode, Request, RECENT_DECAY};
 pub use filter::Filter;
 pub use generate::{GenConfig, Segment};
+pub use limits::Limits;
 pub use memory::MemorySource;
 pub use query::Reading;
 
