@@ -17,6 +17,15 @@ use serde::{Deserialize, Serialize};
 pub enum SidError {
     #[error("{levels} levels: at most 25 are supported (letters a..y, and the next for dedup)")]
     TooManyLevels { levels: usize },
+    #[error(
+        "{types} types, {levels:?} codes per level and {dedup} dedup codes: more than \
+         {MAX_TOKENS} SID tokens"
+    )]
+    TooManyTokens {
+        types: usize,
+        levels: Vec<usize>,
+        dedup: usize,
+    },
     #[error("unknown entity type {0:?}")]
     UnknownType(String),
     #[error("item has {got} codes, the vocabulary has {want} levels")]
@@ -36,6 +45,13 @@ pub enum SidError {
 /// Token-id type shared with the trie.
 pub type TokenId = u32;
 
+/// The most tokens a [`SidVocab`] may have. Every SID token becomes a row of the
+/// model's embedding table and an entry of its tokenizer, so real vocabularies are far
+/// smaller (codes per level are at most the number of items); a bigger count read from
+/// a file is a corrupt file, and refusing it keeps every id a valid [`TokenId`], every
+/// offset free of overflow and [`SidVocab::tokens`] a reasonable allocation.
+pub const MAX_TOKENS: usize = 1 << 24;
+
 /// Letter naming level `l` (0-based): a, b, c, …
 pub fn level_letter(level: usize) -> char {
     (b'a' + level as u8) as char
@@ -52,7 +68,11 @@ pub fn type_token(item_type: &str) -> String {
 }
 
 /// The SID tokens of one catalog.
+///
+/// Deserializing goes through [`SidVocab::new`], so a vocabulary read from a file (the
+/// codebooks metadata) meets the same limits as one built in memory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawSidVocab")]
 pub struct SidVocab {
     /// Entity types, sorted.
     pub types: Vec<String>,
@@ -60,6 +80,22 @@ pub struct SidVocab {
     pub levels: Vec<usize>,
     /// Dedup codes (0 when every tuple is unique).
     pub dedup: usize,
+}
+
+/// The serialized form of [`SidVocab`], before its checks.
+#[derive(Deserialize)]
+struct RawSidVocab {
+    types: Vec<String>,
+    levels: Vec<usize>,
+    dedup: usize,
+}
+
+impl TryFrom<RawSidVocab> for SidVocab {
+    type Error = SidError;
+
+    fn try_from(raw: RawSidVocab) -> Result<Self, SidError> {
+        SidVocab::new(raw.types, raw.levels, raw.dedup)
+    }
 }
 
 /// One SID, decoded.
@@ -71,6 +107,9 @@ pub struct Sid {
 }
 
 impl SidVocab {
+    /// A vocabulary of `types` (sorted and deduplicated here), `levels[l]` codes at level
+    /// `l` and `dedup` dedup codes. At most 25 levels (one letter each, and the next for
+    /// dedup) and [`MAX_TOKENS`] tokens in all.
     pub fn new(mut types: Vec<String>, levels: Vec<usize>, dedup: usize) -> Result<Self, SidError> {
         if levels.len() > 25 {
             return Err(SidError::TooManyLevels {
@@ -79,6 +118,18 @@ impl SidVocab {
         }
         types.sort();
         types.dedup();
+        let total = levels
+            .iter()
+            .try_fold(types.len(), |sum, &k| sum.checked_add(k))
+            .and_then(|sum| sum.checked_add(dedup))
+            .filter(|&sum| sum <= MAX_TOKENS);
+        if total.is_none() {
+            return Err(SidError::TooManyTokens {
+                types: types.len(),
+                levels,
+                dedup,
+            });
+        }
         Ok(SidVocab {
             types,
             levels,
@@ -309,6 +360,26 @@ mod tests {
         assert_eq!(sid.dedup, Some(1));
         let ids = v.encode("movie", &[0, 0, 1], None).unwrap();
         assert_eq!(v.format(&ids).unwrap(), "<movie><a_0><b_0><c_1>");
+    }
+
+    #[test]
+    fn size_limits() {
+        assert!(SidVocab::new(vec!["a".into()], vec![1; 25], 1).is_ok());
+        assert!(matches!(
+            SidVocab::new(vec!["a".into()], vec![1; 26], 0),
+            Err(SidError::TooManyLevels { levels: 26 })
+        ));
+        assert!(SidVocab::new(vec!["a".into()], vec![MAX_TOKENS - 1], 0).is_ok());
+        for (levels, dedup) in [
+            (vec![MAX_TOKENS], 0),
+            (vec![usize::MAX, 1], 0),
+            (vec![1], usize::MAX),
+        ] {
+            assert!(matches!(
+                SidVocab::new(vec!["a".into()], levels, dedup),
+                Err(SidError::TooManyTokens { .. })
+            ));
+        }
     }
 
     #[test]
