@@ -83,6 +83,8 @@ fn load_and_check(
         format: Some(format),
         min_len,
         skip_unknown,
+        // Skipping bad lines too exercises the readers' skip paths on the same input.
+        skip_invalid: skip_unknown,
     };
     let (result, largest) = crate::largest_allocation(|| Sequences::load(&path, &catalog, &opts));
     prop_assert!(largest <= crate::allocation_budget(bytes.len()));

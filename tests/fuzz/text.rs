@@ -238,7 +238,7 @@ proptest! {
         prop_assert_eq!(&rec.query, &query);
         prop_assert_eq!(&rec.history, &history);
         prop_assert_eq!(rec.k, k);
-        prop_assert_eq!(rec.mix_recent, mix_recent);
+        prop_assert_eq!(rec.mix_recent, Some(mix_recent));
         let gen: GenerateBody = serde_json::from_value(json!({
             "query": query, "seed": seed, "temperature": temperature,
         }))
