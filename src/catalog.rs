@@ -320,6 +320,23 @@ pub fn normalize_type(raw: &str) -> Result<String, String> {
     Ok(t)
 }
 
+impl Item {
+    /// Whether some attribute holds text or a number (not only nulls, empty strings or
+    /// empty lists): what a template can render for an item without a title.
+    pub fn has_attr_text(&self) -> bool {
+        fn filled(v: &Value) -> bool {
+            match v {
+                Value::Null => false,
+                Value::String(s) => !s.trim().is_empty(),
+                Value::Array(a) => a.iter().any(filled),
+                Value::Object(o) => o.values().any(filled),
+                Value::Bool(_) | Value::Number(_) => true,
+            }
+        }
+        self.attrs.values().any(filled)
+    }
+}
+
 /// A validated catalog: items in source order, ids unique.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -536,7 +553,7 @@ fn check_item(
     // An empty title is fine when other text can stand in for it (a template that reads
     // the categories, say); whether the rendered text is empty is checked once the
     // template has rendered it.
-    if item.title.is_empty() && item.description.is_empty() && item.attrs.is_empty() {
+    if item.title.is_empty() && item.description.is_empty() && !item.has_attr_text() {
         return Err(CatalogError::MissingText {
             path: path.to_path_buf(),
             line,

@@ -804,6 +804,21 @@ pub fn windowed_successors(
     Ok(counts)
 }
 
+/// The users to evaluate: all, or a seeded sample of `max` of them (in user order).
+/// Evaluation and training's model selection draw their users the same way.
+pub fn sample_users(n: usize, max: Option<usize>, seed: u64) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut users: Vec<usize> = (0..n).collect();
+    if let Some(m) = max.filter(|&m| m < n) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        users.shuffle(&mut rng);
+        users.truncate(m);
+        users.sort_unstable();
+    }
+    users
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -827,19 +842,4 @@ mod tests {
         assert_eq!(split.train.len(), 2);
         assert_eq!(split.test, vec![(vec![], 7)]);
     }
-}
-
-/// The users to evaluate: all, or a seeded sample of `max` of them (in user order).
-/// Evaluation and training's model selection draw their users the same way.
-pub fn sample_users(n: usize, max: Option<usize>, seed: u64) -> Vec<usize> {
-    use rand::seq::SliceRandom;
-    use rand::SeedableRng;
-    let mut users: Vec<usize> = (0..n).collect();
-    if let Some(m) = max.filter(|&m| m < n) {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        users.shuffle(&mut rng);
-        users.truncate(m);
-        users.sort_unstable();
-    }
-    users
 }

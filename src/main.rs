@@ -1,7 +1,6 @@
 //! The `sidrec` command line. Thin: parses flags, calls the library, prints results.
 
 mod cli;
-mod repl;
 
 fn main() {
     sidrec::runtime::tune_allocator();

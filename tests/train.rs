@@ -591,6 +591,11 @@ fn selection_saves_the_weights_with_the_best_validation_ndcg() {
     o.eval_every = 4;
     // More than the fixture's 24 users: every user is ranked, in user order.
     o.select_users = 100;
+    // Training ranks with the validator it is given (the evaluation's): without one,
+    // selection is refused rather than skipped.
+    let err = pipeline::run(&o, Progress::new(true)).unwrap_err();
+    assert!(err.to_string().contains("validator"), "{err}");
+    o.validator = Some(sidrec::eval::select_validator());
     let report = pipeline::run(&o, Progress::new(true)).unwrap();
     let stage = &report.stages[0].report;
     let steps: Vec<usize> = stage.valid_metric.iter().map(|p| p.0).collect();

@@ -374,7 +374,8 @@ impl Ranking {
     }
 
     /// This ranking with what a request or flag states in its place (a memory weight of
-    /// 0 turns the memory off).
+    /// 0 turns the memory off; other stated values pass as they are, for the decoder to
+    /// check).
     pub fn with(
         &self,
         mix_recent: Option<usize>,
@@ -384,7 +385,11 @@ impl Ranking {
         Ranking {
             mix_recent: mix_recent.unwrap_or(self.mix_recent),
             recent_decay: recent_decay.or(self.recent_decay),
-            memory: memory.or(self.memory).filter(|&w| w > 0.0),
+            memory: match memory {
+                Some(0.0) => None,
+                Some(w) => Some(w),
+                None => self.memory,
+            },
         }
     }
 }

@@ -461,8 +461,10 @@ fn first_line(msg: &str) -> String {
     msg.lines()
         .filter(|l| {
             let t = l.trim_start();
-            !(t.is_empty() || t.starts_with('|') || t.starts_with('-') || t.starts_with("-->"))
-                && !t.chars().next().is_some_and(|c| c.is_ascii_digit())
+            !(t.is_empty()
+                || t.starts_with('|')
+                || t.starts_with('-')
+                || t.chars().next().is_some_and(|c| c.is_ascii_digit()))
         })
         .collect::<Vec<_>>()
         .join(": ")

@@ -88,7 +88,10 @@ fn load_and_check(
                     normalize_type(&item.item_type).ok(),
                     Some(item.item_type.clone())
                 );
-                prop_assert!(!item.title.is_empty() || !item.description.is_empty());
+                // Some text: a title, a description, or an attribute a template can render.
+                prop_assert!(
+                    !item.title.is_empty() || !item.description.is_empty() || item.has_attr_text()
+                );
                 prop_assert_eq!(item.title.trim(), item.title.as_str());
                 prop_assert_eq!(catalog.index_of(&item.id), Some(i));
             }

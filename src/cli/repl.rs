@@ -14,11 +14,39 @@ use rustyline::error::ReadlineError;
 use rustyline::history::DefaultHistory;
 use rustyline::Editor;
 
-use crate::cli::{
+use clap::Args;
+
+use super::request::{
     answer, build_request, check_request_args, gen_config, load_engine, resolve_item, split_list,
     RequestArgs,
 };
 use sidrec::decode::{Engine, Limits, Mode};
+
+#[derive(Args)]
+pub(crate) struct ReplArgs {
+    #[command(flatten)]
+    req: RequestArgs,
+    /// Start with JSON output.
+    #[arg(long)]
+    json: bool,
+    /// History file of the line editor (default: ~/.sidrec_history).
+    #[arg(long, conflicts_with = "no_history_file")]
+    history_file: Option<PathBuf>,
+    /// Keep no line history on disk.
+    #[arg(long)]
+    no_history_file: bool,
+}
+
+/// `sidrec repl`: the line history file (unless turned off), then the session.
+pub(crate) fn cmd_repl(a: ReplArgs) -> Result<()> {
+    let file = if a.no_history_file {
+        None
+    } else {
+        a.history_file
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".sidrec_history")))
+    };
+    run(a.req, a.json, file)
+}
 
 pub const HELP: &str = "An interactive session with a trained model.\n\n\
 Type a request in words (\"a 90s comedy\") to search, or build a history and ask for \
