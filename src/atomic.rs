@@ -79,7 +79,6 @@ const LEGACY_KEYS: &[&str] = &[
     "sids.jsonl",
     "eval.json",
     "trainer.json",
-    "config.json",
 ];
 
 /// Why an existing destination was not replaced.
@@ -575,6 +574,21 @@ mod tests {
         fs::write(legacy.join("report.json"), "{}").unwrap();
         write(&legacy, true, &[], "a").unwrap();
         assert!(!legacy.join("report.json").exists());
+    }
+
+    #[test]
+    fn a_downloaded_model_directory_is_not_replaced() {
+        // A Hugging Face model directory holds names sidrec also writes, but none that
+        // only sidrec writes: it is the user's.
+        let tmp = tempfile::tempdir().unwrap();
+        let hf = tmp.path().join("SmolLM2");
+        fs::create_dir(&hf).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            fs::write(hf.join(f), "x").unwrap();
+        }
+        let err = write(&hf, true, &[], "a").unwrap_err();
+        assert!(err.contains("not written by sidrec"), "{err}");
+        assert!(hf.join("model.safetensors").is_file());
     }
 
     #[cfg(unix)]

@@ -187,6 +187,8 @@ pub struct Engine {
     /// What followed each item in the training sequences (`MODEL/transitions.json`, or
     /// set by `sidrec eval` from the training parts): asked under [`Request::memory`].
     memory: Option<TransitionMemory>,
+    /// The texts of the tokenizer's special tokens, for [`Engine::escape`].
+    specials: Vec<String>,
 }
 
 impl Engine {
@@ -262,6 +264,15 @@ impl Engine {
             .filter_map(|t| tokenizer.token_to_id(t))
             .chain(model.config().eos_token_id)
             .collect();
+        // Every special token's text, once: user words are escaped against them per
+        // request (thousands of SID tokens, so not rebuilt each time).
+        let mut specials: Vec<String> = tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .map(|t| t.content.clone())
+            .filter(|s| s.chars().count() > 1)
+            .collect();
+        specials.sort();
         // Histories are written as training wrote them.
         let data = DataOptions {
             history_titles: sidecar.history_titles,
@@ -281,6 +292,7 @@ impl Engine {
             stop,
             dir: dir.to_path_buf(),
             memory: None,
+            specials,
         }
     }
 
@@ -433,13 +445,7 @@ impl Engine {
     /// its first character, so the tokenizer reads them as plain text: a request cannot
     /// close the user turn, forge an answer or name an item by its SID.
     pub fn escape(&self, text: &str) -> String {
-        escape_special(
-            text,
-            self.tokenizer
-                .get_added_tokens_decoder()
-                .values()
-                .map(|t| t.content.as_str()),
-        )
+        escape_special(text, self.specials.iter().map(String::as_str))
     }
 
     /// The answer format a request gets (its own, or its mode's).
