@@ -74,12 +74,7 @@ const LEGACY_ENTRIES: &[&str] = &[
 ];
 
 /// Files that identify an older sidrec output (one of them must be present).
-const LEGACY_KEYS: &[&str] = &[
-    "sidrec.json",
-    "sids.jsonl",
-    "eval.json",
-    "trainer.json",
-];
+const LEGACY_KEYS: &[&str] = &["sidrec.json", "sids.jsonl", "eval.json", "trainer.json"];
 
 /// Why an existing destination was not replaced.
 #[derive(Debug, Clone, PartialEq, Eq)]
