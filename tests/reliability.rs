@@ -7,7 +7,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::OnceLock;
 
 use assert_cmd::Command;
 
@@ -27,14 +26,7 @@ fn run(cmd: &mut Command) -> (Output, String) {
 
 /// A trained tiny model, shared by the tests that damage copies of it.
 fn model() -> &'static Path {
-    static MODEL: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &MODEL
-        .get_or_init(|| {
-            let tmp = tempfile::tempdir().unwrap();
-            let dir = common::trained_model(tmp.path());
-            (tmp, dir)
-        })
-        .1
+    common::shared_model()
 }
 
 /// A copy of the trained model in `dir`.

@@ -174,3 +174,16 @@ pub fn trained_model(dir: &Path) -> PathBuf {
         .unwrap();
     out
 }
+
+/// The fixture model of [`trained_model`], trained once per test binary and shared by
+/// its tests (they read it, or copy it before changing it).
+pub fn shared_model() -> &'static Path {
+    static MODEL: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    &MODEL
+        .get_or_init(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = trained_model(tmp.path());
+            (tmp, dir)
+        })
+        .1
+}

@@ -4,26 +4,12 @@
 #![allow(dead_code)] // each test binary uses its own part
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common;
-
-/// The fixture model, trained once per test binary.
-pub fn model() -> &'static Path {
-    static MODEL: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &MODEL
-        .get_or_init(|| {
-            let tmp = tempfile::tempdir().unwrap();
-            let dir = common::trained_model(tmp.path());
-            (tmp, dir)
-        })
-        .1
-}
+pub use crate::common::shared_model as model;
 
 /// A running `sidrec serve`; killed when dropped (a test that fails midway leaves no
 /// server behind).
