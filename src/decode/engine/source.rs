@@ -1,0 +1,61 @@
+//! The decoder as a [`LogitSource`]: what beam search and generation call.
+
+use super::*;
+
+/// [`LogitSource`] over the decoder with a KV cache: the prompt is prefilled once, and
+/// the cache is reordered (forked, dropped) per step as beams move.
+pub struct ModelSource<'a> {
+    model: &'a Llama,
+    cache: KvCache,
+}
+
+impl<'a> ModelSource<'a> {
+    pub fn new(model: &'a Llama) -> Self {
+        ModelSource {
+            model,
+            cache: KvCache::new(model.config()),
+        }
+    }
+}
+
+impl LogitSource for ModelSource<'_> {
+    fn prefill(&mut self, prompt: &[u32]) -> std::result::Result<Vec<f32>, DecodeError> {
+        if prompt.is_empty() {
+            return Err(DecodeError::Invalid("empty prompt".into()));
+        }
+        self.cache = KvCache::new(self.model.config());
+        let ids = Tensor::from_slice(prompt, (1, prompt.len()), &Device::Cpu)?;
+        let logits = self.model.forward_cached_last(&ids, &mut self.cache)?;
+        finite(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn extend(
+        &mut self,
+        parents: &[u32],
+        tokens: &[u32],
+    ) -> std::result::Result<Vec<f32>, DecodeError> {
+        let identity = self.cache.batch_size() == Some(parents.len())
+            && parents.iter().enumerate().all(|(i, &p)| p as usize == i);
+        if !identity {
+            self.cache = self.cache.select(parents)?;
+        }
+        let ids = Tensor::from_slice(tokens, (tokens.len(), 1), &Device::Cpu)?;
+        let logits = self.model.forward_cached_last(&ids, &mut self.cache)?;
+        finite(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+}
+
+/// The model's logits, or [`DecodeError::NonFinite`] when any is NaN or infinite: broken
+/// weights must fail the request, not rank items by garbage or answer an empty list.
+fn finite(logits: Vec<f32>) -> std::result::Result<Vec<f32>, DecodeError> {
+    match logits.iter().position(|x| !x.is_finite()) {
+        None => Ok(logits),
+        Some(i) => Err(DecodeError::NonFinite {
+            what: format!("logit {} of {} is {}", i, logits.len(), logits[i]),
+        }),
+    }
+}
