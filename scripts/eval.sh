@@ -5,6 +5,7 @@
 #
 #   scripts/eval.sh                    # every dataset below, one after the other
 #   scripts/eval.sh ml-100k            # recipes/movielens.toml, about 20 min on 2 cores
+#   scripts/eval.sh demo               # recipes/demo.toml + the held-out language requests
 #   scripts/eval.sh amazon-scientific  # recipes/amazon.toml, 45-70 min (needs ../shared/data)
 #   scripts/eval.sh ml-1m              # movielens + small config, about 2 h
 #   scripts/eval.sh mixed              # movies + products in one catalog: type steering
@@ -26,9 +27,10 @@ cd "$(dirname "$0")/.."
 shared=${SIDREC_SHARED:-../shared}
 threads=${SIDREC_THREADS:-2}
 
-# dataset | catalog | interactions | tokenize flags | recipe | recipe settings
+# dataset | catalog | interactions | tokenize flags | recipe | recipe settings | eval flags
 DATASETS=(
     "ml-100k|assets/ml-100k/ml-100k.item|assets/ml-100k/ml-100k.inter|--type movie|movielens|"
+    "demo|assets/ml-100k/ml-100k.item|assets/ml-100k/ml-100k.inter|--type movie|demo||--requests tests/data/requests/movielens.jsonl"
     "ml-1m|assets/ml-1m/ml-1m.item|assets/ml-1m/ml-1m.inter|--type movie|movielens|base=../models/small.json dropout=0.2 stage2_epochs=2 rank.mix_recent=2 rank.memory=4"
     "amazon-scientific|$shared/data/amazon-scientific/items.json|$shared/data/amazon-scientific/interactions.json|--type product|amazon|"
     "mixed|out/eval-mixed/data/items.jsonl|out/eval-mixed/data/interactions.jsonl||movielens|steer_per_user=1 stage2_epochs=2"
@@ -38,7 +40,7 @@ cargo build --release --quiet
 bin=${CARGO_TARGET_DIR:-target}/release/sidrec
 
 run_one() {
-    local ds=$1 items=$2 inter=$3 tok=$4 recipe=$5 sets=$6
+    local ds=$1 items=$2 inter=$3 tok=$4 recipe=$5 sets=$6 evalflags=$7
     local out=out/eval-$ds
     if [[ $ds == mixed ]]; then
         # MovieLens-100k movies and Amazon Scientific products in one catalog, each
@@ -58,6 +60,7 @@ run_one() {
     if [[ -n ${SIDREC_MAX_STEPS:-} ]]; then set_args+=(--set "max_steps=$SIDREC_MAX_STEPS"); fi
     local eval_args=()
     if [[ -n ${SIDREC_EVAL_USERS:-} ]]; then eval_args+=(--users "$SIDREC_EVAL_USERS"); fi
+    for f in $evalflags; do eval_args+=("$f"); done
     # shellcheck disable=SC2086 # $tok is a list of flags
     (
         set -x
@@ -72,13 +75,13 @@ run_one() {
 wanted=${1:-all}
 found=0
 for line in "${DATASETS[@]}"; do
-    IFS='|' read -r ds items inter tok recipe sets <<<"$line"
+    IFS='|' read -r ds items inter tok recipe sets evalflags <<<"$line"
     if [[ $wanted == all || $wanted == "$ds" ]]; then
         found=1
-        run_one "$ds" "$items" "$inter" "$tok" "$recipe" "$sets"
+        run_one "$ds" "$items" "$inter" "$tok" "$recipe" "$sets" "$evalflags"
     fi
 done
 if [[ $found == 0 ]]; then
-    echo "unknown dataset $wanted (ml-100k, ml-1m, amazon-scientific, mixed, or none for all)" >&2
+    echo "unknown dataset $wanted (ml-100k, demo, ml-1m, amazon-scientific, mixed, or none for all)" >&2
     exit 2
 fi

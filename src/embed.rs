@@ -195,6 +195,16 @@ pub fn encode_all(
     Ok(Embeddings { n, d, data })
 }
 
+/// `assets/minilm` beside the current directory, or beside the executable's crate
+/// (where `scripts/fetch-assets.sh` puts all-MiniLM-L6-v2).
+pub fn default_encoder_dir() -> PathBuf {
+    let local = PathBuf::from("assets/minilm");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/minilm")
+}
+
 /// A sentence-transformers BERT (mean pooling, L2 normalised) run with candle on the CPU in f32.
 pub struct BertEncoder {
     name: String,

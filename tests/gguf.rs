@@ -551,6 +551,7 @@ fn sidecar(sha: &str) -> Sidecar {
         soon: false,
         recipe: String::new(),
         ranking: Default::default(),
+        soft_prompt: None,
     }
 }
 

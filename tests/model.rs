@@ -950,7 +950,7 @@ fn scored_rows_give_the_full_loss_and_gradients() {
         // The padded batch scores 8 + 5 + 3 of its 27 positions.
         assert_eq!(rows.len(), 16);
         let picked = model
-            .forward_train_rows(&x, Some(&att), drop, &rows)
+            .forward_train_rows(&x, Some(&att), drop, &rows, None)
             .unwrap();
         let index = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
         let expected = full
@@ -964,7 +964,7 @@ fn scored_rows_give_the_full_loss_and_gradients() {
         let scored = targets
             .scored_loss(|rows| {
                 model
-                    .forward_train_rows(&x, Some(&att), drop, rows)
+                    .forward_train_rows(&x, Some(&att), drop, rows, None)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))
             })
             .unwrap();
@@ -983,8 +983,127 @@ fn scored_rows_give_the_full_loss_and_gradients() {
             assert!(max_abs_diff(p, q) < 1e-5, "{name}: gradients differ");
         }
         assert!(matches!(
-            model.forward_train_rows(&x, Some(&att), None, &[(b * t) as u32]),
+            model.forward_train_rows(&x, Some(&att), None, &[(b * t) as u32], None),
             Err(ModelError::PositionOutOfRange { .. })
         ));
     }
+}
+
+/// Soft prompts (`model::soft_prompt`): the projections get gradients from a loss on the
+/// answer, zero projections leave the model unchanged, a vector changes the logits of
+/// its own and later positions only, and the cached forward (the prompt prefilled with
+/// its vectors, then one token at a time) equals the full forward.
+#[test]
+fn soft_prompts_train_and_decode_alike() {
+    use sidrec::model::soft_prompt::{
+        init_weights, Slot, SoftInputs, REQUEST_WEIGHT, TASTE_WEIGHT,
+    };
+    let c = cfg(true);
+    let dim = 12;
+    let mut w = random_weights(&c, 21);
+    let plain = constant_model(&c, &w);
+    for (name, t) in init_weights(c.hidden_size, dim).unwrap() {
+        w.insert(name, t);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let seqs = random_ids(&mut rng, 2, 9, VOCAB);
+    let x = ids(&seqs);
+    let vec_of = |rng: &mut ChaCha8Rng| -> Vec<f32> {
+        (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    };
+    let (q, u) = (vec_of(&mut rng), vec_of(&mut rng));
+    // Row 0: request + taste at position 4; row 1: request at position 6.
+    let mut soft = SoftInputs::new(dim);
+    soft.push(Slot::Request, 4, &q);
+    soft.push(Slot::Taste, 4, &u);
+    soft.push(Slot::Request, 9 + 6, &q);
+
+    // Zero projections: exactly the model without them.
+    let zero = Llama::new(
+        &c,
+        VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+    )
+    .unwrap()
+    .with_soft_prompt(w[REQUEST_WEIGHT].clone(), w[TASTE_WEIGHT].clone())
+    .unwrap();
+    let all: Vec<u32> = (0..18).collect();
+    let a = zero
+        .forward_train_rows(&x, None, None, &all, Some(&soft))
+        .unwrap();
+    let b = plain
+        .forward_train_rows(&x, None, None, &all, None)
+        .unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-6);
+
+    // Gradients reach both projections (and only through positions with vectors).
+    let map = varmap_from_tensors(&w).unwrap();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    let vars = map.data().lock().unwrap().clone();
+    let model = Llama::new(&c, vb)
+        .unwrap()
+        .with_soft_prompt(
+            vars[REQUEST_WEIGHT].as_tensor().clone(),
+            vars[TASTE_WEIGHT].as_tensor().clone(),
+        )
+        .unwrap();
+    let logits = model
+        .forward_train_rows(&x, None, None, &all, Some(&soft))
+        .unwrap();
+    let loss = logits.sqr().unwrap().mean_all().unwrap();
+    let grads = loss.backward().unwrap();
+    for name in [REQUEST_WEIGHT, TASTE_WEIGHT] {
+        let g = grad_norm(&grads, vars[name].as_tensor());
+        assert!(g.is_some_and(|g| g > 0.0), "{name}: {g:?}");
+    }
+
+    // Trained (non-zero) projections: positions before a vector are unchanged, its own
+    // and later ones change; the cached forward equals the full one.
+    for (name, t) in w.iter_mut() {
+        if name == REQUEST_WEIGHT || name == TASTE_WEIGHT {
+            let v: Vec<f32> = (0..t.elem_count())
+                .map(|_| rng.gen_range(-0.5f32..0.5))
+                .collect();
+            *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+        }
+    }
+    let model = Llama::new(
+        &c,
+        VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+    )
+    .unwrap()
+    .with_soft_prompt(w[REQUEST_WEIGHT].clone(), w[TASTE_WEIGHT].clone())
+    .unwrap();
+    let full = model
+        .forward_train_rows(&x, None, None, &all, Some(&soft))
+        .unwrap();
+    let base = plain
+        .forward_train_rows(&x, None, None, &all, None)
+        .unwrap();
+    let row = |t: &Tensor, i: usize| t.i(i).unwrap();
+    for p in 0..9 {
+        let d = max_abs_diff(&row(&full, p), &row(&base, p));
+        assert_eq!(d < 1e-6, p < 4, "row 0, position {p}: {d}");
+    }
+    let row0: Vec<u32> = seqs[0].clone();
+    let prompt = ids(&[row0[..5].to_vec()]);
+    let mut cache = KvCache::new(&c);
+    let mut prefill = SoftInputs::new(dim);
+    prefill.push(Slot::Request, 4, &q);
+    prefill.push(Slot::Taste, 4, &u);
+    let first = model
+        .forward_cached_last_soft(&prompt, &mut cache, Some(&prefill))
+        .unwrap();
+    assert!(max_abs_diff(&first.squeeze(0).unwrap(), &row(&full, 4)) < 1e-4);
+    for (p, &token) in row0.iter().enumerate().skip(5) {
+        let step = model
+            .forward_cached_last(&ids(&[vec![token]]), &mut cache)
+            .unwrap();
+        let d = max_abs_diff(&step.squeeze(0).unwrap(), &row(&full, p));
+        assert!(d < 1e-4, "cached position {p}: {d}");
+    }
+
+    // Vectors for a model without projections are refused, not ignored.
+    assert!(plain
+        .forward_train_rows(&x, None, None, &all, Some(&soft))
+        .is_err());
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use sidrec::artifacts::{SidMap, SidRecord};
 use sidrec::catalog::{Catalog, LoadOptions};
+use sidrec::eval::language::load_requests;
 use sidrec::interactions::{ReadOptions, Sequences, Split};
 use sidrec::sid::SidVocab;
 use sidrec::train::data::{
@@ -13,6 +14,7 @@ use sidrec::train::data::{
     sequence_context, sequence_prompt, sequence_windows, soon_prompt, DataError, DataOptions,
     Example, PromptKind, Prompts, Slot, Task,
 };
+use sidrec::train::language::Lexicon;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -449,18 +451,15 @@ fn sids_must_describe_the_catalog() {
 }
 
 #[test]
-fn profile_counts_genres_and_decades() {
+fn profile_names_top_genres_and_decades() {
     let f = fixture_data();
     // Heat, Fargo, The Matrix.
     let p = profile(&f.catalog, &[1, 5, 3]);
-    assert_eq!(
-        p,
-        "Mostly Action (2), Crime (2) and Thriller (2); mostly 1990s movies."
-    );
+    assert_eq!(p, "Mostly Action, Crime and Thriller; mostly 1990s movies.");
     let p = profile(&f.catalog, &[6, 0, 8]);
     assert_eq!(
         p,
-        "Podcasts (2) and movies (1): mostly Science (2), Animation (1) and Children's (1); mostly from the 1990s."
+        "Podcasts and movies: mostly Science, Animation and Children's; mostly from the 1990s."
     );
 }
 
@@ -547,8 +546,9 @@ fn task_names_round_trip() {
     assert!("chat".parse::<Task>().is_err());
 }
 
-#[test]
-fn movielens_100k_examples() {
+/// MovieLens-100k with arbitrary codes (the quantizer is not needed to test the data
+/// builder): catalog, SIDs, split.
+fn movielens_100k() -> (Catalog, SidMap, Split) {
     let catalog = Catalog::load(
         &asset("ml-100k/ml-100k.item"),
         &LoadOptions {
@@ -558,7 +558,6 @@ fn movielens_100k_examples() {
         },
     )
     .unwrap();
-    // Arbitrary codes: the quantizer is not needed to test the data builder.
     let sids = sid_map(&catalog, vec![16, 16, 16]);
     let (seqs, _) = Sequences::load(
         &asset("ml-100k/ml-100k.inter"),
@@ -567,6 +566,12 @@ fn movielens_100k_examples() {
     )
     .unwrap();
     let split = seqs.split();
+    (catalog, sids, split)
+}
+
+#[test]
+fn movielens_100k_examples() {
+    let (catalog, sids, split) = movielens_100k();
     let opts = DataOptions::default();
     let prompts = Prompts::builtin();
     let ex = build(&catalog, &sids.records, &split, &prompts, &opts).unwrap();
@@ -661,9 +666,21 @@ fn recommend_requests_in_words_describe_the_target() {
             })
             .unwrap_or_default();
         let p = e.prompt.to_lowercase();
-        let satisfied = genres
+        // The words are the example's request; half come from the lexicon, whose phrases
+        // and decade forms are the item's own genres' and decade's.
+        let request = e.request.clone().unwrap_or_default();
+        assert!(
+            p.contains(&request.to_lowercase()),
+            "{request:?} not in {p:?}"
+        );
+        let lex = Lexicon::builtin();
+        let from_lexicon = genres
             .iter()
-            .any(|g| p.contains(&format!("{g} {}", item.item_type)))
+            .flat_map(|g| lex.genre_phrases(g))
+            .chain(year.map_or(&[][..], |y| lex.decade_forms(y / 10 * 10)))
+            .any(|phrase| request.contains(phrase.as_str()));
+        let satisfied = from_lexicon
+            || genres.iter().any(|g| p.contains(g.as_str()))
             || decades
                 .iter()
                 .any(|d| p.contains(&format!("{d} ")) || p.contains(&format!("{d}.")));
@@ -791,4 +808,106 @@ fn soon_pairs_add_an_item_and_one_a_few_positions_later() {
     );
     assert_eq!(with.len(), plain.len() + pairs);
     assert_no_leakage(&f.catalog, &f.sids.records, &f.split, &with);
+}
+
+/// The held-out requests of `tests/data/requests/` never reach training: no training
+/// request or prompt holds one (ML-100k with every kind of request in words on), and no
+/// paraphrase's pair of content words occurs in the lexicon, so the language section of
+/// `sidrec eval` measures phrasings the model never saw.
+#[test]
+fn held_out_requests_never_occur_in_training() {
+    let (catalog, sids, split) = movielens_100k();
+    let opts = DataOptions {
+        search_per_item: 2,
+        requests_per_item: 5,
+        recommend_per_user: Some(5),
+        recommend_query_share: 1.0,
+        ..DataOptions::default()
+    };
+    let ex = build(&catalog, &sids.records, &split, &Prompts::builtin(), &opts).unwrap();
+    let norm = sidrec::decode::query::normalize;
+    let requests: std::collections::HashSet<String> = ex
+        .iter()
+        .filter_map(|e| e.request.as_deref())
+        .map(norm)
+        .collect();
+    assert!(
+        requests.len() > 5_000,
+        "{} distinct requests",
+        requests.len()
+    );
+    let prompts: Vec<String> = ex
+        .iter()
+        .map(|e| format!(" {} ", norm(&e.prompt)))
+        .collect();
+    let held = load_requests(&root().join("tests/data/requests/movielens.jsonl")).unwrap();
+    assert!(held.iter().filter(|r| r.kind == "direct").count() >= 50);
+    assert!(held.iter().filter(|r| r.kind == "paraphrase").count() >= 60);
+    for r in &held {
+        let n = norm(&r.request);
+        assert!(
+            !requests.contains(&n),
+            "held-out {:?} is a training request",
+            r.request
+        );
+        let padded = format!(" {n} ");
+        assert!(
+            !prompts.iter().any(|p| p.contains(&padded)),
+            "held-out {:?} occurs in a training prompt",
+            r.request
+        );
+    }
+    const STOP: &[&str] = &[
+        "a",
+        "an",
+        "the",
+        "of",
+        "and",
+        "or",
+        "to",
+        "in",
+        "on",
+        "for",
+        "with",
+        "by",
+        "at",
+        "from",
+        "is",
+        "about",
+        "me",
+        "i",
+        "my",
+        "something",
+        "some",
+        "movie",
+        "film",
+        "one",
+        "that",
+        "where",
+        "who",
+        "it",
+        "its",
+        "be",
+        "are",
+        "was",
+        "want",
+        "like",
+        "please",
+    ];
+    let lexicon = format!(" {} ", norm(&Lexicon::builtin().texts().join(" | ")));
+    for r in held.iter().filter(|r| r.kind == "paraphrase") {
+        let words: Vec<String> = norm(&r.request)
+            .split(' ')
+            .filter(|w| !STOP.contains(w))
+            .map(String::from)
+            .collect();
+        for pair in words.windows(2) {
+            let bigram = format!(" {} {} ", pair[0], pair[1]);
+            assert!(
+                !lexicon.contains(&bigram),
+                "the paraphrase {:?} shares {bigram:?} with the training lexicon",
+                r.request
+            );
+        }
+    }
 }

@@ -76,6 +76,16 @@ pub(crate) struct EvalArgs {
     /// Users asked the steering requests (0: skip steerability).
     #[arg(long, default_value_t = 200)]
     steer_users: usize,
+    /// Held-out requests in words (JSON lines: request, kind, genre and/or decade, as
+    /// tests/data/requests/movielens.jsonl): adds the language-steering section, the
+    /// model alone beside dense retrieval with the same encoder, history + words for the
+    /// steering users, and the genres their profiles name.
+    #[arg(long, value_name = "FILE")]
+    requests: Option<PathBuf>,
+    /// The sentence encoder of the language section's dense baseline
+    /// [default: assets/minilm].
+    #[arg(long, value_name = "DIR")]
+    encoder: Option<PathBuf>,
     /// Directory with the peer scripts (markov_next_item.py, sasrec_ce.py)
     /// [default: $SIDREC_PEERS, else ../shared/peers].
     #[arg(long)]
@@ -126,6 +136,8 @@ pub(crate) fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) 
         recent_decay: a.recent_decay,
         memory: a.memory,
         steer_users: a.steer_users,
+        requests: a.requests,
+        encoder: a.encoder,
         peers,
         seed: a.seed,
     };

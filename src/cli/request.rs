@@ -27,10 +27,14 @@ pub(crate) fn model_dir(model: &Option<PathBuf>) -> Result<PathBuf> {
     Ok(demo)
 }
 
-/// Loads a model directory as an engine, naming it in errors.
+/// Loads a model directory as an engine, naming it in errors. A model that reads
+/// requests through a sentence encoder finds it where its card says, or at
+/// `SIDREC_ENCODER` (checked by sha256 either way).
 pub(crate) fn load_engine(model: &Option<PathBuf>) -> Result<sidrec::decode::Engine> {
     let dir = model_dir(model)?;
-    sidrec::decode::Engine::load(&dir).with_context(|| format!("loading model {}", dir.display()))
+    let encoder = std::env::var_os("SIDREC_ENCODER").map(PathBuf::from);
+    sidrec::decode::Engine::load_with(&dir, encoder.as_deref())
+        .with_context(|| format!("loading model {}", dir.display()))
 }
 
 #[derive(Args, Clone, Debug)]

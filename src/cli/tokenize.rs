@@ -153,7 +153,7 @@ pub(crate) fn cmd_tokenize(a: TokenizeArgs, progress: Progress) -> Result<()> {
             bail!("--encoder {e}: no such directory (and not a hub id like org/name)")
         }
         (None, None) => {
-            let dir = default_encoder_dir();
+            let dir = sidrec::embed::default_encoder_dir();
             if !dir.join("model.safetensors").exists() {
                 bail!(
                     "no encoder: {} does not exist. Run scripts/fetch-assets.sh, or pass \
@@ -228,15 +228,6 @@ pub(crate) fn cmd_tokenize(a: TokenizeArgs, progress: Progress) -> Result<()> {
         print_summary(&report, &out);
     }
     Ok(())
-}
-
-/// `assets/minilm` beside the current directory, or beside the executable's crate.
-pub(crate) fn default_encoder_dir() -> PathBuf {
-    let local = PathBuf::from("assets/minilm");
-    if local.exists() {
-        return local;
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/minilm")
 }
 
 pub(crate) fn print_summary(r: &Report, out: &Path) {

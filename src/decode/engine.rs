@@ -28,12 +28,16 @@ use crate::model::config::LlamaConfig;
 use crate::model::hfdir::{self, HfDir, Sidecar};
 use crate::model::items::ITEM_TABLE;
 use crate::model::llama::{KvCache, Llama};
+use crate::model::soft_prompt;
 use crate::train::data::{self, DataOptions, PromptKind, Prompts, Slot};
 use crate::train::trainer::ChatFormat;
 use crate::trie::{ItemIdx, Mask};
 
+mod soft;
 mod source;
 mod titles;
+
+pub use soft::load_vectors;
 
 pub use source::ModelSource;
 
@@ -194,11 +198,19 @@ pub struct Engine {
     memory: Option<TransitionMemory>,
     /// The texts of the tokenizer's special tokens, for [`Engine::escape`].
     specials: Vec<String>,
+    /// Where soft-prompt vectors come from, for a model that reads them.
+    soft: Option<crate::model::soft_prompt::SoftVectors>,
 }
 
 impl Engine {
     /// Loads a model directory written by `sidrec train`.
     pub fn load(dir: impl AsRef<Path>) -> Result<Engine> {
+        Self::load_with(dir, None)
+    }
+
+    /// [`Engine::load`] with the sentence encoder of a model that reads request vectors
+    /// at `encoder` instead of where its card says.
+    pub fn load_with(dir: impl AsRef<Path>, encoder: Option<&Path>) -> Result<Engine> {
         let dir = dir.as_ref();
         hfdir::verify_checksums(dir)?;
         let hf = HfDir::load(dir)?;
@@ -220,6 +232,10 @@ impl Engine {
             )));
         }
         let model = decoder(dir, &hf.config, hf.tensors, &sids, &sidecar)?;
+        let soft = match &sidecar.soft_prompt {
+            Some(card) => Some(load_vectors(&artifacts_dir, card, &sids, encoder)?),
+            None => None,
+        };
         let members = load_members(dir, &artifacts_dir, &sids, &sidecar)?;
         if let Some((m, _)) = members
             .iter()
@@ -242,6 +258,7 @@ impl Engine {
             dir,
         );
         engine.members = members;
+        engine.soft = soft;
         let memory = dir.join(MEMORY_FILE);
         if memory.is_file() {
             engine.memory = Some(TransitionMemory::load(&memory, &engine.catalog)?);
@@ -298,6 +315,7 @@ impl Engine {
             dir: dir.to_path_buf(),
             memory: None,
             specials,
+            soft: None,
         }
     }
 
@@ -604,7 +622,11 @@ impl Engine {
     fn rank_plan(&self, req: &Request) -> std::result::Result<RankPlan, DecodeError> {
         // (model input, prior weight) per conditional: the whole history, then each
         // recent item alone.
-        let mut inputs = vec![(self.model_input(req)?, 1.0)];
+        let mut inputs = vec![(
+            self.model_input(req)?,
+            1.0,
+            self.input_vectors(req, &req.history)?,
+        )];
         let decay = req.recent_decay.unwrap_or(RECENT_DECAY);
         if !(decay.is_finite() && decay > 0.0) {
             return Err(DecodeError::Invalid(format!(
@@ -614,7 +636,11 @@ impl Engine {
         if req.history.len() >= 2 {
             let mut weight = 1.0;
             for &item in req.history.iter().rev().take(req.mix_recent) {
-                inputs.push((self.recent_input(req, item)?, weight));
+                inputs.push((
+                    self.recent_input(req, item)?,
+                    weight,
+                    self.input_vectors(req, &[item])?,
+                ));
                 weight *= decay;
             }
         }
@@ -624,17 +650,23 @@ impl Engine {
         let tokenizers =
             std::iter::once(&self.tokenizer).chain(self.members.iter().map(|(_, t)| t));
         let mut prompts = Vec::with_capacity(inputs.len() * self.ensemble_size());
+        let mut vectors = Vec::with_capacity(prompts.capacity());
         for (decoder, tokenizer) in tokenizers.enumerate() {
-            for (text, weight) in &inputs {
+            for (text, weight, v) in &inputs {
                 prompts.push((
                     decoder,
                     self.encode_prompt(tokenizer, text.clone())?,
                     *weight,
                 ));
+                vectors.push(v.clone());
             }
         }
         let memory = self.memory_distribution(req)?;
-        Ok(RankPlan { prompts, memory })
+        Ok(RankPlan {
+            prompts,
+            vectors,
+            memory,
+        })
     }
 
     /// The source a plan decodes, with the prompt to prefill: one decoder under one
@@ -651,14 +683,25 @@ impl Engine {
                 &self.members[i - 1].0
             }
         };
+        let source = |i: usize, v: &soft::InputVectors| {
+            // Members trained without soft prompts are asked without them.
+            let m = decoder(i);
+            let v = if m.soft_dim().is_some() {
+                v.clone()
+            } else {
+                Vec::new()
+            };
+            ModelSource::with_vectors(m, v)
+        };
         if let ([(i, prompt, _)], None) = (plan.prompts.as_slice(), &plan.memory) {
-            return Ok((Box::new(ModelSource::new(decoder(*i))), prompt.clone()));
+            return Ok((Box::new(source(*i, &plan.vectors[0])), prompt.clone()));
         }
         let mut parts: Vec<Component<'s>> = plan
             .prompts
             .iter()
-            .map(|(i, prompt, weight)| Component {
-                source: Box::new(ModelSource::new(decoder(*i))),
+            .zip(&plan.vectors)
+            .map(|((i, prompt, weight), v)| Component {
+                source: Box::new(source(*i, v)),
                 prompt: prompt.clone(),
                 weight: *weight,
             })
@@ -780,7 +823,8 @@ impl Engine {
             cfg.stop = self.stop.clone();
         }
         cfg.items = self.resolve_format(req) != Format::Text;
-        let mut src = ModelSource::new(&self.model);
+        let mut src =
+            ModelSource::with_vectors(&self.model, self.input_vectors(req, &req.history)?);
         let segs = generate(
             &mut src,
             &self.sids.trie,
@@ -847,10 +891,29 @@ fn decoder(
         )));
     }
     let item_table = tensors.remove(ITEM_TABLE);
+    let soft = (
+        tensors.remove(soft_prompt::REQUEST_WEIGHT),
+        tensors.remove(soft_prompt::TASTE_WEIGHT),
+    );
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let mut model = Llama::new(&cfg, vb)?;
     if let Some(table) = item_table {
         model = model.with_items(table, sids.item_keys(sidecar.sid_token_offset))?;
+    }
+    match (soft, sidecar.soft_prompt.is_some()) {
+        ((Some(request), Some(taste)), true) => {
+            model = model.with_soft_prompt(request, taste)?;
+        }
+        ((None, None), false) => {}
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{}: sidrec.json and model.safetensors disagree on soft prompts (the card \
+                 names them exactly when the weights hold {} and {})",
+                dir.display(),
+                soft_prompt::REQUEST_WEIGHT,
+                soft_prompt::TASTE_WEIGHT
+            )))
+        }
     }
     Ok(model)
 }
@@ -917,6 +980,8 @@ struct RankPlan {
     /// `(decoder, prompt ids, prior weight)`: decoder 0 is the engine's model, `i` its
     /// member `i - 1`.
     prompts: Vec<(usize, Vec<u32>, f32)>,
+    /// The soft-prompt vectors of each prompt (same order).
+    vectors: Vec<soft::InputVectors>,
     /// The memory's distribution and weight, when asked for and it has an answer.
     memory: Option<(Distribution, f32)>,
 }

@@ -31,7 +31,7 @@ pub mod mixture;
 pub mod query;
 
 pub use beam::{beam_search, beam_search_from, BeamConfig, Hit};
-pub use engine::{Engine, Format, Mode, Request, RECENT_DECAY};
+pub use engine::{Engine, Format, Mode, Output, Request, RECENT_DECAY};
 pub use filter::Filter;
 pub use generate::{GenConfig, Segment};
 pub use limits::Limits;

@@ -23,7 +23,7 @@ pub struct Reading {
 }
 
 /// Lower-case words joined by single spaces, punctuation other than `'` dropped.
-pub(crate) fn normalize(s: &str) -> String {
+pub fn normalize(s: &str) -> String {
     s.to_lowercase()
         .chars()
         .map(|c| {

@@ -34,6 +34,7 @@ use crate::progress::Progress;
 use crate::train::data;
 use crate::trie::ItemIdx;
 
+pub mod language;
 pub mod report;
 pub mod run;
 
@@ -58,6 +59,15 @@ pub enum EvalError {
     Peer { script: String, reason: String },
     #[error("no user has a test item: the interactions need users with at least 3 items")]
     NoUsers,
+    /// A held-out request file with a bad line.
+    #[error("{}:{line}: {reason}", .path.display())]
+    Requests {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("sentence encoder: {0}")]
+    Encoder(String),
 }
 
 impl From<DecodeError> for EvalError {

@@ -42,6 +42,9 @@ pub struct Report {
     pub steering: Vec<SteerResult>,
     /// Catalogs with several entity types only.
     pub type_steering: Vec<TypeSteerResult>,
+    /// Held-out requests in words (`--requests FILE`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub language: Option<super::language::LanguageReport>,
     /// Things the reader must know (peers skipped, samples taken).
     pub notes: Vec<String>,
     pub seconds: f64,
@@ -151,6 +154,51 @@ impl Report {
                 "| type | requests | share of catalog | history alone | asked in words | with --type |",
                 rows,
             );
+        }
+        if let Some(l) = &self.language {
+            let rows = l.words.iter().map(|r| {
+                (
+                    r.kind.clone(),
+                    r.requests,
+                    vec![r.catalog_rate, r.model, r.dense],
+                )
+            });
+            table(
+                &mut s,
+                &format!(
+                    "**Language steering**: held-out requests in words ({}), never seen in \
+                     training; share of top-10 items that satisfy the request.",
+                    l.file
+                ),
+                "| phrasing | requests | share of catalog | model alone | dense retrieval (same encoder) |",
+                rows,
+            );
+            if let Some(h) = &l.history {
+                let _ = writeln!(
+                    s,
+                    "\nHistory + words ({} users, one held-out request each): {:.1}% of top-10 \
+                     satisfy it, {:.1}% from the history alone. Users whose next item \
+                     satisfies a direct request ({}): N@10 {:.4} with its words, {:.4} without.",
+                    h.users,
+                    h.history_and_words * 100.0,
+                    h.history_only * 100.0,
+                    h.target_users,
+                    h.ndcg_with,
+                    h.ndcg_without
+                );
+            }
+            if let Some(d) = &l.describe {
+                let _ = writeln!(
+                    s,
+                    "\nProfiles (`describe`, {} users): {:.1}% of the {} genres named are among \
+                     the history's top 3; {:.1}% of profiles name a genre. E.g. \"{}\"",
+                    d.users,
+                    d.in_top3 * 100.0,
+                    d.named,
+                    d.with_genre * 100.0,
+                    d.example.trim()
+                );
+            }
         }
         for n in &self.notes {
             let _ = writeln!(s, "\n- {n}");

@@ -53,6 +53,11 @@ pub struct RunOptions {
     pub memory: Option<f32>,
     /// Users asked the steering requests (0: none).
     pub steer_users: usize,
+    /// Held-out requests in words for the language section (`None`: none).
+    pub requests: Option<PathBuf>,
+    /// The sentence encoder of the language section's dense baseline (`None`:
+    /// `assets/minilm`).
+    pub encoder: Option<PathBuf>,
     /// `None`: no peers.
     pub peers: Option<Peers>,
     pub seed: u64,
@@ -71,7 +76,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
     let t0 = Instant::now();
     // Fail before minutes of ranking, not after (the write checks again).
     crate::atomic::check_target(&opts.out, opts.force, &opts.inputs()).map_err(EvalError::from)?;
-    let mut engine = Engine::load(&opts.model)?;
+    let mut engine = Engine::load_with(&opts.model, opts.encoder.as_deref())?;
     let (seqs, _) = Sequences::load(
         &opts.interactions,
         engine.catalog(),
@@ -235,6 +240,33 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
     };
     let steering = evaluate_steering(&engine, &histories, &constraints, opts.beams, progress)?;
     let type_steering = evaluate_type_steering(&engine, &histories, opts.beams, progress)?;
+    let language = match &opts.requests {
+        None => None,
+        Some(file) => {
+            let steer_cases: Vec<_> = sample_users(
+                split.test.len(),
+                Some(opts.steer_users),
+                opts.seed.wrapping_add(1),
+            )
+            .iter()
+            .map(|&u| split.test[u].clone())
+            .collect();
+            let lopts = super::language::LanguageOptions {
+                file: file.clone(),
+                encoder: opts
+                    .encoder
+                    .clone()
+                    .unwrap_or_else(crate::embed::default_encoder_dir),
+                users: if opts.steer_users == 0 {
+                    &[]
+                } else {
+                    &steer_cases
+                },
+                beams: opts.beams,
+            };
+            Some(super::language::evaluate(&engine, &lopts, progress)?)
+        }
+    };
     let ids = |i: u32| engine.catalog().items[i as usize].id.clone();
     let rankings = users
         .iter()
@@ -270,6 +302,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
         constraints,
         steering,
         type_steering,
+        language,
         notes,
         seconds: t0.elapsed().as_secs_f64(),
         rankings,

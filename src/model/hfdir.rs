@@ -431,6 +431,25 @@ pub struct Sidecar {
     /// How it ranks best. Written only when it is not the plain whole-history ranking.
     #[serde(default, skip_serializing_if = "Ranking::is_plain")]
     pub ranking: Ranking,
+    /// The soft prompts the model reads and the sentence encoder of its request vectors
+    /// ([`super::soft_prompt`]); absent for a model without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_prompt: Option<SoftPromptCard>,
+}
+
+/// What a model with soft prompts needs at inference: which vectors it was trained with
+/// and the encoder that wrote the request vectors, bound by the sha256 of its weights (a
+/// different encoder's vectors point elsewhere, and the model would read them silently
+/// wrong, so it is refused as a changed `sids.jsonl` is).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SoftPromptCard {
+    pub request: bool,
+    pub taste: bool,
+    /// The encoder directory as training was given it (relative paths resolve against
+    /// the working directory, then the sidrec checkout: `assets/minilm`).
+    pub encoder: String,
+    /// sha256 of the encoder's `model.safetensors`.
+    pub encoder_sha256: String,
 }
 
 fn is_no(b: &bool) -> bool {

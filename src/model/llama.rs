@@ -31,6 +31,7 @@ use super::config::{LlamaConfig, RopeScaling};
 use super::items::{ItemKeys, ItemState, ITEM_TABLE};
 use super::ops;
 use super::skinny;
+use super::soft_prompt::{Slot as SoftSlot, SoftInputs, SoftPrompt};
 
 /// Errors of the model module.
 #[derive(Debug, thiserror::Error)]
@@ -768,6 +769,9 @@ pub struct Llama {
     sin: Tensor,
     /// Input-side item vectors ([`super::items`]), when the model was trained with them.
     items: Option<ItemInput>,
+    /// Projections of sentence-encoder vectors ([`super::soft_prompt`]), when the model
+    /// was trained with them.
+    soft: Option<SoftPrompt>,
 }
 
 /// The item table `[items, hidden]` and the keys that say which position gets which row.
@@ -862,6 +866,7 @@ impl Llama {
             cos,
             sin,
             items: None,
+            soft: None,
         })
     }
 
@@ -887,6 +892,31 @@ impl Llama {
     /// Whether the model reads item vectors.
     pub fn has_items(&self) -> bool {
         self.items.is_some()
+    }
+
+    /// The same model reading soft prompts ([`super::soft_prompt`]): `request` and
+    /// `taste` `[hidden, dim]` (trainable `Var` tensors while training).
+    pub fn with_soft_prompt(mut self, request: Tensor, taste: Tensor) -> Result<Llama> {
+        self.soft = Some(SoftPrompt::new(request, taste, self.cfg.hidden_size)?);
+        Ok(self)
+    }
+
+    /// The width of the vectors the model reads as soft prompts, if it reads any.
+    pub fn soft_dim(&self) -> Option<usize> {
+        self.soft.as_ref().map(SoftPrompt::dim)
+    }
+
+    /// Adds soft-prompt vectors to the embedded input (none given, or a model without
+    /// projections: unchanged; vectors for a model without projections are an error, so
+    /// a caller never believes words were read that were not).
+    fn add_soft(&self, x: Tensor, soft: Option<&SoftInputs>) -> Result<Tensor> {
+        match (soft.filter(|s| !s.is_empty()), &self.soft) {
+            (None, _) => Ok(x),
+            (Some(inputs), Some(proj)) => proj.add(x, inputs),
+            (Some(_), None) => Err(ModelError::InvalidConfig(
+                "soft-prompt vectors given to a model trained without them".into(),
+            )),
+        }
     }
 
     /// Adds the item vectors of `input_ids` `[b, t]` to `x` `[b, t, hidden]`, reading each
@@ -1039,6 +1069,7 @@ impl Llama {
                 table: i.table.detach(),
                 keys: i.keys.clone(),
             }),
+            soft: self.soft.as_ref().map(SoftPrompt::detached),
         }
     }
 
@@ -1059,7 +1090,7 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         dropout: Option<Dropout>,
     ) -> Result<Tensor> {
-        let h = self.hidden(input_ids, attention_mask, dropout)?;
+        let h = self.hidden(input_ids, attention_mask, dropout, None)?;
         self.logits(&h)
     }
 
@@ -1076,8 +1107,9 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         dropout: Option<Dropout>,
         rows: &[u32],
+        soft: Option<&SoftInputs>,
     ) -> Result<Tensor> {
-        let h = self.hidden(input_ids, attention_mask, dropout)?;
+        let h = self.hidden(input_ids, attention_mask, dropout, soft)?;
         let (b, t, hidden) = h.dims3()?;
         if let Some(&row) = rows.iter().find(|&&r| r as usize >= b * t) {
             return Err(ModelError::PositionOutOfRange {
@@ -1097,7 +1129,7 @@ impl Llama {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.hidden(input_ids, attention_mask, None)
+        self.hidden(input_ids, attention_mask, None, None)
     }
 
     fn hidden(
@@ -1105,6 +1137,7 @@ impl Llama {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
         dropout: Option<Dropout>,
+        soft: Option<&SoftInputs>,
     ) -> Result<Tensor> {
         let (b, t) = self.check_ids(input_ids)?;
         self.check_len(t)?;
@@ -1118,6 +1151,7 @@ impl Llama {
             &mut states,
             dropout,
         )?;
+        let x = self.add_soft(x, soft)?;
         // Sites: 0 the embeddings, then 2 per layer (attention, MLP).
         let mut x = apply_dropout(&x, dropout.map(|d| (d, 0)))?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -1132,20 +1166,36 @@ impl Llama {
     /// is extended by `t`. All rows share one length (prefill a prompt once, then fork it
     /// with [`KvCache::select`]). On error the cache is left unchanged.
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.cached_hidden(input_ids, cache)?;
+        let h = self.cached_hidden(input_ids, cache, None)?;
         self.logits(&h)
     }
 
     /// [`Llama::forward_cached`] returning only the last position's logits `[b, vocab]`:
     /// what decoding needs, without projecting a whole prompt on the vocabulary.
     pub fn forward_cached_last(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.cached_hidden(input_ids, cache)?;
+        self.forward_cached_last_soft(input_ids, cache, None)
+    }
+
+    /// [`Llama::forward_cached_last`] with soft-prompt vectors at flat positions of the
+    /// new tokens (`row · t + j` for token `j` of row `row` of `input_ids`).
+    pub fn forward_cached_last_soft(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        soft: Option<&SoftInputs>,
+    ) -> Result<Tensor> {
+        let h = self.cached_hidden(input_ids, cache, soft)?;
         let t = h.dim(1)?;
         let last = h.narrow(1, t - 1, 1)?;
         Ok(self.logits(&last)?.squeeze(1)?)
     }
 
-    fn cached_hidden(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn cached_hidden(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        soft: Option<&SoftInputs>,
+    ) -> Result<Tensor> {
         let (b, t) = self.check_ids(input_ids)?;
         if cache.layers.len() != self.layers.len() {
             return Err(ModelError::Shape {
@@ -1182,12 +1232,13 @@ impl Llama {
             true => vec![ItemState::default(); b],
             false => Vec::new(),
         };
-        let mut x = self.add_items(
+        let x = self.add_items(
             self.embed_ids(input_ids, b, t)?,
             input_ids,
             &mut states,
             None,
         )?;
+        let mut x = self.add_soft(x, soft)?;
         let rows = cache.rows.clone();
         for (layer, slot) in self.layers.iter().zip(layers.iter_mut()) {
             let kv = KvSlot {
@@ -1302,6 +1353,14 @@ impl Llama {
         }
         if let Some(items) = &self.items {
             out.insert(ITEM_TABLE.to_string(), items.table.detach().copy()?);
+        }
+        if let Some(soft) = &self.soft {
+            for slot in SoftSlot::ALL {
+                out.insert(
+                    slot.weight_name().to_string(),
+                    soft.weight(slot).detach().copy()?,
+                );
+            }
         }
         Ok(out)
     }

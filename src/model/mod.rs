@@ -7,6 +7,7 @@
 //!   decoding, LoRA adapters, vocabulary extension);
 //! - `gguf`: loading GGUF checkpoints (dequantised to f32) and their tokenizer;
 //! - `hfdir`: reading and writing Hugging Face model directories;
+//! - `soft_prompt`: sentence-encoder vectors read as input vectors (request, taste);
 //! - `bpe`: byte-level BPE trained on catalog and prompt texts, for from-scratch models.
 
 pub mod bpe;
@@ -17,3 +18,4 @@ pub mod items;
 pub mod llama;
 pub mod ops;
 pub mod skinny;
+pub mod soft_prompt;

@@ -50,6 +50,8 @@ use crate::artifacts::SidRecord;
 use crate::catalog::{Catalog, Item};
 use crate::interactions::Split;
 
+use super::language::Lexicon;
+
 /// Training tasks.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
@@ -334,6 +336,15 @@ pub struct Example {
     /// catalog tasks (align, search). Lets tests and reports check leakage per user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<u32>,
+    /// The request's words, which a model with soft prompts also reads as one sentence
+    /// vector ([`crate::model::soft_prompt`]): search queries and recommend requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// The items whose mean vector is the taste soft prompt: the whole history before
+    /// the answer (not only the `max_history` items the prompt writes out). Empty for
+    /// catalog tasks and for whole-history answers, whose mean would hold the answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taste: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -662,6 +673,9 @@ pub struct DataOptions {
     pub recommend_query_share: f64,
     pub search: bool,
     pub search_per_item: usize,
+    /// Further search examples per item whose query is a request in words from the
+    /// lexicon ([`super::language`]): a genre or decade of the item, phrased many ways.
+    pub requests_per_item: usize,
     /// Only takes effect for catalogs with several entity types.
     pub steer: bool,
     pub steer_per_user: usize,
@@ -704,6 +718,7 @@ impl Default for DataOptions {
             recommend_query_share: 0.3,
             search: true,
             search_per_item: 1,
+            requests_per_item: 0,
             steer: true,
             steer_per_user: 10,
             describe: true,
@@ -960,7 +975,7 @@ pub fn sequence_windows(len: usize, max_history: usize) -> Vec<std::ops::Range<u
     out
 }
 
-fn plural(noun: &str) -> String {
+pub(crate) fn plural(noun: &str) -> String {
     let n = noun.replace('_', " ");
     if n.ends_with('s') || n.ends_with('x') || n.ends_with("ch") || n.ends_with("sh") {
         format!("{n}es")
@@ -998,10 +1013,14 @@ fn and_list(parts: &[String]) -> String {
     }
 }
 
-/// A short text profile of a history: top genres (or product categories) with counts,
-/// the most frequent decade, the entity types. E.g. `Mostly Drama (8), Comedy (5) and
-/// Thriller (3); mostly 1990s movies.`, or for a mixed history `Podcasts (2) and movies
-/// (1): mostly Science (2), …; mostly from the 1990s.`
+/// A short text profile of a history: its three most frequent genres (or product
+/// categories), most frequent first, the most frequent decade, the entity types. E.g.
+/// `Mostly Drama, Comedy and Thriller; mostly 1990s movies.`, or for a mixed history
+/// `Podcasts and movies: mostly Science, …; mostly from the 1990s.`
+///
+/// No counts: a decoder that writes the profile reads the history (and its taste
+/// vector, which says proportions, not numbers), and a count it cannot know is text
+/// that would be false; the genres' order carries the ranking.
 pub fn profile(catalog: &Catalog, history: &[u32]) -> String {
     let mut topics: Vec<(String, usize)> = Vec::new();
     let mut decades: Vec<(String, usize)> = Vec::new();
@@ -1028,7 +1047,7 @@ pub fn profile(catalog: &Catalog, history: &[u32]) -> String {
     let topic_text = and_list(
         &top(&topics, 3)
             .into_iter()
-            .map(|(t, n)| format!("{t} ({n})"))
+            .map(|(t, _)| t)
             .collect::<Vec<_>>(),
     );
     let decade = top(&decades, 1).into_iter().next().map(|d| d.0);
@@ -1045,7 +1064,7 @@ pub fn profile(catalog: &Catalog, history: &[u32]) -> String {
     let mix = and_list(
         &top(&types, 3)
             .into_iter()
-            .map(|(t, n)| format!("{} ({n})", plural(&t)))
+            .map(|(t, _)| plural(&t))
             .collect::<Vec<_>>(),
     );
     let mut mix_chars = mix.chars();
@@ -1066,7 +1085,7 @@ const STOPWORDS: &[&str] = &[
     "&", "-", "le", "la", "les", "el", "il", "der", "die", "das",
 ];
 
-fn article(word: &str) -> &'static str {
+pub(crate) fn article(word: &str) -> &'static str {
     match word.chars().next().map(|c| c.to_ascii_lowercase()) {
         Some('a' | 'e' | 'i' | 'o' | 'u') => "an",
         Some('8') => "an",
@@ -1218,6 +1237,8 @@ fn render_random(
 /// Random stream of the soon-after pairs ([`DataOptions::sequence_soon`]), apart from
 /// the tasks'.
 const SOON_STREAM: u64 = 0x5007;
+/// Random stream of the requests in words ([`DataOptions::requests_per_item`]).
+const WORDS_STREAM: u64 = 0x3023;
 
 fn task_rng(seed: u64, task: Task) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -1246,9 +1267,19 @@ pub fn build(
     }
     if opts.search {
         let mut rng = task_rng(opts.seed, Task::Search);
+        // Requests in words draw from their own stream: adding them leaves the plain
+        // search examples as they were.
+        let mut words_rng = task_rng(opts.seed, Task::Search);
+        words_rng.set_stream(WORDS_STREAM);
+        let lexicon = Lexicon::builtin();
         for (i, item) in catalog.items.iter().enumerate() {
-            for _ in 0..opts.search_per_item {
-                let q = search_query(item, &mut rng, opts.max_title_words);
+            let plain = (0..opts.search_per_item)
+                .map(|_| Some(search_query(item, &mut rng, opts.max_title_words)))
+                .collect::<Vec<_>>();
+            let words = (0..opts.requests_per_item)
+                .map(|_| lexicon.request(item, &mut words_rng))
+                .collect::<Vec<_>>();
+            for q in plain.into_iter().chain(words).flatten() {
                 let noun = item.item_type.replace('_', " ");
                 let values = [(Slot::Query, q.as_str()), (Slot::Type, noun.as_str())];
                 if let Some(prompt) = render_random(prompts, PromptKind::Search, &values, &mut rng)?
@@ -1259,6 +1290,8 @@ pub fn build(
                         context: String::new(),
                         answer: sids[i].sid.clone(),
                         user: None,
+                        request: Some(q),
+                        taste: Vec::new(),
                     });
                 }
             }
@@ -1295,6 +1328,8 @@ pub fn build(
                     context: String::new(),
                     answer,
                     user: Some(u as u32),
+                    request: None,
+                    taste: Vec::new(),
                 });
             }
             for d in 1..=opts.sequence_soon {
@@ -1309,6 +1344,8 @@ pub fn build(
                         context: String::new(),
                         answer: format_history(catalog, sids, &[train[i], train[i + d]], &whole),
                         user: Some(u as u32),
+                        request: None,
+                        taste: Vec::new(),
                     });
                 }
             }
@@ -1344,6 +1381,8 @@ pub fn build(
                         context: String::new(),
                         answer: profile(catalog, window),
                         user: Some(u as u32),
+                        request: None,
+                        taste: train[..end].to_vec(),
                     });
                 }
             }
@@ -1386,6 +1425,10 @@ fn build_align(
                     context: String::new(),
                     answer: sid.to_string(),
                     user: None,
+                    // The item's own text as the request: the projection learns where
+                    // every item's vector points, which is what reads requests later.
+                    request: Some(long_text.clone()),
+                    taste: Vec::new(),
                 });
             }
             let values = [(Slot::Sid, sid), (Slot::Type, noun.as_str())];
@@ -1396,6 +1439,8 @@ fn build_align(
                     context: String::new(),
                     answer: long_text.clone(),
                     user: None,
+                    request: None,
+                    taste: Vec::new(),
                 });
             }
         }
@@ -1413,6 +1458,7 @@ fn build_recommend(
 ) -> Result<(), DataError> {
     let mut rng = task_rng(opts.seed, Task::Recommend);
     let noun = catalog_noun(catalog);
+    let lexicon = Lexicon::builtin();
     for (u, train) in split.train.iter().enumerate() {
         // Predict item t from the items before it: positions 1..len.
         let mut positions: Vec<usize> = (1..train.len()).collect();
@@ -1429,7 +1475,14 @@ fn build_recommend(
             let query = if opts.recommend_query_share > 0.0
                 && rng.gen_bool(opts.recommend_query_share.min(1.0))
             {
-                request_query(target, &mut rng).unwrap_or_default()
+                // Half in the lexicon's words, half as the attributes say it.
+                let words = match rng.gen_bool(0.5) {
+                    true => lexicon.request(target, &mut rng),
+                    false => None,
+                };
+                words
+                    .or_else(|| request_query(target, &mut rng))
+                    .unwrap_or_default()
             } else {
                 String::new()
             };
@@ -1446,6 +1499,8 @@ fn build_recommend(
                     context: String::new(),
                     answer: sids[train[t] as usize].sid.clone(),
                     user: Some(u as u32),
+                    request: (!query.is_empty()).then(|| query.clone()),
+                    taste: train[..t].to_vec(),
                 });
             }
         }
@@ -1493,6 +1548,8 @@ fn build_steer(
                     context: String::new(),
                     answer: sids[target].sid.clone(),
                     user: Some(u as u32),
+                    request: None,
+                    taste: train[..t].to_vec(),
                 });
             }
         }
@@ -1538,6 +1595,13 @@ pub fn build_validation(
             context,
             answer: sids[*target as usize].sid.clone(),
             user: Some(u as u32),
+            request: None,
+            // A continuation prompt's history is its answer's context, not its prompt:
+            // as in training, no taste vector there.
+            taste: match task {
+                Task::Sequence => Vec::new(),
+                _ => history.clone(),
+            },
         });
     }
     Ok(out)
@@ -1586,7 +1650,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             profile(&c, &[0, 1, 2]),
-            "Mostly Drama (3), Comedy (2) and War (1); mostly 1990s movies."
+            "Mostly Drama, Comedy and War; mostly 1990s movies."
         );
     }
 

@@ -30,6 +30,7 @@ use crate::model::gguf::GgufModel;
 use crate::model::hfdir::{self, HfDir, Sidecar};
 use crate::model::items::{ItemKeys, ITEM_TABLE};
 use crate::model::llama::{self, Llama, LoraConfig};
+use crate::model::soft_prompt::{self, Slot as SoftSlot, SoftVectors};
 use crate::progress::Progress;
 
 /// Where the model to train starts from.
@@ -121,6 +122,14 @@ pub struct TrainOptions {
     /// Share of every item target given to the transition memory's distribution for the
     /// items before it ([`super::soft`]; 0: one-hot targets).
     pub soft_targets: f32,
+    /// Soft prompts ([`crate::model::soft_prompt`]): the request's sentence vector and
+    /// the history's mean item vector, each projected into one input vector.
+    pub request_vectors: bool,
+    pub taste_vectors: bool,
+    /// The sentence encoder of the request vectors (`None`: `assets/minilm`). It must be
+    /// the one the SIDs were made with.
+    #[serde(skip)]
+    pub encoder: Option<PathBuf>,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     #[serde(skip)]
@@ -187,6 +196,7 @@ impl TrainOptions {
             BaseModel::HfDir(p) | BaseModel::Gguf(p) => v.push(p),
         }
         v.extend(self.prompts.as_deref());
+        v.extend(self.encoder.as_deref());
         v
     }
 }
@@ -324,18 +334,57 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         .or(cfg.eos_token_id)
         .unwrap_or(0);
 
+    // Soft prompts: the encoder and item vectors, the projections, every request's
+    // vector (computed once: many examples share words).
+    let soft_prompts = soft_setup(opts, &sids)?;
+    let mut request_table: HashMap<String, std::sync::Arc<[f32]>> = HashMap::new();
+    if let Some((vectors, _)) = &soft_prompts {
+        for (name, t) in soft_prompt::init_weights(cfg.hidden_size, vectors.dim())? {
+            tensors.entry(name).or_insert(t);
+        }
+        if opts.request_vectors {
+            let mut texts: Vec<String> = examples
+                .iter()
+                .chain(&valid)
+                .filter_map(|e| e.request.clone())
+                .collect();
+            texts.sort_unstable();
+            texts.dedup();
+            let bar = progress.bar(texts.len() as u64, "request vectors");
+            let rows = vectors
+                .requests(&texts, &mut |done| bar.set_position(done as u64))
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            bar.finish_and_clear();
+            request_table = texts
+                .into_iter()
+                .zip(rows.into_iter().map(Into::into))
+                .collect();
+        }
+    }
+
     // 3. Tokenize examples once.
     let encode = |exs: &[Example]| -> Result<Vec<Encoded>> {
         exs.iter()
             .map(|e| {
-                Ok(trainer::encode_pair(
+                let mut enc = trainer::encode_pair(
                     &tok,
                     &chat,
                     &e.prompt,
                     &e.context,
                     &e.answer,
                     opts.max_len,
-                )?)
+                )?;
+                if let Some((vectors, _)) = &soft_prompts {
+                    if let Some(v) = e.request.as_ref().and_then(|r| request_table.get(r)) {
+                        enc.soft.push((SoftSlot::Request, v.clone()));
+                    }
+                    if opts.taste_vectors {
+                        if let Some(v) = vectors.taste(&e.taste) {
+                            enc.soft.push((SoftSlot::Taste, v.into()));
+                        }
+                    }
+                }
+                Ok(enc)
             })
             .collect()
     };
@@ -369,6 +418,7 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
         soon: opts.data.sequence && opts.data.sequence_soon > 0,
         recipe: opts.recipe_name.clone(),
         ranking: opts.rank.clone(),
+        soft_prompt: soft_prompts.as_ref().map(|(_, card)| card.clone()),
     };
     // Validation users for --select-best: held-out next items, ranked over the catalog.
     let select_cases: Vec<(Vec<u32>, u32)> = match opts.select_users {
@@ -437,7 +487,7 @@ pub fn run(opts: &TrainOptions, progress: Progress) -> Result<TrainReport> {
             }
             .map_err(soft_error)?;
             targets.scored_loss(|rows| {
-                m.forward_train_rows(&b.input, Some(&b.attention), dropout, rows)
+                m.forward_train_rows(&b.input, Some(&b.attention), dropout, rows, b.soft.as_ref())
                     .map_err(to_candle)
             })
         };
@@ -791,6 +841,49 @@ fn strip_sid_tokens(s: &str) -> String {
     out
 }
 
+/// The soft-prompt vectors of a run and the model card's record of them, when the
+/// recipe asks for any: the item vectors from the artifacts' codebooks, and the encoder
+/// (hashed, so a model is never asked with another encoder's vectors).
+fn soft_setup(
+    opts: &TrainOptions,
+    sids: &SidMap,
+) -> Result<Option<(SoftVectors, hfdir::SoftPromptCard)>> {
+    if !opts.request_vectors && !opts.taste_vectors {
+        return Ok(None);
+    }
+    let codebooks = artifacts::read_codebooks(&opts.artifacts)?;
+    let (items, dim) = artifacts::item_vectors(&codebooks, &sids.records)?;
+    let (encoder, card) = if opts.request_vectors {
+        let dir = opts
+            .encoder
+            .clone()
+            .unwrap_or_else(crate::embed::default_encoder_dir);
+        let encoder =
+            crate::embed::BertEncoder::from_dir(&dir, soft_prompt::REQUEST_TOKENS).map_err(|e| {
+                Error::Invalid(format!(
+                    "request_vectors needs the sentence encoder the SIDs were made with: {e}                      (run scripts/fetch-assets.sh, or give its directory)"
+                ))
+            })?;
+        let card = hfdir::SoftPromptCard {
+            request: true,
+            taste: opts.taste_vectors,
+            encoder: dir.display().to_string(),
+            encoder_sha256: hfdir::sha256_file(dir.join("model.safetensors"))?,
+        };
+        (Some(encoder), card)
+    } else {
+        let card = hfdir::SoftPromptCard {
+            request: false,
+            taste: true,
+            ..Default::default()
+        };
+        (None, card)
+    };
+    let vectors =
+        SoftVectors::new(encoder, items, dim).map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(Some((vectors, card)))
+}
+
 type Trainable = (Llama, Vec<(String, candle_core::Var)>);
 
 fn build_model(
@@ -820,12 +913,16 @@ fn build_model(
                 train_new_rows_from: Some(n_old),
             };
             let mut init = llama::lora_init_tensors(cfg, &lora, opts.seed)?;
-            // The item table is new: it trains beside the adapters.
-            if let Some(t) = tensors.get(ITEM_TABLE) {
-                init.insert(
-                    ITEM_TABLE.to_string(),
-                    t.copy().map_err(llama::ModelError::from)?,
-                );
+            // The item table and the soft-prompt projections are new: they train beside
+            // the adapters.
+            for name in [
+                ITEM_TABLE,
+                soft_prompt::REQUEST_WEIGHT,
+                soft_prompt::TASTE_WEIGHT,
+            ] {
+                if let Some(t) = tensors.get(name) {
+                    init.insert(name.to_string(), t.copy().map_err(llama::ModelError::from)?);
+                }
             }
             let map = llama::varmap_from_tensors(&init)?;
             let base = VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
@@ -850,6 +947,19 @@ fn build_model(
                 .ok_or_else(|| Error::Invalid(format!("{ITEM_TABLE} is missing")))?;
             model.with_items(table, keys.clone())?
         }
+    };
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_tensor().clone())
+    };
+    let model = match (
+        param(soft_prompt::REQUEST_WEIGHT),
+        param(soft_prompt::TASTE_WEIGHT),
+    ) {
+        (Some(request), Some(taste)) => model.with_soft_prompt(request, taste)?,
+        _ => model,
     };
     Ok((model, params))
 }

@@ -115,6 +115,14 @@ pub struct Recipe {
     /// Share of recommendation examples that also carry a request in words.
     pub recommend_query_share: f64,
     pub search_per_item: usize,
+    /// Further search examples per item asking for its genre or decade in the words of
+    /// the request lexicon (`prompts/requests/`).
+    pub requests_per_item: usize,
+    /// Read the request's sentence vector as a soft prompt (needs the encoder the SIDs
+    /// were made with, `assets/minilm` by default).
+    pub request_vectors: bool,
+    /// Read the history's mean item vector as a soft prompt (the user's taste).
+    pub taste_vectors: bool,
     /// Histories as SIDs alone, without titles.
     pub sid_only_histories: bool,
     /// Whole histories as one answer, every item a target.
@@ -165,6 +173,9 @@ impl Default for Recipe {
             recommend_per_user: None,
             recommend_query_share: 0.3,
             search_per_item: 1,
+            requests_per_item: 0,
+            request_vectors: false,
+            taste_vectors: false,
             sid_only_histories: false,
             sequence_examples: false,
             short_windows: 0,
@@ -323,6 +334,12 @@ impl Loaded {
                 "soon_pairs adds sequence examples: it needs sequence_examples = true",
             ));
         }
+        if r.select_best > 0 && (r.request_vectors || r.taste_vectors) {
+            return Err(invalid(
+                "select_best ranks validation users without soft prompts: it cannot be \
+                 combined with request_vectors or taste_vectors yet",
+            ));
+        }
         if r.item_dropout > 0.0 && !r.item_embeddings {
             return Err(invalid(
                 "item_dropout drops item vectors: it needs item_embeddings = true",
@@ -400,6 +417,9 @@ impl Loaded {
             item_embeddings: r.item_embeddings,
             item_dropout: r.item_dropout,
             soft_targets: r.soft_targets,
+            request_vectors: r.request_vectors,
+            taste_vectors: r.taste_vectors,
+            encoder: None,
             lora_rank: r.lora_rank,
             lora_alpha: r.lora_alpha,
             eval_every: r.eval_every,
@@ -417,6 +437,7 @@ impl Loaded {
                 recommend_per_user: r.recommend_per_user,
                 recommend_query_share: r.recommend_query_share,
                 search_per_item: r.search_per_item,
+                requests_per_item: r.requests_per_item,
                 history_titles: !r.sid_only_histories,
                 sequence: r.sequence_examples,
                 sequence_short: r.short_windows,

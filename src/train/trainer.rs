@@ -6,6 +6,7 @@
 //! fine-tuning, LoRA and new-rows-only training share this loop.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::optim::{lr_at, AdamW, AdamWConfig};
+use crate::model::soft_prompt::{Slot as SoftSlot, SoftInputs};
 use crate::progress::Progress;
 
 /// Errors of the training loop.
@@ -41,11 +43,25 @@ type Result<T> = std::result::Result<T, TrainError>;
 
 /// One tokenized example: the full token sequence and which positions are answer tokens
 /// (the loss is computed on those only).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Encoded {
     pub ids: Vec<u32>,
     /// 1 where `ids[i]` is part of the answer (a prediction target).
     pub answer: Vec<u8>,
+    /// Soft-prompt vectors, read at the prompt's last position
+    /// ([`crate::model::soft_prompt`]); shared between examples with the same words.
+    pub soft: Vec<(SoftSlot, Arc<[f32]>)>,
+}
+
+impl Encoded {
+    /// The position of the prompt's last token (where soft prompts are added).
+    pub fn prompt_end(&self) -> usize {
+        self.answer
+            .iter()
+            .position(|&a| a == 1)
+            .unwrap_or(self.ids.len())
+            .saturating_sub(1)
+    }
 }
 
 /// How prompts and answers are laid out in tokens: the chat format of SmolLM2-Instruct
@@ -118,7 +134,11 @@ pub fn encode_pair(
         .chain(std::iter::repeat_n(1u8, a.len()))
         .collect();
     p.extend(a);
-    Ok(Encoded { ids: p, answer })
+    Ok(Encoded {
+        ids: p,
+        answer,
+        soft: Vec::new(),
+    })
 }
 
 /// A padded batch, already shifted for next-token prediction.
@@ -133,6 +153,8 @@ pub struct Batch {
     pub loss_mask: Tensor,
     /// Number of real (non-padding) input tokens.
     pub tokens: usize,
+    /// The examples' soft-prompt vectors at their prompts' last positions (`None`: none).
+    pub soft: Option<SoftInputs>,
 }
 
 /// Pads examples to the longest one and shifts them into inputs and targets.
@@ -149,7 +171,12 @@ pub fn collate(examples: &[&Encoded], pad_id: u32) -> Result<Batch> {
     let mut attention = vec![0f32; b * t];
     let mut loss_mask = vec![0f32; b * t];
     let mut tokens = 0;
+    let mut soft: Option<SoftInputs> = None;
     for (r, e) in examples.iter().enumerate() {
+        for (slot, v) in &e.soft {
+            let s = soft.get_or_insert_with(|| SoftInputs::new(v.len()));
+            s.push(*slot, (r * t + e.prompt_end()) as u32, v);
+        }
         let n = e.ids.len().saturating_sub(1);
         for i in 0..n {
             input[r * t + i] = e.ids[i];
@@ -166,6 +193,7 @@ pub fn collate(examples: &[&Encoded], pad_id: u32) -> Result<Batch> {
         attention: Tensor::from_vec(attention, (b, t), &dev)?,
         loss_mask: Tensor::from_vec(loss_mask, (b, t), &dev)?,
         tokens,
+        soft,
     })
 }
 
@@ -560,6 +588,7 @@ mod tests {
         Encoded {
             ids: ids.to_vec(),
             answer: (0..ids.len()).map(|i| (i >= answer_from) as u8).collect(),
+            soft: Vec::new(),
         }
     }
 

@@ -154,6 +154,9 @@ pub fn options(artifacts: PathBuf, inter: PathBuf, base: BaseModel, out: PathBuf
         recipe_name: String::new(),
         validator: None,
         soft_targets: 0.0,
+        request_vectors: false,
+        taste_vectors: false,
+        encoder: None,
         data: DataOptions {
             seed: 1,
             ..Default::default()

@@ -7,13 +7,22 @@ use super::*;
 pub struct ModelSource<'a> {
     model: &'a Llama,
     cache: KvCache,
+    /// Soft-prompt vectors read at the prompt's last position.
+    vectors: soft::InputVectors,
 }
 
 impl<'a> ModelSource<'a> {
     pub fn new(model: &'a Llama) -> Self {
+        Self::with_vectors(model, Vec::new())
+    }
+
+    /// A source whose prompt also carries soft-prompt vectors (at its last token, where
+    /// training put them).
+    pub fn with_vectors(model: &'a Llama, vectors: soft::InputVectors) -> Self {
         ModelSource {
             model,
             cache: KvCache::new(model.config()),
+            vectors,
         }
     }
 }
@@ -25,7 +34,19 @@ impl LogitSource for ModelSource<'_> {
         }
         self.cache = KvCache::new(self.model.config());
         let ids = Tensor::from_slice(prompt, (1, prompt.len()), &Device::Cpu)?;
-        let logits = self.model.forward_cached_last(&ids, &mut self.cache)?;
+        let soft = match self.vectors.first() {
+            None => None,
+            Some((_, v)) => {
+                let mut s = crate::model::soft_prompt::SoftInputs::new(v.len());
+                for (slot, v) in &self.vectors {
+                    s.push(*slot, (prompt.len() - 1) as u32, v);
+                }
+                Some(s)
+            }
+        };
+        let logits = self
+            .model
+            .forward_cached_last_soft(&ids, &mut self.cache, soft.as_ref())?;
         finite(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 
