@@ -692,3 +692,120 @@ fn soft_targets_take_the_memory_as_teacher() {
         .unwrap();
     assert_eq!(recs.len(), 3);
 }
+
+/// A model trained with soft prompts (request and taste vectors, MiniLM on the fixture
+/// catalog) records its encoder, saves the projections, loads and answers with them; the
+/// request's words change the answer's scores, which they could not do through a
+/// projection the loader dropped; another encoder is refused.
+#[test]
+fn soft_prompts_train_save_and_answer() {
+    use sidrec::decode::{Engine, Mode, Request};
+    use sidrec::model::soft_prompt::{REQUEST_WEIGHT, TASTE_WEIGHT};
+    let minilm = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/minilm");
+    assert!(
+        minilm.join("model.safetensors").is_file(),
+        "run scripts/fetch-assets.sh"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("artifacts");
+    let opts = sidrec::tokenize::TokenizeOptions {
+        catalog: Some(common::fixture("catalog.jsonl")),
+        load: sidrec::catalog::LoadOptions {
+            format: None,
+            default_type: "item".into(),
+            skip_invalid: false,
+        },
+        template: sidrec::template::Template::default(),
+        embeddings: sidrec::tokenize::EmbeddingSource::ModelDir(minilm.clone()),
+        batch_size: 8,
+        max_tokens: 64,
+        quantize: sidrec::quantize::QuantizeConfig {
+            levels: vec![4, 4],
+            iters: 5,
+            seed: 0,
+            ..Default::default()
+        },
+        out: art.clone(),
+        force: false,
+        save_embeddings: false,
+        collab: None,
+    };
+    sidrec::tokenize::run(&opts, Progress::new(true)).unwrap();
+    let out = tmp.path().join("model");
+    let mut o = common::options(
+        art,
+        common::interactions(tmp.path()),
+        BaseModel::Scratch {
+            config: common::tiny_config(tmp.path()),
+            vocab_size: 400,
+        },
+        out.clone(),
+    );
+    o.request_vectors = true;
+    o.taste_vectors = true;
+    o.data.requests_per_item = 2;
+    sidrec::train::pipeline::run(&o, Progress::new(true)).unwrap();
+
+    let side = sidrec::model::hfdir::Sidecar::read(&out).unwrap();
+    let card = side.soft_prompt.expect("the card records the soft prompts");
+    assert!(card.request && card.taste);
+    assert_eq!(
+        card.encoder_sha256,
+        sidrec::model::hfdir::sha256_file(minilm.join("model.safetensors")).unwrap()
+    );
+    let hf = sidrec::model::hfdir::HfDir::load(&out).unwrap();
+    for name in [REQUEST_WEIGHT, TASTE_WEIGHT] {
+        let w = &hf.tensors[name];
+        let norm = w
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "{name} was not trained");
+    }
+
+    let engine = Engine::load(&out).unwrap();
+    assert!(engine.reads_request_vectors());
+    let search = |q: &str| Request {
+        mode: Mode::Search,
+        query: q.into(),
+        k: 3,
+        ..Request::default()
+    };
+    let a = engine.rank(&search("a podcast about science")).unwrap();
+    let b = engine.rank(&search("an old war movie")).unwrap();
+    assert_eq!(a.len(), 3);
+    assert_ne!(
+        a.iter().map(|h| h.score).collect::<Vec<_>>(),
+        b.iter().map(|h| h.score).collect::<Vec<_>>()
+    );
+    // With the vectors taken away the same words score differently: they were read.
+    let mut blind = Engine::load(&out).unwrap();
+    blind.set_soft_vectors(None);
+    let c = blind.rank(&search("a podcast about science")).unwrap();
+    assert_ne!(
+        a.iter().map(|h| h.score).collect::<Vec<_>>(),
+        c.iter().map(|h| h.score).collect::<Vec<_>>()
+    );
+
+    // Another encoder (a copy with one byte changed) is refused, naming both.
+    let fake = tmp.path().join("other-encoder");
+    std::fs::create_dir(&fake).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(minilm.join(f), fake.join(f)).unwrap();
+    }
+    let mut bytes = std::fs::read(fake.join("model.safetensors")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(fake.join("model.safetensors"), bytes).unwrap();
+    let err = Engine::load_with(&out, Some(&fake))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("not the one the model was trained with"),
+        "{err}"
+    );
+}

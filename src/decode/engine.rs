@@ -622,10 +622,11 @@ impl Engine {
     fn rank_plan(&self, req: &Request) -> std::result::Result<RankPlan, DecodeError> {
         // (model input, prior weight) per conditional: the whole history, then each
         // recent item alone.
+        let words = self.request_vector(req)?;
         let mut inputs = vec![(
             self.model_input(req)?,
             1.0,
-            self.input_vectors(req, &req.history)?,
+            self.input_vectors(req, &req.history, words.as_ref())?,
         )];
         let decay = req.recent_decay.unwrap_or(RECENT_DECAY);
         if !(decay.is_finite() && decay > 0.0) {
@@ -639,7 +640,7 @@ impl Engine {
                 inputs.push((
                     self.recent_input(req, item)?,
                     weight,
-                    self.input_vectors(req, &[item])?,
+                    self.input_vectors(req, &[item], words.as_ref())?,
                 ));
                 weight *= decay;
             }
@@ -823,8 +824,9 @@ impl Engine {
             cfg.stop = self.stop.clone();
         }
         cfg.items = self.resolve_format(req) != Format::Text;
-        let mut src =
-            ModelSource::with_vectors(&self.model, self.input_vectors(req, &req.history)?);
+        let words = self.request_vector(req)?;
+        let vectors = self.input_vectors(req, &req.history, words.as_ref())?;
+        let mut src = ModelSource::with_vectors(&self.model, vectors);
         let segs = generate(
             &mut src,
             &self.sids.trie,

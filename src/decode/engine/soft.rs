@@ -78,32 +78,51 @@ impl Engine {
             && self.sidecar.soft_prompt.as_ref().is_some_and(|c| c.request)
     }
 
+    /// The request vector of `req`'s words, for a model that reads them (computed once
+    /// per request: every model input of a ranking shares it).
+    pub(super) fn request_vector(
+        &self,
+        req: &Request,
+    ) -> std::result::Result<Option<Vec<f32>>, DecodeError> {
+        let (Some(vectors), Some(card)) = (&self.soft, &self.sidecar.soft_prompt) else {
+            return Ok(None);
+        };
+        let query = req.query.trim();
+        if !(card.request && vectors.has_encoder()) || query.is_empty() {
+            return Ok(None);
+        }
+        let mut v = vectors
+            .requests(&[query.to_string()], &mut |_| {})
+            .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        Ok(v.pop())
+    }
+
     /// The vectors of a model input for `req` with `history` as its history, as
-    /// training attached them: the request's words (search, recommend with words, chat)
-    /// and the history's taste (recommend, describe; not a history continuation, whose
-    /// history is the answer's context).
+    /// training attached them: the request's words (`request`, from
+    /// [`Engine::request_vector`]) and the history's taste (recommend, describe); none
+    /// for a history continuation, whose history is the answer's context.
     pub(super) fn input_vectors(
         &self,
         req: &Request,
         history: &[ItemIdx],
+        request: Option<&Vec<f32>>,
     ) -> std::result::Result<InputVectors, DecodeError> {
         let (Some(vectors), Some(card)) = (&self.soft, &self.sidecar.soft_prompt) else {
             return Ok(Vec::new());
         };
-        let mut out = Vec::new();
         let continues = self.continues_history(&Request {
             history: history.to_vec(),
             ..req.clone()
         })?;
-        let query = req.query.trim();
-        if card.request && vectors.has_encoder() && !query.is_empty() && !continues {
-            let mut v = vectors
-                .requests(&[query.to_string()], &mut |_| {})
-                .map_err(|e| DecodeError::Invalid(e.to_string()))?;
-            out.push((SoftSlot::Request, v.remove(0)));
+        if continues {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        if let Some(v) = request {
+            out.push((SoftSlot::Request, v.clone()));
         }
         let mode = self.resolve_mode(req)?;
-        if card.taste && !continues && matches!(mode, Mode::Recommend | Mode::Describe) {
+        if card.taste && matches!(mode, Mode::Recommend | Mode::Describe) {
             if let Some(v) = vectors.taste(history) {
                 out.push((SoftSlot::Taste, v));
             }
