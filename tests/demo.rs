@@ -140,3 +140,35 @@ fn repl_without_a_model_uses_the_demo() {
     assert!(text.contains("added Toy Story (1)"), "{text}");
     assert!(text.contains("  3. "), "{text}");
 }
+
+/// The demo reads requests itself (`--literal`: no keyword reader, no filter): the
+/// README's two requests, whose words name no genre the catalog spells, come back mostly
+/// as comedies and horror films.
+#[test]
+fn the_demo_reads_requests_in_its_own_words() {
+    let catalog: Vec<Value> = std::fs::read_to_string(demo().join("catalog.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (request, genre) in [
+        ("something light-hearted and silly", "Comedy"),
+        ("a movie about ghosts and haunted houses", "Horror"),
+    ] {
+        let (v, err) = recommend_json(&[request, "--literal"]);
+        assert!(!err.contains("(read "), "the keyword reader ran: {err}");
+        let items = v["items"].as_array().unwrap();
+        let hits = items
+            .iter()
+            .filter(|it| {
+                let c = catalog.iter().find(|c| c["id"] == it["id"]).unwrap();
+                c["attrs"]["genre"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|g| g == genre)
+            })
+            .count();
+        assert!(hits >= 6, "{request}: {hits} of 10 are {genre}: {v}");
+    }
+}
