@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Regenerates models/demo/, the model `sidrec recommend`, `repl` and `serve` use when no
-# --model is given: the tiny config trained from scratch on MovieLens-100k (item text:
-# title, year, genres; training sequences: the user histories), about 35 min on 2 cores
-# (27 of them training).
+# --model is given: the tiny config trained from scratch on MovieLens-100k with
+# recipes/demo.toml (item text: title, year, genres; training sequences: the user
+# histories; requests in words; request and taste vectors through assets/minilm), about
+# an hour on 2 cores.
+#
+# The committed model was trained with --artifacts models/demo (the previous demo's SIDs,
+# which the tokenize step below reproduces byte for byte, checked 2026-12-07), so its
+# sidrec.json records that path and --check differs from it in sidrec.json alone.
 #
 #   scripts/demo-model.sh          # fetch, tokenize, train, replace models/demo/
 #   scripts/demo-model.sh --check  # the same into out/demo-build/, then compare every
