@@ -27,7 +27,8 @@ failed run leaves no half-written model.\n\n\
 Examples:\n  \
 sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter -o out/ml100k\n  \
 sidrec train --artifacts out/amz --interactions interactions.json -o out/amz --set stage2_epochs=3\n  \
-sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter --recipe my.toml -o out/m";
+sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter --recipe my.toml -o out/m\n  \
+sidrec train --artifacts out/ml-100k --interactions assets/ml-100k/ml-100k.inter --recipe demo -o out/reads";
 
 #[derive(Args)]
 pub(crate) struct TrainArgs {
@@ -47,7 +48,8 @@ pub(crate) struct TrainArgs {
     /// instead of stopping at the first; they are listed in train_report.json.
     #[arg(long, help_heading = "Input and output")]
     skip_invalid: bool,
-    /// The recipe: a built-in name (amazon, movielens) or a TOML file [default: chosen
+    /// The recipe: a built-in name (amazon, movielens, or demo: the demo model's, which
+    /// reads requests through soft prompts) or a TOML file [default: chosen
     /// from the data's history length, and printed].
     #[arg(long, help_heading = "Recipe")]
     recipe: Option<String>,

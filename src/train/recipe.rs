@@ -28,6 +28,7 @@ pub const RECIPES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes");
 pub const BUILTIN: &[(&str, &str)] = &[
     ("movielens", include_str!("../../recipes/movielens.toml")),
     ("amazon", include_str!("../../recipes/amazon.toml")),
+    ("demo", include_str!("../../recipes/demo.toml")),
 ];
 
 /// Mean training-history length (items per user) under which data counts as short-history
