@@ -197,21 +197,6 @@ pub fn named_genres(text: &str, genres: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// The history's `k` most frequent genres (ties: first seen).
-fn top_genres(catalog: &Catalog, history: &[ItemIdx], k: usize) -> Vec<String> {
-    let mut counts: Vec<(String, usize)> = Vec::new();
-    for &i in history {
-        for g in data::genres(&catalog.items[i as usize]) {
-            match counts.iter_mut().find(|(x, _)| *x == g) {
-                Some(e) => e.1 += 1,
-                None => counts.push((g, 1)),
-            }
-        }
-    }
-    counts.sort_by_key(|e| std::cmp::Reverse(e.1));
-    counts.into_iter().take(k).map(|e| e.0).collect()
-}
-
 /// Options of [`evaluate`].
 pub struct LanguageOptions<'a> {
     pub file: PathBuf,
@@ -343,7 +328,7 @@ pub fn evaluate(
                 })
                 .collect();
             let named = named_genres(&text, &all_genres);
-            let top3 = top_genres(catalog, h, 3);
+            let top3 = data::top_genres(catalog, h, 3);
             res.named += named.len();
             in_top3 += named.iter().filter(|g| top3.contains(g)).count();
             with_genre += usize::from(!named.is_empty());

@@ -85,15 +85,6 @@ impl SoftInputs {
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
-
-    /// The same vectors at positions `at` moved to another layout (e.g. one row per
-    /// beam): `f(position)`.
-    pub fn remap(&self, f: impl Fn(u32) -> u32) -> SoftInputs {
-        SoftInputs {
-            at: self.at.iter().map(|&p| f(p)).collect(),
-            ..self.clone()
-        }
-    }
 }
 
 /// The learned projections of a model that reads soft prompts.

@@ -1013,6 +1013,18 @@ fn and_list(parts: &[String]) -> String {
     }
 }
 
+/// The `k` genres most frequent in a history, most frequent first (ties: first seen), as
+/// [`profile`] ranks them: what a profile's genres are checked against.
+pub fn top_genres(catalog: &Catalog, history: &[u32], k: usize) -> Vec<String> {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for &i in history {
+        for g in genres(&catalog.items[i as usize]) {
+            bump(&mut counts, &g);
+        }
+    }
+    top(&counts, k).into_iter().map(|(g, _)| g).collect()
+}
+
 /// A short text profile of a history: its three most frequent genres (or product
 /// categories), most frequent first, the most frequent decade, the entity types. E.g.
 /// `Mostly Drama, Comedy and Thriller; mostly 1990s movies.`, or for a mixed history

@@ -85,10 +85,12 @@ fn entries<'a>(file: &str, text: &'a str) -> Result<Vec<Entry<'a>>, DataError> {
 }
 
 impl Lexicon {
-    /// The lexicon compiled in from `prompts/requests/`.
-    pub fn builtin() -> Lexicon {
+    /// The lexicon compiled in from `prompts/requests/`, parsed once per process
+    /// (every training build and test asks for it).
+    pub fn builtin() -> &'static Lexicon {
+        static BUILTIN: std::sync::OnceLock<Lexicon> = std::sync::OnceLock::new();
         // The files are checked by a unit test; a broken edit fails it.
-        Lexicon::parse(GENRES, DECADES, FRAMES).unwrap_or_default()
+        BUILTIN.get_or_init(|| Lexicon::parse(GENRES, DECADES, FRAMES).unwrap_or_default())
     }
 
     pub fn parse(genres_txt: &str, decades_txt: &str, frames_txt: &str) -> Result<Self, DataError> {
