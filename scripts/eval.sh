@@ -8,7 +8,8 @@
 #   scripts/eval.sh demo               # recipes/demo.toml + the held-out language requests
 #   scripts/eval.sh amazon-scientific  # recipes/amazon.toml, 45-70 min (needs ../shared/data)
 #   scripts/eval.sh ml-1m              # movielens + small config, about 2 h
-#   scripts/eval.sh mixed              # movies + products in one catalog: type steering
+#   scripts/eval.sh mixed              # movies + products in one catalog: type steering,
+#                                      # Amazon's categories and brands in words
 #
 # Each dataset is one line of DATASETS: its catalog, interactions, tokenize flags, recipe
 # and the recipe settings it changes (--set). Tables measured before recipes existed name
@@ -33,7 +34,7 @@ DATASETS=(
     "demo|assets/ml-100k/ml-100k.item|assets/ml-100k/ml-100k.inter|--type movie|demo||--requests tests/data/requests/movielens.jsonl"
     "ml-1m|assets/ml-1m/ml-1m.item|assets/ml-1m/ml-1m.inter|--type movie|movielens|base=../models/small.json dropout=0.2 stage2_epochs=2 rank.mix_recent=2 rank.memory=4"
     "amazon-scientific|$shared/data/amazon-scientific/items.json|$shared/data/amazon-scientific/interactions.json|--type product|amazon|"
-    "mixed|out/eval-mixed/data/items.jsonl|out/eval-mixed/data/interactions.jsonl||movielens|steer_per_user=1 stage2_epochs=2"
+    "mixed|out/eval-mixed/data/items.jsonl|out/eval-mixed/data/interactions.jsonl||movielens|steer_per_user=2 stage2_epochs=2 search_per_item=2 request_vectors=true taste_vectors=true|--requests tests/data/requests/amazon-scientific.jsonl"
 )
 
 cargo build --release --quiet
@@ -43,9 +44,10 @@ run_one() {
     local ds=$1 items=$2 inter=$3 tok=$4 recipe=$5 sets=$6 evalflags=$7
     local out=out/eval-$ds
     if [[ $ds == mixed ]]; then
-        # MovieLens-100k movies and Amazon Scientific products in one catalog, each
-        # user's history within one type (examples/mix_catalogs.rs writes it).
-        cargo run --release --quiet --example mix_catalogs -- "$out/data" \
+        # MovieLens-100k movies and Amazon Scientific products in one catalog; 400
+        # users cross types, each two users' histories interleaved, the others stay
+        # within one (examples/mix_catalogs.rs writes it).
+        cargo run --release --quiet --example mix_catalogs -- --cross 400 "$out/data" \
             movie assets/ml-100k/ml-100k.{item,inter} \
             product "$shared"/data/amazon-scientific/{items,interactions}.json
     fi

@@ -103,6 +103,8 @@ fn every_task_produces_examples() {
         &f,
         &DataOptions {
             sequence: true,
+            chat_per_item: 1,
+            chat_per_user: 1,
             ..DataOptions::default()
         },
     );
@@ -543,7 +545,7 @@ fn task_names_round_trip() {
     for t in Task::ALL {
         assert_eq!(t.to_string().parse::<Task>().unwrap(), t);
     }
-    assert!("chat".parse::<Task>().is_err());
+    assert!("talk".parse::<Task>().is_err());
 }
 
 /// MovieLens-100k with arbitrary codes (the quantizer is not needed to test the data
@@ -822,9 +824,12 @@ fn held_out_requests_never_occur_in_training() {
         requests_per_item: 5,
         recommend_per_user: Some(5),
         recommend_query_share: 1.0,
+        chat_per_item: 1,
+        chat_per_user: 1,
         ..DataOptions::default()
     };
     let ex = build(&catalog, &sids.records, &split, &Prompts::builtin(), &opts).unwrap();
+    assert!(ex.iter().any(|e| e.task == Task::Chat));
     let norm = sidrec::decode::query::normalize;
     let requests: std::collections::HashSet<String> = ex
         .iter()
@@ -910,4 +915,127 @@ fn held_out_requests_never_occur_in_training() {
             );
         }
     }
+}
+
+/// The held-out format phrasings of the eval are not training's chat phrasings.
+#[test]
+fn held_out_format_phrasings_are_not_training_phrasings() {
+    let prompts = Prompts::builtin();
+    let norm = sidrec::decode::query::normalize;
+    let training: std::collections::HashSet<String> = [
+        PromptKind::ChatItems,
+        PromptKind::ChatText,
+        PromptKind::ChatBoth,
+    ]
+    .iter()
+    .flat_map(|&k| prompts.phrasings(k))
+    .map(|p| {
+        norm(
+            &p.source()
+                .replace("{query}", "REQUEST")
+                .replace("{type}", "movie"),
+        )
+    })
+    .collect();
+    let held = sidrec::eval::format::load_formats(&root().join("tests/data/requests/formats.txt"))
+        .unwrap();
+    assert!(held.len() >= 9);
+    for f in &held {
+        let n = norm(&f.text.replace("{request}", "REQUEST"));
+        assert!(
+            !training.contains(&n),
+            "held-out {:?} is a training phrasing",
+            f.text
+        );
+    }
+}
+
+/// Chat answers have the form their phrasing asks for, name only catalog items, and
+/// the per-item ones name only items that share the request's genre or decade with
+/// the item the request was drawn from.
+#[test]
+fn chat_answers_have_the_form_their_phrasing_asks_for() {
+    let (catalog, sids, split) = movielens_100k();
+    let opts = DataOptions {
+        chat_per_item: 2,
+        chat_per_user: 1,
+        align: false,
+        recommend: false,
+        search: false,
+        describe: false,
+        ..DataOptions::default()
+    };
+    let prompts = Prompts::builtin();
+    let ex = build(&catalog, &sids.records, &split, &prompts, &opts).unwrap();
+    assert!(ex.iter().all(|e| e.task == Task::Chat));
+    // Almost every item has a genre or a year; every user with 2+ items gets one.
+    assert!(ex.len() > 2 * 1600 + 900, "{} chat examples", ex.len());
+    let known: std::collections::HashSet<&str> =
+        sids.records.iter().map(|r| r.sid.as_str()).collect();
+    let shape = |k: PromptKind| -> Vec<(String, String)> {
+        prompts
+            .phrasings(k)
+            .iter()
+            .filter(|p| p.source() != "{query}")
+            .map(|p| {
+                let src = p.source().replace("{type}", "movie");
+                let (a, b) = src.split_once("{query}").unwrap();
+                (a.to_string(), b.to_string())
+            })
+            .collect()
+    };
+    let (items, text) = (shape(PromptKind::ChatItems), shape(PromptKind::ChatText));
+    let matches = |forms: &[(String, String)], p: &str| {
+        forms.iter().any(|(a, b)| {
+            p.starts_with(a.as_str()) && p.ends_with(b.as_str()) && p.len() > a.len() + b.len()
+        })
+    };
+    let mut seen = BTreeMap::new();
+    for e in &ex {
+        assert_eq!(e.request.as_deref(), Some(e.prompt.as_str()));
+        let parts: Vec<&str> = e.answer.split("; ").collect();
+        let all_sids = parts.iter().all(|p| known.contains(p));
+        let form = if matches(&items, &e.prompt) {
+            assert!(
+                all_sids && parts.len() <= 3,
+                "{:?} -> {:?}",
+                e.prompt,
+                e.answer
+            );
+            "items"
+        } else if matches(&text, &e.prompt) {
+            assert!(
+                !e.answer.contains("<movie>"),
+                "{:?} -> {:?}",
+                e.prompt,
+                e.answer
+            );
+            assert!(e.answer.starts_with("Try ") || e.answer.starts_with("People who liked "));
+            "text"
+        } else {
+            // Both: a lead sentence, then SIDs.
+            let (lead, rest) = e.answer.rsplit_once(": ").unwrap();
+            assert!(!lead.contains('<'), "{:?}", e.answer);
+            assert!(
+                rest.split("; ").all(|p| known.contains(p)),
+                "{:?}",
+                e.answer
+            );
+            "both"
+        };
+        let n = seen.entry(form).or_insert(0usize);
+        if *n < 2 || (e.user.is_some() && *n % 500 == 0) {
+            println!(
+                "--- chat, {form}\nPROMPT: {}\nANSWER: {}",
+                e.prompt, e.answer
+            );
+        }
+        *n += 1;
+    }
+    for f in ["items", "text", "both"] {
+        assert!(seen.get(f).copied().unwrap_or(0) > ex.len() / 5, "{seen:?}");
+    }
+    // Determinism: the same seed gives the same examples.
+    let again = build(&catalog, &sids.records, &split, &prompts, &opts).unwrap();
+    assert_eq!(ex, again);
 }

@@ -82,6 +82,11 @@ pub(crate) struct EvalArgs {
     /// steering users, and the genres their profiles name.
     #[arg(long, value_name = "FILE")]
     requests: Option<PathBuf>,
+    /// Held-out format phrasings (lines `items|text|both: ... {request} ...`, as
+    /// tests/data/requests/formats.txt): with --requests, asks each request in chat once
+    /// per form and reports how often the answer has the form asked for.
+    #[arg(long, value_name = "FILE", requires = "requests")]
+    formats: Option<PathBuf>,
     /// The sentence encoder of the language section's dense baseline
     /// [default: assets/minilm].
     #[arg(long, value_name = "DIR")]
@@ -138,6 +143,7 @@ pub(crate) fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) 
         steer_users: a.steer_users,
         requests: a.requests,
         encoder: a.encoder,
+        formats: a.formats,
         peers,
         seed: a.seed,
     };

@@ -85,7 +85,10 @@ pub(crate) struct RequestArgs {
     #[arg(long, default_value = "auto")]
     pub mode: sidrec::decode::Mode,
     /// Answer format: items (a ranked list), text, both (text with items in it), or auto
-    /// (items for recommend/search, text for describe, both for chat).
+    /// (items for recommend/search, text for describe; in chat the model may write words
+    /// or open an item at every step, so a model trained with chat examples answers in
+    /// the form the message asks for: "... only list them", "... tell me in a
+    /// sentence").
     #[arg(long, default_value = "auto")]
     pub format: sidrec::decode::Format,
     /// Sampling temperature for text (describe, chat; 0 = greedy).
@@ -187,6 +190,7 @@ pub(crate) fn gen_config(a: &RequestArgs) -> sidrec::decode::GenConfig {
         seed: a.seed,
         stop: Vec::new(),
         items: true,
+        ..Default::default()
     }
 }
 
@@ -198,7 +202,7 @@ pub(crate) fn answer(
     gen: &sidrec::decode::GenConfig,
     json: bool,
 ) -> Result<String> {
-    use sidrec::decode::{engine::Output, Format};
+    use sidrec::decode::Format;
     use std::fmt::Write;
     let t0 = std::time::Instant::now();
     let generative = engine.resolve_format(req) != Format::Items;
@@ -214,13 +218,7 @@ pub(crate) fn answer(
             });
             writeln!(out, "{v}")?;
         } else {
-            for s in &segs {
-                match s {
-                    Output::Text { text } => write!(out, "{text}")?,
-                    Output::Item(r) => write!(out, "[{} ({})]", r.title, r.id)?,
-                }
-            }
-            writeln!(out)?;
+            writeln!(out, "{}", sidrec::decode::engine::render_outputs(&segs))?;
         }
         return Ok(out);
     }

@@ -176,6 +176,17 @@ pub enum Output {
     Item(Recommendation),
 }
 
+/// A generated answer as one line of text, each item as `[Title (id)]`: how the CLI and
+/// the eval report show it.
+pub fn render_outputs(segs: &[Output]) -> String {
+    segs.iter()
+        .map(|s| match s {
+            Output::Text { text } => text.clone(),
+            Output::Item(r) => format!("[{} ({})]", r.title, r.id),
+        })
+        .collect()
+}
+
 /// A model, its tokenizer, its catalog and SID trie.
 pub struct Engine {
     model: Llama,

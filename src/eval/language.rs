@@ -33,6 +33,12 @@ pub struct HeldOut {
     /// The decade's first year.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decade: Option<i64>,
+    /// A category the item must have anywhere in its category path (products).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// The item's brand (products).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brand: Option<String>,
 }
 
 impl HeldOut {
@@ -45,7 +51,16 @@ impl HeldOut {
         let decade_ok = self
             .decade
             .is_none_or(|d| data::year(item).is_some_and(|y| y.div_euclid(10) * 10 == d));
-        genre_ok && decade_ok
+        let category_ok = self.category.as_ref().is_none_or(|c| {
+            data::categories(item)
+                .iter()
+                .any(|x| x.eq_ignore_ascii_case(c))
+        });
+        let brand_ok = self
+            .brand
+            .as_ref()
+            .is_none_or(|b| data::brand(item).is_some_and(|x| x.eq_ignore_ascii_case(b)));
+        genre_ok && decade_ok && category_ok && brand_ok
     }
 }
 
@@ -65,11 +80,13 @@ pub fn load_requests(path: &Path) -> Result<Vec<HeldOut>, EvalError> {
             line: n + 1,
             reason: e.to_string(),
         })?;
-        if r.genre.is_none() && r.decade.is_none() {
+        if r.genre.is_none() && r.decade.is_none() && r.category.is_none() && r.brand.is_none() {
             return Err(EvalError::Requests {
                 path: path.to_path_buf(),
                 line: n + 1,
-                reason: "a request needs a \"genre\" or a \"decade\" to check".into(),
+                reason: "a request needs a \"genre\", \"decade\", \"category\" or \"brand\" \
+                         to check"
+                    .into(),
             });
         }
         out.push(r);
@@ -127,6 +144,7 @@ pub struct LanguageReport {
     pub words: Vec<WordsResult>,
     pub history: Option<HistoryWordsResult>,
     pub describe: Option<DescribeResult>,
+    pub format: Option<super::format::FormatReport>,
 }
 
 /// The top-10 of the model for `req`, as catalog indices.
@@ -205,6 +223,8 @@ pub struct LanguageOptions<'a> {
     /// (history, next item) of sampled test users.
     pub users: &'a [(Vec<ItemIdx>, ItemIdx)],
     pub beams: usize,
+    /// Held-out format phrasings ([`super::format`]; `None`: no format section).
+    pub formats: Option<PathBuf>,
 }
 
 /// Runs the language section (see the module documentation).
@@ -343,11 +363,17 @@ pub fn evaluate(
         res.with_genre = with_genre as f64 / res.users.max(1) as f64;
         Some(res)
     };
+    // 4. Answer formats asked in words.
+    let format = match &opts.formats {
+        Some(f) => Some(super::format::evaluate(engine, &requests, f, progress)?),
+        None => None,
+    };
     Ok(LanguageReport {
         file: opts.file.display().to_string(),
         words,
         history,
         describe,
+        format,
     })
 }
 
@@ -379,6 +405,8 @@ mod tests {
             kind: "direct".into(),
             genre: Some("Drama".into()),
             decade: Some(1980),
+            category: None,
+            brand: None,
         };
         let item = |y: i64, g: &[&str]| -> Item {
             serde_json::from_value(serde_json::json!({
@@ -389,5 +417,29 @@ mod tests {
         assert!(r.satisfied_by(&item(1984, &["Drama", "War"])));
         assert!(!r.satisfied_by(&item(1994, &["Drama"])));
         assert!(!r.satisfied_by(&item(1984, &["Comedy"])));
+        let tape = HeldOut {
+            request: "duct tape from 3M".into(),
+            kind: "direct".into(),
+            genre: None,
+            decade: None,
+            category: Some("duct tape".into()),
+            brand: Some("3M".into()),
+        };
+        let product = |brand: &str, cats: &str| -> Item {
+            serde_json::from_value(serde_json::json!({
+                "id": "p", "type": "product", "title": "P",
+                "attrs": {"brand": brand, "categories": cats.split(',').collect::<Vec<_>>()}
+            }))
+            .unwrap()
+        };
+        assert!(tape.satisfied_by(&product("3M", "Industrial & Scientific,Tapes,Duct Tape")));
+        assert!(!tape.satisfied_by(&product(
+            "Gorilla",
+            "Industrial & Scientific,Tapes,Duct Tape"
+        )));
+        assert!(!tape.satisfied_by(&product(
+            "3M",
+            "Industrial & Scientific,Tapes,Electrical Tape"
+        )));
     }
 }

@@ -34,6 +34,7 @@ use crate::progress::Progress;
 use crate::train::data;
 use crate::trie::ItemIdx;
 
+pub mod format;
 pub mod language;
 pub mod report;
 pub mod run;

@@ -199,6 +199,50 @@ impl Report {
                     d.example.trim()
                 );
             }
+            if let Some(f) = &l.format {
+                let rows = f.forms.iter().map(|r| {
+                    let given = r
+                        .given
+                        .iter()
+                        .map(|(k, n)| format!("{k} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    (
+                        format!("{} ({given})", r.asked),
+                        r.answers,
+                        vec![r.right_form, r.items_satisfy],
+                    )
+                });
+                table(
+                    &mut s,
+                    &format!(
+                        "**Answer format from words** (chat, held-out format phrasings of {}): \
+                         share of answers in the form asked for; share of the items named \
+                         that satisfy the request.",
+                        f.file
+                    ),
+                    "| asked (answers given) | requests | right form | items satisfy |",
+                    rows,
+                );
+                let (n, real) = f.forms.iter().fold((0, 0), |(n, r), x| {
+                    (n + x.titles_in_text, r + x.titles_real)
+                });
+                if n > 0 {
+                    let _ = writeln!(
+                        s,
+                        "\nTitles written in words (`Title (year)`): {n}, of which {:.1}% are \
+                         catalog items.",
+                        real as f64 * 100.0 / n as f64
+                    );
+                }
+                for (q, a) in &f.examples {
+                    let _ = writeln!(
+                        s,
+                        "
+- \"{q}\" -> {a}"
+                    );
+                }
+            }
         }
         for n in &self.notes {
             let _ = writeln!(s, "\n- {n}");

@@ -58,6 +58,8 @@ pub struct RunOptions {
     /// The sentence encoder of the language section's dense baseline (`None`:
     /// `assets/minilm`).
     pub encoder: Option<PathBuf>,
+    /// Held-out format phrasings for the language section (`None`: none).
+    pub formats: Option<PathBuf>,
     /// `None`: no peers.
     pub peers: Option<Peers>,
     pub seed: u64,
@@ -263,6 +265,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
                     &steer_cases
                 },
                 beams: opts.beams,
+                formats: opts.formats.clone(),
             };
             Some(super::language::evaluate(&engine, &lopts, progress)?)
         }

@@ -71,16 +71,20 @@ pub enum Task {
     /// A user's whole history as one answer: every item is a prediction target given
     /// the items before it (next-item training at every position in one pass).
     Sequence,
+    /// A request in words → an answer in the format the prompt asks for: items, text,
+    /// or text with items inside ([`super::chat`]).
+    Chat,
 }
 
 impl Task {
-    pub const ALL: [Task; 6] = [
+    pub const ALL: [Task; 7] = [
         Task::Align,
         Task::Recommend,
         Task::Search,
         Task::Steer,
         Task::Describe,
         Task::Sequence,
+        Task::Chat,
     ];
 
     pub fn name(self) -> &'static str {
@@ -91,6 +95,7 @@ impl Task {
             Task::Steer => "steer",
             Task::Describe => "describe",
             Task::Sequence => "sequence",
+            Task::Chat => "chat",
         }
     }
 }
@@ -180,10 +185,16 @@ pub enum PromptKind {
     /// The instruction before an item and one taken soon after it
     /// ([`DataOptions::sequence_soon`]).
     Soon,
+    /// A chat request answered with items only.
+    ChatItems,
+    /// A chat request answered in words only.
+    ChatText,
+    /// A chat request answered with a sentence and items.
+    ChatBoth,
 }
 
 impl PromptKind {
-    pub const ALL: [PromptKind; 8] = [
+    pub const ALL: [PromptKind; 11] = [
         PromptKind::AlignItem,
         PromptKind::AlignSid,
         PromptKind::Recommend,
@@ -192,6 +203,9 @@ impl PromptKind {
         PromptKind::Describe,
         PromptKind::Sequence,
         PromptKind::Soon,
+        PromptKind::ChatItems,
+        PromptKind::ChatText,
+        PromptKind::ChatBoth,
     ];
 
     /// The file under `prompts/`.
@@ -205,6 +219,9 @@ impl PromptKind {
             PromptKind::Describe => "describe.txt",
             PromptKind::Sequence => "sequence.txt",
             PromptKind::Soon => "soon.txt",
+            PromptKind::ChatItems => "chat_items.txt",
+            PromptKind::ChatText => "chat_text.txt",
+            PromptKind::ChatBoth => "chat_both.txt",
         }
     }
 
@@ -217,6 +234,7 @@ impl PromptKind {
             PromptKind::Steer => Task::Steer,
             PromptKind::Describe => Task::Describe,
             PromptKind::Sequence | PromptKind::Soon => Task::Sequence,
+            PromptKind::ChatItems | PromptKind::ChatText | PromptKind::ChatBoth => Task::Chat,
         }
     }
 
@@ -230,6 +248,9 @@ impl PromptKind {
             PromptKind::Steer => &[Slot::History, Slot::Type],
             PromptKind::Describe => &[Slot::History],
             PromptKind::Sequence | PromptKind::Soon => &[Slot::Type],
+            PromptKind::ChatItems | PromptKind::ChatText | PromptKind::ChatBoth => {
+                &[Slot::Query, Slot::Type]
+            }
         }
     }
 
@@ -244,6 +265,9 @@ impl PromptKind {
             PromptKind::Steer => &[&[Slot::History], &[Slot::Type]],
             PromptKind::Describe => &[&[Slot::History]],
             PromptKind::Sequence | PromptKind::Soon => &[],
+            PromptKind::ChatItems | PromptKind::ChatText | PromptKind::ChatBoth => {
+                &[&[Slot::Query]]
+            }
         }
     }
 
@@ -257,6 +281,9 @@ impl PromptKind {
             PromptKind::Describe => include_str!("../../prompts/describe.txt"),
             PromptKind::Sequence => include_str!("../../prompts/sequence.txt"),
             PromptKind::Soon => include_str!("../../prompts/soon.txt"),
+            PromptKind::ChatItems => include_str!("../../prompts/chat_items.txt"),
+            PromptKind::ChatText => include_str!("../../prompts/chat_text.txt"),
+            PromptKind::ChatBoth => include_str!("../../prompts/chat_both.txt"),
         }
     }
 }
@@ -312,9 +339,10 @@ pub enum DataError {
     /// A sequence names an item index the catalog does not have.
     #[error("user {user}: item index {item} is out of range (the catalog has {len} items)")]
     ItemOutOfRange { user: usize, item: u32, len: usize },
-    /// A task name that is not one of align, recommend, search, steer, describe, sequence.
+    /// A task name that is not one of align, recommend, search, steer, describe,
+    /// sequence, chat.
     #[error(
-        "unknown task {name:?}: expected one of align, recommend, search, steer, describe, sequence"
+        "unknown task {name:?}: expected one of align, recommend, search, steer, describe, sequence, chat"
     )]
     UnknownTask { name: String },
 }
@@ -701,6 +729,12 @@ pub struct DataOptions {
     /// one that follows. The same pairs under the sequence instruction blurred the
     /// next-item transitions and ranked worse (docs/lab/transition-memory.md).
     pub sequence_soon: usize,
+    /// Chat examples per item: a request in words from the item's genres or decade,
+    /// answered in the format its phrasing asks for ([`super::chat`]).
+    pub chat_per_item: usize,
+    /// Chat examples per user: "something like {title}" for an item of the user's
+    /// training part, answered with the items the user took next.
+    pub chat_per_user: usize,
 }
 
 impl Default for DataOptions {
@@ -726,6 +760,8 @@ impl Default for DataOptions {
             sequence: false,
             sequence_short: 0,
             sequence_soon: 0,
+            chat_per_item: 0,
+            chat_per_user: 0,
         }
     }
 }
@@ -1229,7 +1265,7 @@ pub fn request_query(item: &Item, rng: &mut impl Rng) -> Option<String> {
 
 /// Picks a phrasing among those whose slots all have values, and renders it; `None`
 /// when none fits.
-fn render_random(
+pub(crate) fn render_random(
     prompts: &Prompts,
     kind: PromptKind,
     values: &[(Slot, &str)],
@@ -1365,6 +1401,10 @@ pub fn build(
     }
     if opts.steer && catalog.types().len() > 1 {
         build_steer(catalog, sids, split, prompts, opts, &mut out)?;
+    }
+    if opts.chat_per_item > 0 || opts.chat_per_user > 0 {
+        let mut rng = task_rng(opts.seed, Task::Chat);
+        super::chat::build(catalog, sids, split, prompts, opts, &mut rng, &mut out)?;
     }
     if opts.describe {
         let mut rng = task_rng(opts.seed, Task::Describe);

@@ -30,6 +30,18 @@ use crate::catalog::Item;
 const GENRES: &str = include_str!("../../prompts/requests/genres.txt");
 const DECADES: &str = include_str!("../../prompts/requests/decades.txt");
 const FRAMES: &str = include_str!("../../prompts/requests/frames.txt");
+const LIKES: &str = include_str!("../../prompts/requests/likes.txt");
+
+/// A request in words and what it asks for: an item satisfies it when it has the genre
+/// (if any) and is from the decade (if any).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub text: String,
+    /// The genre asked for, as the catalog spells it.
+    pub genre: Option<String>,
+    /// The decade asked for (1980 for the 1980s).
+    pub decade: Option<i64>,
+}
 
 /// The request lexicon.
 #[derive(Clone, Debug, Default)]
@@ -40,6 +52,8 @@ pub struct Lexicon {
     decades: BTreeMap<i64, Vec<String>>,
     /// Frames by the slots they name: genre only, decade only, both.
     frames: [Vec<String>; 3],
+    /// Requests for something like a named item: sentences with a `{title}` slot.
+    likes: Vec<String>,
 }
 
 const GENRE_ONLY: usize = 0;
@@ -90,7 +104,11 @@ impl Lexicon {
     pub fn builtin() -> &'static Lexicon {
         static BUILTIN: std::sync::OnceLock<Lexicon> = std::sync::OnceLock::new();
         // The files are checked by a unit test; a broken edit fails it.
-        BUILTIN.get_or_init(|| Lexicon::parse(GENRES, DECADES, FRAMES).unwrap_or_default())
+        BUILTIN.get_or_init(|| {
+            Lexicon::parse(GENRES, DECADES, FRAMES)
+                .and_then(|l| l.with_likes(LIKES))
+                .unwrap_or_default()
+        })
     }
 
     pub fn parse(genres_txt: &str, decades_txt: &str, frames_txt: &str) -> Result<Self, DataError> {
@@ -132,10 +150,28 @@ impl Lexicon {
     }
 
     /// Every phrase, form and frame: what training can say (for the held-out check).
+    /// Adds the sentences of `likes.txt`: one per line, each with one `{title}` slot.
+    pub fn with_likes(mut self, likes_txt: &str) -> Result<Self, DataError> {
+        for (n, line) in lines(likes_txt) {
+            if line.matches("{title}").count() != 1 || line.replace("{title}", "").contains('{') {
+                return Err(bad("likes.txt", n, "a line needs exactly one {title} slot"));
+            }
+            self.likes.push(line.to_string());
+        }
+        Ok(self)
+    }
+
+    /// A request for something like the item titled `title` (`None` without sentences).
+    pub fn like(&self, title: &str, rng: &mut impl Rng) -> Option<String> {
+        let line = self.likes.choose(rng)?;
+        Some(line.replace("{title}", title))
+    }
+
     pub fn texts(&self) -> Vec<String> {
         let mut out: Vec<String> = self.genres.values().flatten().cloned().collect();
         out.extend(self.decades.values().flatten().cloned());
         out.extend(self.frames.iter().flatten().cloned());
+        out.extend(self.likes.iter().cloned());
         out
     }
 
@@ -179,7 +215,7 @@ impl Lexicon {
     /// A request in words that `item` satisfies: one of its genres, its decade, or both,
     /// in a frame; `None` for items with neither (or a lexicon without frames for what
     /// they have). "unknown" is not a genre anyone asks for.
-    pub fn request(&self, item: &Item, rng: &mut impl Rng) -> Option<String> {
+    pub fn request_for(&self, item: &Item, rng: &mut impl Rng) -> Option<Request> {
         let noun = item.item_type.replace('_', " ");
         let g: Vec<String> = genres(item)
             .into_iter()
@@ -200,14 +236,28 @@ impl Lexicon {
         kinds.retain(|&k| !self.frames[k].is_empty());
         let &kind = kinds.choose(rng)?;
         let frame = self.frames[kind].choose(rng)?;
-        let mut out = frame.replace("{type}", &noun);
-        if let Some(genre) = g.choose(rng).filter(|_| kind != DECADE_ONLY) {
-            out = out.replace("{genre}", &self.genre_words(genre, &noun, rng));
+        let mut text = frame.replace("{type}", &noun);
+        let genre = g.choose(rng).filter(|_| kind != DECADE_ONLY).cloned();
+        if let Some(genre) = &genre {
+            text = text.replace("{genre}", &self.genre_words(genre, &noun, rng));
         }
+        let decade = y
+            .filter(|_| kind != GENRE_ONLY)
+            .map(|y| y.div_euclid(10) * 10);
         if let Some(y) = y.filter(|_| kind != GENRE_ONLY) {
-            out = out.replace("{decade}", &self.decade_words(y, rng));
+            text = text.replace("{decade}", &self.decade_words(y, rng));
         }
-        Some(out)
+        Some(Request {
+            text,
+            genre,
+            decade,
+        })
+    }
+
+    /// A request in words that `item` satisfies (its text only; see
+    /// [`Lexicon::request_for`]).
+    pub fn request(&self, item: &Item, rng: &mut impl Rng) -> Option<String> {
+        self.request_for(item, rng).map(|r| r.text)
     }
 }
 

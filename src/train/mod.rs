@@ -9,6 +9,7 @@
 //! - `soft`: soft targets, the transition memory as a teacher for next items;
 //! - `pipeline`: `sidrec train` end to end (base model, SID tokens, stages, model dir).
 
+pub mod chat;
 pub mod data;
 pub mod language;
 pub mod optim;

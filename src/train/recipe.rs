@@ -119,6 +119,12 @@ pub struct Recipe {
     /// Further search examples per item asking for its genre or decade in the words of
     /// the request lexicon (`prompts/requests/`).
     pub requests_per_item: usize,
+    /// Chat examples per item: a request in words answered as items, text or both, as
+    /// its phrasing asks (`prompts/chat_*.txt`).
+    pub chat_per_item: usize,
+    /// Chat examples per user: "something like {title}" answered with what the user
+    /// took next, in one of the three formats.
+    pub chat_per_user: usize,
     /// Read the request's sentence vector as a soft prompt (needs the encoder the SIDs
     /// were made with, `assets/minilm` by default).
     pub request_vectors: bool,
@@ -175,6 +181,8 @@ impl Default for Recipe {
             recommend_query_share: 0.3,
             search_per_item: 1,
             requests_per_item: 0,
+            chat_per_item: 0,
+            chat_per_user: 0,
             request_vectors: false,
             taste_vectors: false,
             sid_only_histories: false,
@@ -439,6 +447,8 @@ impl Loaded {
                 recommend_query_share: r.recommend_query_share,
                 search_per_item: r.search_per_item,
                 requests_per_item: r.requests_per_item,
+                chat_per_item: r.chat_per_item,
+                chat_per_user: r.chat_per_user,
                 history_titles: !r.sid_only_histories,
                 sequence: r.sequence_examples,
                 sequence_short: r.short_windows,
