@@ -187,7 +187,14 @@ impl Report {
                     h.ndcg_without
                 );
             }
-            if let Some(d) = &l.describe {
+            if let Some(d) = l.describe.as_ref().filter(|d| d.named == 0) {
+                let _ = writeln!(
+                    s,
+                    "\nProfiles (`describe`, {} users): no profile names a genre. E.g. \"{}\"",
+                    d.users,
+                    d.example.trim()
+                );
+            } else if let Some(d) = &l.describe {
                 let _ = writeln!(
                     s,
                     "\nProfiles (`describe`, {} users): {:.1}% of the {} genres named are among \

@@ -10,7 +10,8 @@
 //! - **items**: up to three SIDs separated by `"; "`, nothing else;
 //! - **text**: one sentence naming what fits in plain words (titles and attributes as
 //!   the catalog has them), no SID;
-//! - **both**: a short lead sentence, then up to three SIDs.
+//! - **both**: a lead naming what the items have that the request asked for ("Horror
+//!   movies from the 1980s:"), then up to three SIDs.
 //!
 //! Requests come from two places. Per item ([`DataOptions::chat_per_item`]): a lexicon
 //! request from the item's own genre and/or decade ([`Lexicon::request_for`]), answered
@@ -119,14 +120,25 @@ impl Satisfying {
     }
 }
 
-/// Lead sentences of "both" answers to a request from the lexicon; `{type}` is the
-/// item noun.
-const LEADS: [&str; 4] = [
-    "Here are some {type}s for that:",
-    "These {type}s fit what you asked for:",
-    "You might enjoy these:",
-    "Some picks:",
-];
+/// The lead sentence of a "both" answer to a lexicon request: what the items have that
+/// the request asked for, in the catalog's words ("Horror movies from the 1980s:"), so
+/// the text says why and is true of every item after it.
+fn lead(req: &Request, noun: &str) -> String {
+    let mut s = match &req.genre {
+        Some(g) => format!("{g} {}", plural(noun)),
+        None => {
+            let p = plural(noun);
+            let mut c = p.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect())
+                .unwrap_or(p)
+        }
+    };
+    if let Some(d) = req.decade {
+        s.push_str(&format!(" from the {d}s"));
+    }
+    s + ":"
+}
 
 /// Builds the chat examples (see the module documentation) into `out`.
 pub fn build(
@@ -159,10 +171,7 @@ pub fn build(
             let answer = match kind {
                 PromptKind::ChatItems => sid_list(&items),
                 PromptKind::ChatText => text_answer(&items, &noun, &text_of),
-                _ => {
-                    let lead = LEADS.choose(rng).unwrap_or(&LEADS[0]);
-                    format!("{} {}", lead.replace("{type}", &noun), sid_list(&items))
-                }
+                _ => format!("{} {}", lead(&req, &noun), sid_list(&items)),
             };
             push(prompts, kind, &req.text, &noun, answer, None, rng, out)?;
         }
@@ -259,4 +268,27 @@ fn push(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leads_name_what_was_asked() {
+        let req = |genre: Option<&str>, decade: Option<i64>| Request {
+            text: String::new(),
+            genre: genre.map(String::from),
+            decade,
+        };
+        assert_eq!(
+            lead(&req(Some("Horror"), Some(1980)), "movie"),
+            "Horror movies from the 1980s:"
+        );
+        assert_eq!(
+            lead(&req(None, Some(1990)), "movie"),
+            "Movies from the 1990s:"
+        );
+        assert_eq!(lead(&req(Some("Sci-Fi"), None), "movie"), "Sci-Fi movies:");
+    }
 }
