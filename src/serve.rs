@@ -713,7 +713,6 @@ async fn generate(
         seed: b.seed.unwrap_or(0),
         stop: Vec::new(),
         items: true,
-        ..Default::default()
     };
     let output = on_worker(&state, move |e| Ok(e.generate(&req, &cfg)?)).await?;
     let text = output

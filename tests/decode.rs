@@ -742,8 +742,6 @@ fn engine_generates_text_and_only_catalog_items() {
             max_tokens: 40,
             temperature: if seed == 0 { 0.0 } else { 1.0 },
             seed,
-            // Items by beam search (the default) and token by token.
-            item_beams: if seed == 2 { 0 } else { 10 },
             ..Default::default()
         };
         let out = e.generate(&r, &cfg).unwrap();

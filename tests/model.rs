@@ -1102,31 +1102,6 @@ fn soft_prompts_train_and_decode_alike() {
         assert!(d < 1e-4, "cached position {p}: {d}");
     }
 
-    // A decoding source that prefills a longer sequence continuing its prompt (as
-    // generation does after an item's beam search) keeps the vectors at the prompt's
-    // last token, where training put them.
-    {
-        use sidrec::decode::engine::ModelSource;
-        use sidrec::decode::LogitSource;
-        let mut src = ModelSource::with_vectors(
-            &model,
-            vec![(Slot::Request, q.clone()), (Slot::Taste, u.clone())],
-        );
-        // Largest difference between a prefill's logits and the full forward at `p`.
-        let off = |logits: Vec<f32>, p: usize| {
-            let want = row(&full, p).to_vec1::<f32>().unwrap();
-            logits
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max)
-        };
-        let d = off(src.prefill(&row0[..5]).unwrap(), 4);
-        assert!(d < 1e-4, "prompt: {d}");
-        let d = off(src.prefill(&row0[..9]).unwrap(), 8);
-        assert!(d < 1e-4, "continued prompt: {d}");
-    }
-
     // Vectors for a model without projections are refused, not ignored.
     assert!(plain
         .forward_train_rows(&x, None, None, &all, Some(&soft))

@@ -103,12 +103,6 @@ pub(crate) struct RequestArgs {
     /// Most tokens of generated text (describe, chat).
     #[arg(long, default_value_t = 96)]
     pub max_tokens: usize,
-    /// Beam width that completes an item the model opens in generated text (describe,
-    /// chat): its SID is the best of a beam search from the type token, as ranked answers
-    /// are; 0 walks the SID token by token like the text (sampled with --temperature),
-    /// which measured as good and faster (docs/decoding.md).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub item_beams: usize,
     /// Give the request's words to the model only: do not read titles after "like"
     /// into the history, nor genre, decade, category or brand words into filter clauses.
     #[arg(long)]
@@ -143,13 +137,6 @@ pub(crate) fn check_request_args(a: &RequestArgs, query: &str) -> Result<()> {
         limits.check_mix_recent(n)?;
     }
     limits.check_max_tokens(a.max_tokens)?;
-    if a.item_beams > limits.max_beams {
-        bail!(
-            "item_beams must be 0 to {}, got {}",
-            limits.max_beams,
-            a.item_beams
-        );
-    }
     Ok(())
 }
 
@@ -198,7 +185,6 @@ pub(crate) fn build_request(
 pub(crate) fn gen_config(a: &RequestArgs) -> sidrec::decode::GenConfig {
     sidrec::decode::GenConfig {
         max_tokens: a.max_tokens,
-        item_beams: a.item_beams,
         temperature: a.temperature,
         top_p: a.top_p,
         seed: a.seed,

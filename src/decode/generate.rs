@@ -4,9 +4,7 @@
 //! generator). SID level tokens are never allowed in free text, and a type token only
 //! when the request allows an item of that type: emitting one opens an item, and from
 //! there every token is chosen among the trie children that lead to an allowed item, by
-//! the same rule (greedy or sampled), until the SID is complete; or, with
-//! [`GenConfig::item_beams`], the rest of the SID is the best completion of a beam search
-//! from there. Then text resumes, the model reading the item it named.
+//! the same rule (greedy or sampled), until the SID is complete. Then text resumes.
 //! Every item in the output therefore exists in the catalog and satisfies the request's
 //! limits, and no item is named twice in one answer.
 
@@ -30,13 +28,6 @@ pub struct GenConfig {
     pub stop: Vec<u32>,
     /// Whether the answer may name items; `false` bans every SID token (text only).
     pub items: bool,
-    /// Once the model opens an item (writes a type token), the rest of its SID is the
-    /// best of a beam search this wide over the trie from there, as ranked answers
-    /// are; 0 (the default) walks the trie token by token with the text's rule (greedy
-    /// or sampled). The beam finds likelier SIDs, but on the held-out requests it named
-    /// no more items that satisfy them (25.1% against 27.3%, docs/decoding.md) and took
-    /// 70% longer, so it is a choice, not the default.
-    pub item_beams: usize,
 }
 
 impl Default for GenConfig {
@@ -48,7 +39,6 @@ impl Default for GenConfig {
             seed: 0,
             stop: Vec::new(),
             items: true,
-            item_beams: 0,
         }
     }
 }
@@ -87,16 +77,12 @@ pub fn generate(
     let mut out: Vec<Segment> = Vec::new();
     let mut text: Vec<u32> = Vec::new();
     let mut logits = src.prefill(prompt)?;
-    // Everything the model has read so far, to restart it after an item's beam search.
-    let mut seq: Vec<u32> = prompt.to_vec();
-    let mut used = 0;
     // Inside an item: the node reached, its log-probability, its path.
     let mut inside: Option<(NodeId, f32, Vec<TokenId>)> = None;
     let mut children = Vec::new();
     // Free text chooses among the whole vocabulary (banned tokens are at -inf).
     let all: Vec<u32> = (0..vocab as u32).collect();
-    while used < cfg.max_tokens {
-        used += 1;
+    for _ in 0..cfg.max_tokens {
         let lse = super::logsumexp(&logits);
         let token = match &mut inside {
             None => {
@@ -124,41 +110,7 @@ pub fn generate(
                     if !text.is_empty() {
                         out.push(Segment::Text(std::mem::take(&mut text)));
                     }
-                    let opened = logits[t as usize] - lse;
-                    if cfg.item_beams > 0 {
-                        let beam = super::beam::BeamConfig {
-                            k: 1,
-                            beams: cfg.item_beams,
-                        };
-                        let hits = super::beam::beam_search_from(
-                            src,
-                            trie,
-                            &mask,
-                            token_offset,
-                            &seq,
-                            &[tok],
-                            beam,
-                        )?;
-                        let hit = hits
-                            .into_iter()
-                            .next()
-                            .ok_or_else(|| DecodeError::DeadEnd { prefix: vec![tok] })?;
-                        // The whole SID counts against the budget; a SID that does not
-                        // fit names no item.
-                        used += hit.path.len() - 1;
-                        if used > cfg.max_tokens {
-                            break;
-                        }
-                        out.push(Segment::Item {
-                            item: hit.item,
-                            score: opened + hit.score,
-                        });
-                        mask = mask.exclude(trie, &[hit.item]);
-                        seq.extend(hit.path.iter().map(|&x| x + token_offset));
-                        logits = src.prefill(&seq)?;
-                        continue;
-                    }
-                    inside = Some((node, opened, vec![tok]));
+                    inside = Some((node, logits[t as usize] - lse, vec![tok]));
                 } else {
                     text.push(t);
                 }
@@ -189,7 +141,6 @@ pub fn generate(
                 t
             }
         };
-        seq.push(token);
         logits = src.extend(&[0], &[token])?;
     }
     // A SID cut off by `max_tokens` is dropped: it names no item.

@@ -9,10 +9,6 @@ pub struct ModelSource<'a> {
     cache: KvCache,
     /// Soft-prompt vectors read at the prompt's last position.
     vectors: soft::InputVectors,
-    /// The prompt the vectors belong to. A later prefill that continues it (generation
-    /// restarting after an item's beam search) keeps them at this prompt's last token,
-    /// where training put them, not at the longer sequence's.
-    prompt: Vec<u32>,
 }
 
 impl<'a> ModelSource<'a> {
@@ -27,7 +23,6 @@ impl<'a> ModelSource<'a> {
             model,
             cache: KvCache::new(model.config()),
             vectors,
-            prompt: Vec::new(),
         }
     }
 }
@@ -39,16 +34,12 @@ impl LogitSource for ModelSource<'_> {
         }
         self.cache = KvCache::new(self.model.config());
         let ids = Tensor::from_slice(prompt, (1, prompt.len()), &Device::Cpu)?;
-        if self.prompt.is_empty() || !prompt.starts_with(&self.prompt) {
-            self.prompt = prompt.to_vec();
-        }
-        let at = (self.prompt.len() - 1) as u32;
         let soft = match self.vectors.first() {
             None => None,
             Some((_, v)) => {
                 let mut s = crate::model::soft_prompt::SoftInputs::new(v.len());
                 for (slot, v) in &self.vectors {
-                    s.push(*slot, at, v);
+                    s.push(*slot, (prompt.len() - 1) as u32, v);
                 }
                 Some(s)
             }
