@@ -19,7 +19,8 @@
 //! right. Per user ([`DataOptions::chat_per_user`]): "something like {title}" for an item
 //! of the user's training part, answered with the one or two items the user took right
 //! after it, the collaborative reading of "like". Every text answer is true of the
-//! catalog: it names only items that satisfy the request and attributes they have.
+//! catalog: it names only items that answer the request (satisfy it, or for "like"
+//! follow the liked item) with the attributes they have.
 //!
 //! The whole chat message (request and format words) is also the example's request
 //! vector, because at inference the user's message is all there is.
@@ -105,8 +106,8 @@ impl Satisfying {
         let mut out = vec![first];
         let Some(pool) = pool else { return out };
         let extra = rng.gen_range(0..MAX_ITEMS);
-        // A few draws suffice: a genre's pool is mostly of the asked decade or not, and
-        // an answer with fewer items is still right.
+        // A bounded number of random draws: when the request also names a decade, few of
+        // the genre's items may match it, and an answer with fewer items is still right.
         for _ in 0..extra * 8 {
             if out.len() > extra {
                 break;
