@@ -180,7 +180,7 @@ pub fn evaluate(
                 }
                 if let Output::Item(rec) = o {
                     named += 1;
-                    let item = catalog.items.iter().find(|it| it.id == rec.id);
+                    let item = engine.index_of(&rec.id).map(|i| &catalog.items[i as usize]);
                     right_items += usize::from(item.is_some_and(|it| r.satisfied_by(it)));
                 }
             }

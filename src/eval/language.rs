@@ -44,13 +44,7 @@ pub struct HeldOut {
 impl HeldOut {
     /// Whether an item satisfies every constraint of the request.
     pub fn satisfied_by(&self, item: &Item) -> bool {
-        let genre_ok = self
-            .genre
-            .as_ref()
-            .is_none_or(|g| data::genres(item).iter().any(|x| x.eq_ignore_ascii_case(g)));
-        let decade_ok = self
-            .decade
-            .is_none_or(|d| data::year(item).is_some_and(|y| y.div_euclid(10) * 10 == d));
+        let genre_and_decade = data::has_genre_and_decade(item, self.genre.as_deref(), self.decade);
         let category_ok = self.category.as_ref().is_none_or(|c| {
             data::categories(item)
                 .iter()
@@ -60,7 +54,7 @@ impl HeldOut {
             .brand
             .as_ref()
             .is_none_or(|b| data::brand(item).is_some_and(|x| x.eq_ignore_ascii_case(b)));
-        genre_ok && decade_ok && category_ok && brand_ok
+        genre_and_decade && category_ok && brand_ok
     }
 }
 

@@ -243,11 +243,7 @@ impl Report {
                     );
                 }
                 for (q, a) in &f.examples {
-                    let _ = writeln!(
-                        s,
-                        "
-- \"{q}\" -> {a}"
-                    );
+                    let _ = writeln!(s, "\n- \"{q}\" -> {a}");
                 }
             }
         }

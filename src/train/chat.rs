@@ -32,8 +32,8 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::data::{
-    article, genres, item_label, item_text, plural, render_random, year, DataError, DataOptions,
-    Example, PromptKind, Prompts, Slot, Task,
+    article, decade_of, genres, item_label, item_text, plural, render_random, year, DataError,
+    DataOptions, Example, PromptKind, Prompts, Slot, Task,
 };
 use super::language::{Lexicon, Request};
 use crate::artifacts::SidRecord;
@@ -66,28 +66,13 @@ impl Satisfying {
                 by_genre.entry(g.to_lowercase()).or_default().push(i as u32);
             }
             if let Some(y) = year(item) {
-                by_decade
-                    .entry(y.div_euclid(10) * 10)
-                    .or_default()
-                    .push(i as u32);
+                by_decade.entry(decade_of(y)).or_default().push(i as u32);
             }
         }
         Satisfying {
             by_genre,
             by_decade,
         }
-    }
-
-    fn satisfies(&self, catalog: &Catalog, item: u32, req: &Request) -> bool {
-        let it = &catalog.items[item as usize];
-        let genre_ok = req
-            .genre
-            .as_ref()
-            .is_none_or(|g| genres(it).iter().any(|h| h.eq_ignore_ascii_case(g)));
-        let decade_ok = req
-            .decade
-            .is_none_or(|d| year(it).is_some_and(|y| y.div_euclid(10) * 10 == d));
-        genre_ok && decade_ok
     }
 
     /// `first`, then up to `MAX_ITEMS - 1` other random items that satisfy `req`.
@@ -113,7 +98,7 @@ impl Satisfying {
                 break;
             }
             let &j = pool.choose(rng).unwrap_or(&first);
-            if !out.contains(&j) && self.satisfies(catalog, j, req) {
+            if !out.contains(&j) && req.satisfied_by(&catalog.items[j as usize]) {
                 out.push(j);
             }
         }

@@ -1023,7 +1023,21 @@ pub(crate) fn plural(noun: &str) -> String {
 }
 
 fn decade_name(year: i64) -> String {
-    format!("{}s", year.div_euclid(10) * 10)
+    format!("{}s", decade_of(year))
+}
+
+/// The decade a year falls in, as its first year: 1984 -> 1980.
+pub(crate) fn decade_of(year: i64) -> i64 {
+    year.div_euclid(10) * 10
+}
+
+/// Whether `item` has the genre (if one is asked; any case) and is from the decade (if
+/// one is asked): what a request by genre and decade asks of its answers, in training
+/// data and in the eval alike.
+pub(crate) fn has_genre_and_decade(item: &Item, genre: Option<&str>, decade: Option<i64>) -> bool {
+    let genre_ok = genre.is_none_or(|g| genres(item).iter().any(|x| x.eq_ignore_ascii_case(g)));
+    let decade_ok = decade.is_none_or(|d| year(item).is_some_and(|y| decade_of(y) == d));
+    genre_ok && decade_ok
 }
 
 /// Top entries of a count map, most frequent first, ties by first appearance.

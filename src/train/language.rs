@@ -43,6 +43,13 @@ pub struct Request {
     pub decade: Option<i64>,
 }
 
+impl Request {
+    /// Whether `item` is a right answer: it has the genre and is from the decade.
+    pub fn satisfied_by(&self, item: &Item) -> bool {
+        super::data::has_genre_and_decade(item, self.genre.as_deref(), self.decade)
+    }
+}
+
 /// The request lexicon.
 #[derive(Clone, Debug, Default)]
 pub struct Lexicon {
@@ -205,7 +212,7 @@ impl Lexicon {
     }
 
     fn decade_words(&self, year: i64, rng: &mut impl Rng) -> String {
-        let decade = year.div_euclid(10) * 10;
+        let decade = super::data::decade_of(year);
         match self.decades.get(&decade).and_then(|f| f.choose(rng)) {
             Some(f) if rng.gen_bool(0.75) => f.clone(),
             _ => format!("the {decade}s"),
@@ -241,9 +248,7 @@ impl Lexicon {
         if let Some(genre) = &genre {
             text = text.replace("{genre}", &self.genre_words(genre, &noun, rng));
         }
-        let decade = y
-            .filter(|_| kind != GENRE_ONLY)
-            .map(|y| y.div_euclid(10) * 10);
+        let decade = y.filter(|_| kind != GENRE_ONLY).map(super::data::decade_of);
         if let Some(y) = y.filter(|_| kind != GENRE_ONLY) {
             text = text.replace("{decade}", &self.decade_words(y, rng));
         }
