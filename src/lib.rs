@@ -30,7 +30,7 @@ pub mod quantize;
 pub mod runtime;
 pub mod serve;
 pub mod sid;
-mod simd;
+pub mod simd;
 pub mod skipped;
 pub mod template;
 pub mod tokenize;

@@ -32,6 +32,10 @@ pub(crate) struct EvalArgs {
     /// Trained model directory (from `sidrec train`).
     #[arg(long)]
     model: PathBuf,
+    /// How the decoder's matrices are held for ranking: f32 (as trained), bf16 or
+    /// int8, to measure what a smaller format costs.
+    #[arg(long, default_value = "f32", value_name = "FORMAT")]
+    weights: sidrec::model::packed::WeightFormat,
     /// The interactions the model was trained on (same file, same split).
     #[arg(long)]
     interactions: PathBuf,
@@ -130,6 +134,7 @@ pub(crate) fn cmd_eval(a: EvalArgs, progress: Progress, threads: Option<usize>) 
     let opts = RunOptions {
         out: a.out.clone().unwrap_or_else(|| a.model.join("eval")),
         model: a.model,
+        weights: a.weights,
         interactions: a.interactions,
         force: a.force,
         name: a.name,

@@ -43,7 +43,7 @@ pub(crate) struct RecommendArgs {
 pub(crate) fn cmd_recommend(a: RecommendArgs) -> Result<()> {
     let query = a.query.clone().unwrap_or_default();
     check_request_args(&a.req, &query)?;
-    let engine = load_engine(&a.req.model)?;
+    let engine = load_engine(&a.req.model, a.req.weights)?;
     let req = build_request(&engine, &a.req, &query)?;
     print!("{}", answer(&engine, &req, &gen_config(&a.req), a.json)?);
     Ok(())

@@ -240,7 +240,7 @@ impl Session {
 /// Runs the session; `history_file` keeps the line history (none when `None`).
 pub fn run(args: RequestArgs, json: bool, history_file: Option<PathBuf>) -> Result<()> {
     check_request_args(&args, "")?;
-    let engine = load_engine(&args.model)?;
+    let engine = load_engine(&args.model, args.weights)?;
     let history = split_list(&args.history)
         .iter()
         .map(|e| resolve_item(&engine, e))

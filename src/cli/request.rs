@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use sidrec::model::packed::WeightFormat;
 
 /// Where the demo model lives: `models/demo` in the source tree this binary was built
 /// from. `cargo run --release -- recommend ...` on a fresh clone finds it there.
@@ -30,10 +31,14 @@ pub(crate) fn model_dir(model: &Option<PathBuf>) -> Result<PathBuf> {
 /// Loads a model directory as an engine, naming it in errors. A model that reads
 /// requests through a sentence encoder finds it where its card says, or at
 /// `SIDREC_ENCODER` (checked by sha256 either way).
-pub(crate) fn load_engine(model: &Option<PathBuf>) -> Result<sidrec::decode::Engine> {
+pub(crate) fn load_engine(
+    model: &Option<PathBuf>,
+    weights: WeightFormat,
+) -> Result<sidrec::decode::Engine> {
     let dir = model_dir(model)?;
     let encoder = std::env::var_os("SIDREC_ENCODER").map(PathBuf::from);
     sidrec::decode::Engine::load_with(&dir, encoder.as_deref())
+        .and_then(|e| e.with_weights(weights))
         .with_context(|| format!("loading model {}", dir.display()))
 }
 
@@ -43,6 +48,11 @@ pub(crate) struct RequestArgs {
     /// models/demo, trained on MovieLens-100k).
     #[arg(long, env = "SIDREC_MODEL")]
     pub model: Option<PathBuf>,
+    /// How the decoder's matrices are held in memory: f32 (as trained), bf16 or int8
+    /// (an f32 scale per 32 weights). Smaller weights decode faster at a small, measured
+    /// cost in accuracy (docs/benchmarks.md).
+    #[arg(long, env = "SIDREC_WEIGHTS", default_value = "f32", value_name = "FORMAT")]
+    pub weights: WeightFormat,
     /// Items the user interacted with, oldest first: ids or titles, comma-separated
     /// (the flag may repeat).
     #[arg(long, value_name = "ID,ID...")]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use sidrec::model::packed::WeightFormat;
 
 use super::request::*;
 
@@ -35,6 +36,11 @@ pub(crate) struct ServeArgs {
     /// Model directory written by `sidrec train` (default: the demo model).
     #[arg(long, env = "SIDREC_MODEL")]
     model: Option<PathBuf>,
+    /// How the decoder's matrices are held in memory: f32 (as trained), bf16 or int8
+    /// (an f32 scale per 32 weights): smaller weights serve faster and in less memory,
+    /// at a small, measured cost in accuracy (docs/benchmarks.md).
+    #[arg(long, env = "SIDREC_WEIGHTS", default_value = "f32", value_name = "FORMAT")]
+    weights: WeightFormat,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: std::net::SocketAddr,
@@ -78,7 +84,7 @@ pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let engine = load_engine(&a.model)?;
+    let engine = load_engine(&a.model, a.weights)?;
     let items = engine.catalog().items.len();
     let opts = sidrec::serve::ServeOptions {
         workers: a.workers,

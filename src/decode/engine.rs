@@ -28,6 +28,7 @@ use crate::model::config::LlamaConfig;
 use crate::model::hfdir::{self, HfDir, Sidecar};
 use crate::model::items::ITEM_TABLE;
 use crate::model::llama::{KvCache, Llama};
+use crate::model::packed::WeightFormat;
 use crate::model::soft_prompt;
 use crate::train::data::{self, DataOptions, PromptKind, Prompts, Slot};
 use crate::train::trainer::ChatFormat;
@@ -275,6 +276,19 @@ impl Engine {
             engine.memory = Some(TransitionMemory::load(&memory, &engine.catalog)?);
         }
         Ok(engine)
+    }
+
+    /// The same engine with its decoders' matrices stored as `format` (bf16 or int8
+    /// weights stream faster in decoding; see [`crate::model::packed`]). The f32 weights
+    /// are released, so training cannot continue from such an engine's model.
+    pub fn with_weights(mut self, format: WeightFormat) -> Result<Engine> {
+        self.model = self.model.with_weights(format)?;
+        self.members = self
+            .members
+            .into_iter()
+            .map(|(m, t)| Ok((m.with_weights(format)?, t)))
+            .collect::<Result<_>>()?;
+        Ok(self)
     }
 
     /// An engine over a decoder in memory, with the tokenizer (SID tokens included),
@@ -541,7 +555,7 @@ impl Engine {
     }
 
     /// Token ids of [`Engine::model_input`], as the model was trained to see them.
-    fn prompt_ids(&self, req: &Request) -> std::result::Result<Vec<u32>, DecodeError> {
+    pub fn prompt_ids(&self, req: &Request) -> std::result::Result<Vec<u32>, DecodeError> {
         self.encode_prompt(&self.tokenizer, self.model_input(req)?)
     }
 

@@ -32,6 +32,8 @@ pub struct Peers {
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub model: PathBuf,
+    /// How the decoder's matrices are held for ranking.
+    pub weights: crate::model::packed::WeightFormat,
     pub interactions: PathBuf,
     pub out: PathBuf,
     pub force: bool,
@@ -78,7 +80,8 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
     let t0 = Instant::now();
     // Fail before minutes of ranking, not after (the write checks again).
     crate::atomic::check_target(&opts.out, opts.force, &opts.inputs()).map_err(EvalError::from)?;
-    let mut engine = Engine::load_with(&opts.model, opts.encoder.as_deref())?;
+    let mut engine =
+        Engine::load_with(&opts.model, opts.encoder.as_deref())?.with_weights(opts.weights)?;
     let (seqs, _) = Sequences::load(
         &opts.interactions,
         engine.catalog(),
@@ -110,6 +113,12 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
             .unwrap_or_else(|| "dataset".into())
     });
     let mut notes = Vec::new();
+    if opts.weights != crate::model::packed::WeightFormat::F32 {
+        notes.push(format!(
+            "The decoder ranked with its matrices held as {} (`--weights`), not as trained (f32).",
+            opts.weights
+        ));
+    }
     let model_opts = ModelOptions {
         beams: opts.beams,
         exact: opts.exact,

@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::config::{LlamaConfig, RopeScaling};
 use super::items::{ItemKeys, ItemState, ITEM_TABLE};
 use super::ops;
+use super::packed::{Packed, WeightFormat};
 use super::skinny;
 use super::soft_prompt::{Slot as SoftSlot, SoftInputs, SoftPrompt};
 
@@ -70,6 +72,8 @@ pub enum ModelError {
     RowOutOfRange { row: u32, batch: usize },
     #[error("position {row} selected from a batch of {positions} positions")]
     PositionOutOfRange { row: u32, positions: usize },
+    #[error("cannot pack {name} into bf16 or int8: {why}")]
+    Packing { name: String, why: &'static str },
 }
 
 /// Result alias of this module.
@@ -171,9 +175,11 @@ struct Lora {
 struct Linear {
     /// Hugging Face name without `.weight`.
     name: String,
-    /// `[out, in]`.
+    /// `[out, in]`; an empty `[0, in]` once packed.
     weight: Tensor,
     lora: Option<Lora>,
+    /// The weight in bf16 or int8, for decoding ([`Llama::with_weights`]).
+    packed: Option<Arc<Packed>>,
 }
 
 impl Linear {
@@ -186,12 +192,33 @@ impl Linear {
                 b: l.b.detach(),
                 scale: l.scale,
             }),
+            packed: self.packed.clone(),
         }
+    }
+
+    /// The weight stored as `format`, the f32 copy released.
+    fn pack(&mut self, format: WeightFormat) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(ModelError::Packing {
+                name: self.name.clone(),
+                why: "it has an adapter (merge it first)",
+            });
+        }
+        if let Some(p) = Packed::new(&self.weight, format)? {
+            self.weight = Tensor::zeros((0, p.dims().1), DType::F32, self.weight.device())?;
+            self.packed = Some(Arc::new(p));
+        }
+        Ok(())
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, i) = x.dims3()?;
         let x2 = x.reshape((b * t, i))?;
+        if let Some(p) = &self.packed {
+            let y = p.matmul_t(&x2)?;
+            let out = y.dim(1)?;
+            return Ok(y.reshape((b, t, out))?);
+        }
         let mut y = match skinny::matmul_t(&x2, &self.weight)? {
             Some(y) => y,
             None => x2.matmul(&self.weight.t()?)?,
@@ -205,6 +232,9 @@ impl Linear {
     }
 
     fn merged(&self) -> Result<Tensor> {
+        if let Some(p) = &self.packed {
+            return Ok(p.dequantize()?);
+        }
         let w = self.weight.detach();
         Ok(match &self.lora {
             None => w.copy()?,
@@ -221,6 +251,8 @@ struct TokenMatrix {
     weight: Tensor,
     /// `(n_old, delta [vocab - n_old, hidden])`.
     new_rows: Option<(usize, Tensor)>,
+    /// The matrix in bf16 or int8, for decoding ([`Llama::with_weights`]).
+    packed: Option<Arc<Packed>>,
 }
 
 impl TokenMatrix {
@@ -229,11 +261,30 @@ impl TokenMatrix {
             name: self.name.clone(),
             weight: self.weight.detach(),
             new_rows: self.new_rows.as_ref().map(|(n, d)| (*n, d.detach())),
+            packed: self.packed.clone(),
         }
+    }
+
+    /// The matrix stored as `format`, the f32 copy released.
+    fn pack(&mut self, format: WeightFormat) -> Result<()> {
+        if self.new_rows.is_some() {
+            return Err(ModelError::Packing {
+                name: self.name.clone(),
+                why: "it has trainable new rows (merge them first)",
+            });
+        }
+        if let Some(p) = Packed::new(&self.weight, format)? {
+            self.weight = Tensor::zeros((0, p.dims().1), DType::F32, self.weight.device())?;
+            self.packed = Some(Arc::new(p));
+        }
+        Ok(())
     }
 
     /// Rows for `ids` (`[n]` u32, already range-checked) → `[n, hidden]`.
     fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        if let Some(p) = &self.packed {
+            return Ok(p.embedding(ids)?.to_device(ids.device())?);
+        }
         let base = self.weight.embedding(ids)?;
         let Some((n_old, delta)) = &self.new_rows else {
             return Ok(base);
@@ -255,6 +306,9 @@ impl TokenMatrix {
 
     /// Output logits for `x` (`[n, hidden]`) → `[n, vocab]`.
     fn project(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(p) = &self.packed {
+            return Ok(p.matmul_t(x)?);
+        }
         match &self.new_rows {
             None => match skinny::matmul_t(x, &self.weight)? {
                 Some(y) => Ok(y),
@@ -271,6 +325,9 @@ impl TokenMatrix {
     }
 
     fn merged(&self) -> Result<Tensor> {
+        if let Some(p) = &self.packed {
+            return Ok(p.dequantize()?);
+        }
         let w = self.weight.detach();
         Ok(match &self.new_rows {
             None => w.copy()?,
@@ -716,7 +773,12 @@ impl Loader<'_> {
             }
             _ => None,
         };
-        Ok(Linear { name, weight, lora })
+        Ok(Linear {
+            name,
+            weight,
+            lora,
+            packed: None,
+        })
     }
 
     fn token_matrix(&self, name: &str, vocab: usize, hidden: usize) -> Result<TokenMatrix> {
@@ -746,6 +808,7 @@ impl Loader<'_> {
             name: name.to_string(),
             weight,
             new_rows,
+            packed: None,
         })
     }
 
@@ -898,6 +961,35 @@ impl Llama {
     /// `taste` `[hidden, dim]` (trainable `Var` tensors while training).
     pub fn with_soft_prompt(mut self, request: Tensor, taste: Tensor) -> Result<Llama> {
         self.soft = Some(SoftPrompt::new(request, taste, self.cfg.hidden_size)?);
+        Ok(self)
+    }
+
+    /// The same model with its matrices (every layer's projections and the token
+    /// matrix) stored as `format`, for decoding: see [`super::packed`] for what each
+    /// format keeps. The f32 copies are released (a SmolLM2-135M in int8 holds about a
+    /// quarter of the bytes), so the model is for inference only. Fails on a model with
+    /// adapters or trainable new rows (merge them first).
+    pub fn with_weights(mut self, format: WeightFormat) -> Result<Llama> {
+        if format == WeightFormat::F32 {
+            return Ok(self);
+        }
+        self.embed.pack(format)?;
+        if let Some(head) = &mut self.lm_head {
+            head.pack(format)?;
+        }
+        for b in &mut self.layers {
+            for l in [
+                &mut b.attn.q,
+                &mut b.attn.k,
+                &mut b.attn.v,
+                &mut b.attn.o,
+                &mut b.mlp.gate,
+                &mut b.mlp.up,
+                &mut b.mlp.down,
+            ] {
+                l.pack(format)?;
+            }
+        }
         Ok(self)
     }
 

@@ -17,5 +17,6 @@ pub mod hfdir;
 pub mod items;
 pub mod llama;
 pub mod ops;
+pub mod packed;
 pub mod skinny;
 pub mod soft_prompt;

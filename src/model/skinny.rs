@@ -14,12 +14,74 @@
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::simd::{self, Level};
+
+mod avx2;
+mod avx512;
+
 /// Most input rows for which the streaming product beats a GEMM.
 pub const MAX_ROWS: usize = 32;
 
-const LANES: usize = 16;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
+
+/// How the weight's elements are stored (a const parameter of the kernels, so each
+/// storage gets its own loop with the conversion inlined).
+pub(crate) const F32: u8 = 0;
+pub(crate) const BF16: u8 = 1;
+pub(crate) const INT8: u8 = 2;
+
+/// Elements of an int8 row that share one scale.
+pub const INT8_GROUP: usize = 32;
+
+/// A weight matrix `[n, k]` as the kernels read it: row `r` starts at element
+/// `r · stride` of `data`. f32 rows are the tensor's own (`stride = k`); bf16 and int8
+/// rows are padded with zeros to a multiple of [`INT8_GROUP`], so a vector load never
+/// needs a mask on the weight side. int8 row `r`'s elements `g · 32..` are scaled by
+/// `scales[r · groups + g]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    pub kind: u8,
+    pub data: *const u8,
+    pub n: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub scales: &'a [f32],
+    pub groups: usize,
+}
+
+// SAFETY: `Rows` only reads, and the storage it points into outlives every use (it is
+// built from a borrow of that storage for one product).
+unsafe impl Send for Rows<'_> {}
+unsafe impl Sync for Rows<'_> {}
+
+impl Rows<'_> {
+    /// Row `r` as f32 into `buf` (`k` long): the portable path's view of packed rows.
+    fn row_f32(&self, r: usize, buf: &mut [f32]) {
+        let base = r * self.stride;
+        // SAFETY: row `r` < `n` has `stride` >= `k` elements of the kind's size.
+        unsafe {
+            match self.kind {
+                F32 => buf.copy_from_slice(std::slice::from_raw_parts(
+                    (self.data as *const f32).add(base),
+                    self.k,
+                )),
+                BF16 => {
+                    let src = std::slice::from_raw_parts((self.data as *const u16).add(base), self.k);
+                    for (o, &b) in buf.iter_mut().zip(src) {
+                        *o = f32::from_bits((b as u32) << 16);
+                    }
+                }
+                _ => {
+                    let src = std::slice::from_raw_parts((self.data as *const i8).add(base), self.k);
+                    for (i, (o, &q)) in buf.iter_mut().zip(src).enumerate() {
+                        *o = q as f32 * self.scales[r * self.groups + i / INT8_GROUP];
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// `x · wᵀ` for `x` `[m, k]` and `w` `[n, k]` when the streaming product applies (small
 /// `m`, f32 on the CPU, contiguous `w`, no autograd); `None` otherwise.
@@ -51,18 +113,41 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     };
     let xv = &xs.as_slice::<f32>()?[xa..xb];
     let wv = &ws.as_slice::<f32>()?[wa..wb];
+    let rows = Rows {
+        kind: F32,
+        data: wv.as_ptr() as *const u8,
+        n,
+        k,
+        stride: k,
+        scales: &[],
+        groups: 0,
+    };
+    let out = stream(xv, m, &rows);
+    Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
+}
+
+/// `x · wᵀ` (`x` `[m, k]` row-major, `m` <= [`MAX_ROWS`]) → `[m, n]` row-major, every
+/// weight row streamed once.
+pub(crate) fn stream(x: &[f32], m: usize, w: &Rows) -> Vec<f32> {
+    stream_at(simd::level(), x, m, w)
+}
+
+/// [`stream`] with the kernels of `level` (which the CPU must support).
+pub(crate) fn stream_at(level: Level, x: &[f32], m: usize, w: &Rows) -> Vec<f32> {
+    let (n, k) = (w.n, w.k);
+    assert!(m <= MAX_ROWS && x.len() == m * k, "skinny product shape");
     // Each task computes its block weight-row major on the stack, then writes it into its
     // own columns of `out` (a transpose on one thread afterwards cost as much as a
     // decoding step's attention).
     let mut out = vec![0f32; m * n];
     let dst = SharedOut(out.as_mut_ptr());
-    wv.par_chunks(ROWS_PER_TASK * k)
-        .enumerate()
-        .for_each(|(task, wblock)| {
-            let rows = wblock.len() / k;
-            let mut local = [0f32; ROWS_PER_TASK * MAX_ROWS];
-            block(wblock, xv, k, m, &mut local[..rows * m]);
+    (0..n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each(|task| {
             let r0 = task * ROWS_PER_TASK;
+            let rows = ROWS_PER_TASK.min(n - r0);
+            let mut local = [0f32; ROWS_PER_TASK * MAX_ROWS];
+            block(level, w, r0, rows, x, m, &mut local[..rows * m]);
             for j in 0..m {
                 for r in 0..rows {
                     // SAFETY: `j * n + r0 + r` < `m * n`, and columns r0..r0 + rows
@@ -71,14 +156,14 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
                 }
             }
         });
-    Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
+    out
 }
 
-/// The output buffer shared by the tasks of [`matmul_t`], each writing its own columns.
+/// The output buffer shared by the tasks of [`stream`], each writing its own columns.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 
-// SAFETY: tasks write disjoint elements (see `matmul_t`), and the buffer outlives them.
+// SAFETY: tasks write disjoint elements (see `stream`), and the buffer outlives them.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
@@ -188,228 +273,34 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// [`block_kernel`] for the widest vector extension the CPU has, with fused multiply-add
-/// where it exists (half the instructions of a multiply and an add: the kernel is bound by
-/// instruction throughput once the weight streams from memory). Results may differ from
-/// the portable version in the last bits; on one machine they are always the same.
-fn block(w: &[f32], x: &[f32], k: usize, m: usize, out: &mut [f32]) {
+/// Weight rows `r0..r0 + rows` of `w` dotted with the `m` rows of `x`, into `out`
+/// (`[rows, m]`), with the kernel for `level`: intrinsics for AVX-512 and AVX2 (fused
+/// multiply-adds: the kernel is bound by instruction throughput once the weight streams
+/// from memory), plain Rust otherwise. Every output element is one accumulation in a fixed
+/// order whatever `m` and the tiling, so a row's result does not depend on which other
+/// rows share the product (what makes a prompt computed in pieces equal to one pass).
+fn block(level: Level, w: &Rows, r0: usize, rows: usize, x: &[f32], m: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(w: &[f32], x: &[f32], k: usize, m: usize, out: &mut [f32]) {
-            block_kernel::<true>(w, x, k, m, out)
-        }
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the extension.
-            return unsafe { avx512::block(w, x, k, m, out) };
-        }
-        if is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports the extensions.
-            return unsafe { avx2(w, x, k, m, out) };
-        }
-    }
-    block_kernel::<false>(w, x, k, m, out)
-}
-
-/// For every weight row in `w` (`rows × k`): its dot products with the `m` rows of `x`.
-/// Two weight rows times four input rows per pass: eight independent accumulator chains
-/// keep both vector add units busy (four chains were bound by the add latency), and each
-/// input chunk loaded serves two weight rows.
-#[inline(always)]
-fn block_kernel<const FMA: bool>(w: &[f32], x: &[f32], k: usize, m: usize, out: &mut [f32]) {
-    let rows = w.len() / k;
-    let mut r = 0;
-    while r < rows {
-        // A lone last row is paired with itself.
-        let r1 = (r + 1).min(rows - 1);
-        let (w0, w1) = (&w[r * k..][..k], &w[r1 * k..][..k]);
-        let mut j = 0;
-        while j < m {
-            // A short last group of input rows repeats its last row.
-            let row = |i: usize| &x[(j + i).min(m - 1) * k..][..k];
-            let d = dots2x4::<FMA>(w0, w1, [row(0), row(1), row(2), row(3)]);
-            for i in 0..4.min(m - j) {
-                out[r * m + j + i] = d[0][i];
-                if r1 != r {
-                    out[r1 * m + j + i] = d[1][i];
-                }
-            }
-            j += 4;
-        }
-        r += 2;
-    }
-}
-
-#[inline(always)]
-fn dots2x4<const FMA: bool>(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
-    // Named accumulators and zipped exact chunks: the compiler keeps all eight in vector
-    // registers and drops every bounds check.
-    let (mut a0, mut a1, mut a2, mut a3) =
-        ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
-    let (mut b0, mut b1, mut b2, mut b3) =
-        ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
-    let body = w0.len() / LANES * LANES;
-    for (((((u, v), c0), c1), c2), c3) in w0[..body]
-        .chunks_exact(LANES)
-        .zip(w1[..body].chunks_exact(LANES))
-        .zip(x[0][..body].chunks_exact(LANES))
-        .zip(x[1][..body].chunks_exact(LANES))
-        .zip(x[2][..body].chunks_exact(LANES))
-        .zip(x[3][..body].chunks_exact(LANES))
-    {
-        for t in 0..LANES {
-            if FMA {
-                a0[t] = u[t].mul_add(c0[t], a0[t]);
-                a1[t] = u[t].mul_add(c1[t], a1[t]);
-                a2[t] = u[t].mul_add(c2[t], a2[t]);
-                a3[t] = u[t].mul_add(c3[t], a3[t]);
-                b0[t] = v[t].mul_add(c0[t], b0[t]);
-                b1[t] = v[t].mul_add(c1[t], b1[t]);
-                b2[t] = v[t].mul_add(c2[t], b2[t]);
-                b3[t] = v[t].mul_add(c3[t], b3[t]);
-            } else {
-                a0[t] += u[t] * c0[t];
-                a1[t] += u[t] * c1[t];
-                a2[t] += u[t] * c2[t];
-                a3[t] += u[t] * c3[t];
-                b0[t] += v[t] * c0[t];
-                b1[t] += v[t] * c1[t];
-                b2[t] += v[t] * c2[t];
-                b3[t] += v[t] * c3[t];
-            }
+        // SAFETY: `level` never names an extension the CPU lacks; the rows exist (the
+        // caller's shapes) and `out` holds `rows · m`.
+        match (level, w.kind) {
+            (Level::Avx512, F32) => return unsafe { avx512::block::<F32>(w, r0, rows, x, m, out) },
+            (Level::Avx512, BF16) => return unsafe { avx512::block::<BF16>(w, r0, rows, x, m, out) },
+            (Level::Avx512, _) => return unsafe { avx512::block::<INT8>(w, r0, rows, x, m, out) },
+            (Level::Avx2, F32) => return unsafe { avx2::block::<F32>(w, r0, rows, x, m, out) },
+            (Level::Avx2, BF16) => return unsafe { avx2::block::<BF16>(w, r0, rows, x, m, out) },
+            (Level::Avx2, _) => return unsafe { avx2::block::<INT8>(w, r0, rows, x, m, out) },
+            (Level::Portable, _) => {}
         }
     }
-    let tail = |wr: &[f32], xr: &[f32]| -> f32 {
-        wr[body..].iter().zip(&xr[body..]).map(|(a, b)| a * b).sum()
-    };
-    let sum = |a: &[f32; LANES]| -> f32 { a.iter().sum() };
-    [
-        [
-            sum(&a0) + tail(w0, x[0]),
-            sum(&a1) + tail(w0, x[1]),
-            sum(&a2) + tail(w0, x[2]),
-            sum(&a3) + tail(w0, x[3]),
-        ],
-        [
-            sum(&b0) + tail(w1, x[0]),
-            sum(&b1) + tail(w1, x[1]),
-            sum(&b2) + tail(w1, x[2]),
-            sum(&b3) + tail(w1, x[3]),
-        ],
-    ]
-}
-
-/// The AVX-512 kernel, written with intrinsics: tiles of four weight rows by up to five
-/// input rows keep twenty accumulators in registers, so each vector load feeds two to
-/// five multiply-adds (the autovectorised 2 × 4 tile was bound by loads and horizontal
-/// sums: 10 GB/s at ten rows against 16 GB/s for one). A decoding step's ten beams are two
-/// full tiles; the ragged end of `k` uses masked loads instead of a scalar tail.
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    /// Weight rows per tile.
-    const R: usize = 4;
-    /// Most input rows per tile.
-    const C: usize = 5;
-
-    /// Same contract as [`super::block_kernel`].
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn block(w: &[f32], x: &[f32], k: usize, m: usize, out: &mut [f32]) {
-        let rows = w.len() / k;
-        debug_assert!(x.len() >= m * k && out.len() >= rows * m);
-        let mut r = 0;
-        while r + R <= rows {
-            groups::<R>(w, x, k, m, r, out);
-            r += R;
-        }
-        while r < rows {
-            groups::<1>(w, x, k, m, r, out);
-            r += 1;
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn groups<const RR: usize>(
-        w: &[f32],
-        x: &[f32],
-        k: usize,
-        m: usize,
-        r: usize,
-        out: &mut [f32],
-    ) {
-        let mut j = 0;
-        while j < m {
-            // SAFETY: rows r..r + RR of `w` and j..j + c of `x` exist (checked by the
-            // callers' shapes), and the writes stay inside `out`'s rows r..r + RR.
-            unsafe {
-                match (m - j).min(C) {
-                    5 => tile::<RR, 5>(w, x, k, m, r, j, out),
-                    4 => tile::<RR, 4>(w, x, k, m, r, j, out),
-                    3 => tile::<RR, 3>(w, x, k, m, r, j, out),
-                    2 => tile::<RR, 2>(w, x, k, m, r, j, out),
-                    _ => tile::<RR, 1>(w, x, k, m, r, j, out),
-                }
-            }
-            j += C;
-        }
-    }
-
-    /// `out[(r + a) * m + j + b] = w[r + a] · x[j + b]` for `a < RR`, `b < CC`.
-    // Indexed loops over the register tile: each index names one register.
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn tile<const RR: usize, const CC: usize>(
-        w: &[f32],
-        x: &[f32],
-        k: usize,
-        m: usize,
-        r: usize,
-        j: usize,
-        out: &mut [f32],
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); CC]; RR];
-        let wp = w.as_ptr().add(r * k);
-        let xp = x.as_ptr().add(j * k);
-        let mut p = 0;
-        while p + 16 <= k {
-            let mut wv = [_mm512_setzero_ps(); RR];
-            for (a, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(wp.add(a * k + p));
-                // The next tile's rows, one cache line per row: the hardware prefetcher
-                // alone left the loads above waiting on memory.
-                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((RR + a) * k + p) as *const i8);
-            }
-            for b in 0..CC {
-                let xv = _mm512_loadu_ps(xp.add(b * k + p));
-                for a in 0..RR {
-                    acc[a][b] = _mm512_fmadd_ps(wv[a], xv, acc[a][b]);
-                }
-            }
-            p += 16;
-        }
-        if p < k {
-            let mask: __mmask16 = ((1u32 << (k - p)) - 1) as __mmask16;
-            let mut wv = [_mm512_setzero_ps(); RR];
-            for (a, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(mask, wp.add(a * k + p));
-            }
-            for b in 0..CC {
-                let xv = _mm512_maskz_loadu_ps(mask, xp.add(b * k + p));
-                for a in 0..RR {
-                    acc[a][b] = _mm512_fmadd_ps(wv[a], xv, acc[a][b]);
-                }
-            }
-        }
-        for (a, row) in acc.iter().enumerate() {
-            for (b, v) in row.iter().enumerate() {
-                out[(r + a) * m + j + b] = _mm512_reduce_add_ps(*v);
-            }
+    let _ = level;
+    let k = w.k;
+    let mut buf = vec![0f32; k];
+    for r in 0..rows {
+        w.row_f32(r0 + r, &mut buf);
+        for j in 0..m {
+            out[r * m + j] = dot(&buf, &x[j * k..][..k]);
         }
     }
 }
@@ -437,6 +328,33 @@ mod tests {
             let reference = x.matmul(&w.t().unwrap()).unwrap();
             let diff = max_abs_diff(&ours, &reference);
             assert!(diff < 1e-4, "m={m} k={k} n={n}: {diff}");
+            // Every kernel this CPU can run, each row alone equal to the row in a batch.
+            let (xv, wv) = (
+                x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            let rows = Rows {
+                kind: F32,
+                data: wv.as_ptr() as *const u8,
+                n,
+                k,
+                stride: k,
+                scales: &[],
+                groups: 0,
+            };
+            for level in [Level::Portable, Level::Avx2, Level::Avx512] {
+                if level > simd::level() {
+                    continue;
+                }
+                let all = stream_at(level, &xv, m, &rows);
+                let t = Tensor::from_vec(all.clone(), (m, n), &dev).unwrap();
+                let diff = max_abs_diff(&t, &reference);
+                assert!(diff < 1e-4, "{level:?} m={m} k={k} n={n}: {diff}");
+                for j in 0..m {
+                    let one = stream_at(level, &xv[j * k..][..k], 1, &rows);
+                    assert_eq!(one, all[j * n..][..n], "{level:?} row {j} alone");
+                }
+            }
         }
         // Not for many rows, nor where autograd must see the product.
         let big = Tensor::zeros((33, 8), DType::F32, &dev).unwrap();
@@ -486,35 +404,65 @@ mod tests {
 #[cfg(test)]
 mod timing {
     use super::*;
+    use crate::model::packed::{Packed, WeightFormat};
 
     /// `cargo test --release --lib skinny::timing -- --ignored --nocapture`: the
-    /// streaming product against the memory floor (one read of the weight).
+    /// streaming product of SmolLM2's size (234k rows × 576) per kernel and weight
+    /// format, against the memory floor (one read of the weight) and candle's matmul.
     #[test]
     #[ignore]
     fn skinny_bandwidth() {
         let dev = Device::Cpu;
-        let w = Tensor::ones((234_000, 576), DType::F32, &dev).unwrap();
-        for m in [1, 4, 10, 19, MAX_ROWS] {
-            let x = Tensor::ones((m, 576), DType::F32, &dev).unwrap();
+        let (n, k) = (234_000, 576);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let f32_rows = Rows {
+            kind: F32,
+            data: wv.as_ptr() as *const u8,
+            n,
+            k,
+            stride: k,
+            scales: &[],
+            groups: 0,
+        };
+        let bf16 = Packed::new(&w, WeightFormat::Bf16).unwrap().unwrap();
+        let int8 = Packed::new(&w, WeightFormat::Int8).unwrap().unwrap();
+        let time = |f: &dyn Fn()| {
             let mut best = f64::MAX;
             for _ in 0..5 {
                 let t = std::time::Instant::now();
-                let _ = matmul_t(&x, &w).unwrap().unwrap();
+                f();
                 best = best.min(t.elapsed().as_secs_f64());
             }
-            let gb = 234_000.0 * 576.0 * 4.0 / 1e9;
-            let mut gemm = f64::MAX;
-            for _ in 0..3 {
-                let t = std::time::Instant::now();
-                let _ = x.matmul(&w.t().unwrap()).unwrap();
-                gemm = gemm.min(t.elapsed().as_secs_f64());
+            best
+        };
+        for level in [Level::Avx2, Level::Avx512] {
+            if level > simd::level() {
+                continue;
             }
-            println!(
-                "m={m}: {:.1} ms, {:.1} GB/s; candle matmul {:.1} ms",
-                best * 1e3,
-                gb / best,
-                gemm * 1e3
-            );
+            for m in [1, 10, 19, MAX_ROWS] {
+                let x = vec![0.5f32; m * k];
+                let mut line = format!("{}, m={m}:", level.name());
+                for (name, rows, bytes) in [
+                    ("f32", f32_rows, n * k * 4),
+                    ("bf16", bf16.rows(), bf16.bytes()),
+                    ("int8", int8.rows(), int8.bytes()),
+                ] {
+                    let s = time(&|| {
+                        stream_at(level, &x, m, &rows);
+                    });
+                    line += &format!(
+                        " {name} {:.1} ms ({:.1} GB/s);",
+                        s * 1e3,
+                        bytes as f64 / 1e9 / s
+                    );
+                }
+                let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+                let gemm = time(&|| {
+                    xt.matmul(&w.t().unwrap()).unwrap();
+                });
+                println!("{line} candle matmul {:.1} ms", gemm * 1e3);
+            }
         }
     }
 }

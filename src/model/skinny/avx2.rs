@@ -1,0 +1,175 @@
+//! The AVX2 kernel of the streaming product: the AVX-512 kernel's scheme in 256-bit
+//! vectors. AVX2 has 16 vector registers, so a tile is two weight rows by up to five input
+//! rows (ten accumulators, two weight vectors and one input vector); each weight vector
+//! loaded feeds five multiply-adds and each input vector two. A decoding step's ten beams
+//! are two tiles. Before this kernel, machines without AVX-512 ran an autovectorised 2 × 4
+//! tile of plain Rust.
+
+use std::arch::x86_64::*;
+
+use super::{Rows, BF16, F32, INT8_GROUP};
+
+/// Weight rows per tile.
+const R: usize = 2;
+/// Most input rows per tile.
+const C: usize = 5;
+/// f32 lanes of a vector.
+const L: usize = 8;
+
+/// Weight rows `r0..r0 + rows` of `w` (stored as `K`) dotted with the `m` rows of `x`,
+/// into `out[(r - r0) · m + j]`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; rows `r0..r0 + rows` exist in `w`, `x` holds
+/// `m · k` and `out` `rows · m`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn block<const K: u8>(
+    w: &Rows,
+    r0: usize,
+    rows: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(x.len() >= m * w.k && out.len() >= rows * m);
+    let mut r = 0;
+    while r + R <= rows {
+        groups::<K, R>(w, r0, r, x, m, out);
+        r += R;
+    }
+    while r < rows {
+        groups::<K, 1>(w, r0, r, x, m, out);
+        r += 1;
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn groups<const K: u8, const RR: usize>(
+    w: &Rows,
+    r0: usize,
+    r: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
+    let mut j = 0;
+    while j < m {
+        // SAFETY: weight rows r0 + r..r0 + r + RR and input rows j..j + c exist (the
+        // callers' shapes), and the writes stay inside `out`'s rows r..r + RR.
+        unsafe {
+            match (m - j).min(C) {
+                5 => tile::<K, RR, 5>(w, r0 + r, x, m, j, &mut out[r * m..]),
+                4 => tile::<K, RR, 4>(w, r0 + r, x, m, j, &mut out[r * m..]),
+                3 => tile::<K, RR, 3>(w, r0 + r, x, m, j, &mut out[r * m..]),
+                2 => tile::<K, RR, 2>(w, r0 + r, x, m, j, &mut out[r * m..]),
+                _ => tile::<K, RR, 1>(w, r0 + r, x, m, j, &mut out[r * m..]),
+            }
+        }
+        j += C;
+    }
+}
+
+/// 8 elements of weight row `row` from element `p` on, as f32.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn load<const K: u8>(w: &Rows, row: usize, p: usize) -> __m256 {
+    let at = row * w.stride + p;
+    unsafe {
+        match K {
+            F32 => _mm256_loadu_ps((w.data as *const f32).add(at)),
+            BF16 => {
+                let h = _mm_loadu_si128((w.data as *const u16).add(at) as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+            _ => {
+                let q = _mm_loadl_epi64((w.data as *const i8).add(at) as *const __m128i);
+                let s = *w.scales.get_unchecked(row * w.groups + p / INT8_GROUP);
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
+                    _mm256_set1_ps(s),
+                )
+            }
+        }
+    }
+}
+
+/// The sum of a vector's lanes, in a fixed order.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+/// `out[a · m + j + b] = w[row + a] · x[j + b]` for `a < RR`, `b < CC`.
+// Indexed loops over the register tile: each index names one register.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile<const K: u8, const RR: usize, const CC: usize>(
+    w: &Rows,
+    row: usize,
+    x: &[f32],
+    m: usize,
+    j: usize,
+    out: &mut [f32],
+) {
+    let k = w.k;
+    let size = match K {
+        F32 => 4,
+        BF16 => 2,
+        _ => 1,
+    };
+    let line = 64 / size;
+    let mut acc = [[_mm256_setzero_ps(); CC]; RR];
+    unsafe {
+        let xp = x.as_ptr().add(j * k);
+        let mut p = 0;
+        while p + L <= k {
+            let mut wv = [_mm256_setzero_ps(); RR];
+            for (a, v) in wv.iter_mut().enumerate() {
+                *v = load::<K>(w, row + a, p);
+                if p % line == 0 {
+                    let next = w.data.wrapping_add(((row + RR + a) * w.stride + p) * size);
+                    _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+                }
+            }
+            for b in 0..CC {
+                let xv = _mm256_loadu_ps(xp.add(b * k + p));
+                for a in 0..RR {
+                    acc[a][b] = _mm256_fmadd_ps(wv[a], xv, acc[a][b]);
+                }
+            }
+            p += L;
+        }
+        if p < k {
+            let left = (k - p) as i32;
+            let mask = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(left),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            let mut wv = [_mm256_setzero_ps(); RR];
+            for (a, v) in wv.iter_mut().enumerate() {
+                *v = match K {
+                    F32 => _mm256_maskload_ps((w.data as *const f32).add((row + a) * k + p), mask),
+                    // Packed rows are zero-padded past `k`.
+                    _ => load::<K>(w, row + a, p),
+                };
+            }
+            for b in 0..CC {
+                let xv = _mm256_maskload_ps(xp.add(b * k + p), mask);
+                for a in 0..RR {
+                    acc[a][b] = _mm256_fmadd_ps(wv[a], xv, acc[a][b]);
+                }
+            }
+        }
+    }
+    for (a, r) in acc.iter().enumerate() {
+        for (b, v) in r.iter().enumerate() {
+            out[a * m + j + b] = hsum(*v);
+        }
+    }
+}
