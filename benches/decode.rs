@@ -32,6 +32,7 @@ use sidrec::decode::{beam_search, BeamConfig, DecodeError, LogitSource};
 use sidrec::model::config::LlamaConfig;
 use sidrec::model::hfdir::HfDir;
 use sidrec::model::llama::{self, Llama};
+use sidrec::model::packed::WeightFormat;
 use sidrec::trie::{Mask, Trie};
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -44,6 +45,8 @@ const ITEMS: usize = 10_000;
 const LEVELS: usize = 3;
 const CODES: usize = 256;
 const BEAMS: usize = 10;
+/// Weight formats timed, each on the same model and requests.
+const FORMATS: [WeightFormat; 3] = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Int8];
 
 /// SID tokens in the peer's order: `<a_0>..<a_255>`, `<b_0>..`, `<c_0>..`.
 fn sid_tokens() -> Vec<String> {
@@ -276,24 +279,33 @@ fn main() {
         history.join("; ")
     );
     let long = encode(&tiny.tok, &long_text);
-    let tiny_short = time_queries(&tiny, &trie, &short, queries.max(50));
-    let tiny_long = time_queries(&tiny, &trie, &long, queries.max(50));
-    let (tiny_p50, tiny_p90) = (tiny_short.p50, tiny_short.p90);
-    let (tiny_long_p50, tiny_long_p90) = (tiny_long.p50, tiny_long.p90);
-    let per_step = search_cost_per_step(&trie, tiny.llama.config().vocab_size, tiny.offset);
+    let kernels = sidrec::simd::level().name();
+    println!("kernels: {kernels} (SIDREC_SIMD narrows them)");
     println!("tiny (4 layers, d=256), 10k items, 3 x 256, 10 beams, top-10:");
-    println!(
-        "  prompt {:>3} tokens: p50 {:.2} ms, p90 {:.2} ms",
-        short.len(),
-        tiny_p50 * 1e3,
-        tiny_p90 * 1e3
-    );
-    println!(
-        "  prompt {:>3} tokens: p50 {:.2} ms, p90 {:.2} ms",
-        long.len(),
-        tiny_long_p50 * 1e3,
-        tiny_long_p90 * 1e3
-    );
+    let mut tiny_json = Vec::new();
+    for format in FORMATS {
+        let m = Model {
+            llama: tiny.llama.clone().with_weights(format).expect("pack"),
+            tok: tiny.tok.clone(),
+            offset: tiny.offset,
+        };
+        let short_t = time_queries(&m, &trie, &short, queries.max(50));
+        let long_t = time_queries(&m, &trie, &long, queries.max(50));
+        println!(
+            "  {format:>4}: prompt {} tokens p50 {:.2} ms, p90 {:.2} ms; prompt {} tokens p50 {:.2} ms, p90 {:.2} ms",
+            short.len(),
+            short_t.p50 * 1e3,
+            short_t.p90 * 1e3,
+            long.len(),
+            long_t.p50 * 1e3,
+            long_t.p90 * 1e3
+        );
+        tiny_json.push(json!({"weights": format.to_string(), "prompt_tokens": short.len(),
+            "p50_ms": short_t.p50 * 1e3, "p90_ms": short_t.p90 * 1e3,
+            "long_prompt_tokens": long.len(), "long_p50_ms": long_t.p50 * 1e3,
+            "long_p90_ms": long_t.p90 * 1e3}));
+    }
+    let per_step = search_cost_per_step(&trie, tiny.llama.config().vocab_size, tiny.offset);
     println!(
         "  search cost without the model: {:.1} us per step",
         per_step * 1e6
@@ -304,8 +316,15 @@ fn main() {
     let cfg = LlamaConfig::from_json_str(&hf.config.to_string(), "smollm2").expect("config");
     let smol = with_sid_tokens(cfg, hf.tensors, hf.tokenizer);
     let prompt = encode(&smol.tok, PROMPT);
-    let smol_timing = time_queries(&smol, &trie, &prompt, queries);
-    let (ours, ours_p90) = (smol_timing.p50, smol_timing.p90);
+    let mut smol_timings = Vec::new();
+    for format in FORMATS {
+        let m = Model {
+            llama: smol.llama.clone().with_weights(format).expect("pack"),
+            tok: smol.tok.clone(),
+            offset: smol.offset,
+        };
+        smol_timings.push((format, time_queries(&m, &trie, &prompt, queries)));
+    }
     drop(smol);
     let args: Vec<String> = [
         dir.display().to_string(),
@@ -326,22 +345,26 @@ fn main() {
     let theirs = run_peer("hf_constrained_beam.py", &args);
     let their_median = theirs.get("median_s").and_then(Value::as_f64);
     println!(
-        "SmolLM2-135M f32, same shape, {} prompt tokens, {threads} threads:",
+        "SmolLM2-135M, same shape, {} prompt tokens, {threads} threads, kernels {kernels}:",
         prompt.len()
     );
-    println!(
-        "  sidrec  median {:.1} ms, p90 {:.1} ms (prompt pass {:.1} ms, beam step {:.1} ms)",
-        ours * 1e3,
-        ours_p90 * 1e3,
-        smol_timing.prefill * 1e3,
-        smol_timing.step * 1e3
-    );
+    let mut smol_json = Vec::new();
+    for (format, t) in &smol_timings {
+        let ratio = their_median.map(|h| h / t.p50);
+        println!(
+            "  sidrec {format:>4}  median {:.1} ms, p90 {:.1} ms (prompt pass {:.1} ms, beam step {:.1} ms){}",
+            t.p50 * 1e3,
+            t.p90 * 1e3,
+            t.prefill * 1e3,
+            t.step * 1e3,
+            ratio.map_or(String::new(), |r| format!("  speed-up over hf f32 {r:.2}x"))
+        );
+        smol_json.push(json!({"weights": format.to_string(), "prompt_tokens": prompt.len(),
+            "median_ms": t.p50 * 1e3, "p90_ms": t.p90 * 1e3, "prefill_ms": t.prefill * 1e3,
+            "step_ms": t.step * 1e3, "speedup": ratio}));
+    }
     match their_median {
-        Some(t) => println!(
-            "  hf      median {:.1} ms          speed-up {:.2}x",
-            t * 1e3,
-            t / ours
-        ),
+        Some(t) => println!("  hf     f32   median {:.1} ms", t * 1e3),
         None => println!("  hf      (not run)"),
     }
     println!(
@@ -349,13 +372,8 @@ fn main() {
         json!({
             "bench": "decode", "threads": threads, "items": ITEMS, "levels": LEVELS,
             "codes": CODES, "beams": BEAMS,
-            "tiny": {"prompt_tokens": short.len(), "p50_ms": tiny_p50 * 1e3, "p90_ms": tiny_p90 * 1e3,
-                     "long_prompt_tokens": long.len(), "long_p50_ms": tiny_long_p50 * 1e3,
-                     "long_p90_ms": tiny_long_p90 * 1e3, "search_us_per_step": per_step * 1e6},
-            "smollm2": {"prompt_tokens": prompt.len(), "median_ms": ours * 1e3, "p90_ms": ours_p90 * 1e3,
-                        "prefill_ms": smol_timing.prefill * 1e3, "step_ms": smol_timing.step * 1e3},
-            "hf": theirs,
-            "speedup": their_median.map(|t| t / ours),
+            "kernels": kernels, "search_us_per_step": per_step * 1e6,
+            "tiny": tiny_json, "smollm2": smol_json, "hf": theirs,
         })
     );
 }

@@ -29,6 +29,8 @@ use crate::model::hfdir::{self, HfDir, Sidecar};
 use crate::model::items::ITEM_TABLE;
 use crate::model::llama::{KvCache, Llama};
 use crate::model::packed::WeightFormat;
+use super::prefix::{self, PrefixCache};
+use std::sync::Arc;
 use crate::model::soft_prompt;
 use crate::train::data::{self, DataOptions, PromptKind, Prompts, Slot};
 use crate::train::trainer::ChatFormat;
@@ -212,6 +214,9 @@ pub struct Engine {
     specials: Vec<String>,
     /// Where soft-prompt vectors come from, for a model that reads them.
     soft: Option<crate::model::soft_prompt::SoftVectors>,
+    /// Prompts already run by the first decoder, for later prompts that share a prefix.
+    /// Off for an engine over weights that training still updates ([`Engine::from_model`]).
+    prefix: Option<Arc<PrefixCache>>,
 }
 
 impl Engine {
@@ -271,6 +276,7 @@ impl Engine {
         );
         engine.members = members;
         engine.soft = soft;
+        engine.prefix = Some(Arc::new(PrefixCache::new(prefix::DEFAULT_BYTES)));
         let memory = dir.join(MEMORY_FILE);
         if memory.is_file() {
             engine.memory = Some(TransitionMemory::load(&memory, &engine.catalog)?);
@@ -283,12 +289,27 @@ impl Engine {
     /// are released, so training cannot continue from such an engine's model.
     pub fn with_weights(mut self, format: WeightFormat) -> Result<Engine> {
         self.model = self.model.with_weights(format)?;
+        // Keys and values computed with the old weights.
+        self.prefix = self.prefix.map(|p| Arc::new(PrefixCache::new(p.capacity())));
         self.members = self
             .members
             .into_iter()
             .map(|(m, t)| Ok((m.with_weights(format)?, t)))
             .collect::<Result<_>>()?;
         Ok(self)
+    }
+
+    /// The same engine with a prefix cache of at most `bytes` of keys and values (0:
+    /// none). [`Engine::load`] gives one of [`prefix::DEFAULT_BYTES`]; answers are the
+    /// same with or without it.
+    pub fn with_prefix_cache(mut self, bytes: usize) -> Engine {
+        self.prefix = (bytes > 0).then(|| Arc::new(PrefixCache::new(bytes)));
+        self
+    }
+
+    /// What the prefix cache saved so far (`None`: the engine has none).
+    pub fn prefix_stats(&self) -> Option<prefix::Stats> {
+        self.prefix.as_ref().map(|p| p.stats())
     }
 
     /// An engine over a decoder in memory, with the tokenizer (SID tokens included),
@@ -341,6 +362,7 @@ impl Engine {
             memory: None,
             specials,
             soft: None,
+            prefix: None,
         }
     }
 
@@ -717,7 +739,8 @@ impl Engine {
             } else {
                 Vec::new()
             };
-            ModelSource::with_vectors(m, v)
+            let cache = if i == 0 { self.prefix.as_deref() } else { None };
+            ModelSource::with_vectors(m, v).with_prefix_cache(cache)
         };
         if let ([(i, prompt, _)], None) = (plan.prompts.as_slice(), &plan.memory) {
             return Ok((Box::new(source(*i, &plan.vectors[0])), prompt.clone()));
@@ -851,7 +874,8 @@ impl Engine {
         cfg.items = self.resolve_format(req) != Format::Text;
         let words = self.request_vector(req)?;
         let vectors = self.input_vectors(req, &req.history, words.as_ref())?;
-        let mut src = ModelSource::with_vectors(&self.model, vectors);
+        let mut src =
+            ModelSource::with_vectors(&self.model, vectors).with_prefix_cache(self.prefix.as_deref());
         let segs = generate(
             &mut src,
             &self.sids.trie,

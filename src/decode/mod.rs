@@ -12,6 +12,8 @@
 //!   probabilities over the trie, so it can join the mixture.
 //! * [`engine`]: a trained model directory with its catalog: requests in, ranked items or
 //!   segments out. What `sidrec recommend`, `repl` and `serve` call.
+//! * [`prefix`]: keys and values of prompts already run, reused by later prompts that
+//!   share a prefix (the instruction words, a returning user's history).
 //! * [`limits`]: the bounds of a request (k, beams, query and history length, generated
 //!   tokens, `mix_recent`) that `recommend`, `repl` and `serve` all check, in one wording.
 //!
@@ -28,6 +30,7 @@ pub mod generate;
 pub mod limits;
 pub mod memory;
 pub mod mixture;
+pub mod prefix;
 pub mod query;
 
 pub use beam::{beam_search, beam_search_from, BeamConfig, Hit};

@@ -211,7 +211,11 @@ impl Linear {
         Ok(())
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x Wᵀ` (+ the adapter's share). `rowwise` (decoding): every row through the
+    /// streaming product, whose result for a row does not depend on the other rows in
+    /// the pass, so a prompt computed in pieces (prefix cache) or batched with other
+    /// requests gives bit for bit what it gives alone.
+    fn forward(&self, x: &Tensor, rowwise: bool) -> Result<Tensor> {
         let (b, t, i) = x.dims3()?;
         let x2 = x.reshape((b * t, i))?;
         if let Some(p) = &self.packed {
@@ -219,7 +223,11 @@ impl Linear {
             let out = y.dim(1)?;
             return Ok(y.reshape((b, t, out))?);
         }
-        let mut y = match skinny::matmul_t(&x2, &self.weight)? {
+        let product = match rowwise {
+            true => skinny::matmul_t_rows(&x2, &self.weight)?,
+            false => skinny::matmul_t(&x2, &self.weight)?,
+        };
+        let mut y = match product {
             Some(y) => y,
             None => x2.matmul(&self.weight.t()?)?,
         };
@@ -304,13 +312,18 @@ impl TokenMatrix {
         Ok((base + d)?)
     }
 
-    /// Output logits for `x` (`[n, hidden]`) → `[n, vocab]`.
-    fn project(&self, x: &Tensor) -> Result<Tensor> {
+    /// Output logits for `x` (`[n, hidden]`) → `[n, vocab]`; `rowwise` as in
+    /// [`Linear::forward`].
+    fn project(&self, x: &Tensor, rowwise: bool) -> Result<Tensor> {
         if let Some(p) = &self.packed {
             return Ok(p.matmul_t(x)?);
         }
+        let product = match rowwise {
+            true => skinny::matmul_t_rows(x, &self.weight)?,
+            false => skinny::matmul_t(x, &self.weight)?,
+        };
         match &self.new_rows {
-            None => match skinny::matmul_t(x, &self.weight)? {
+            None => match product {
                 Some(y) => Ok(y),
                 None => Ok(x.matmul(&self.weight.t()?)?),
             },
@@ -385,27 +398,31 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        // Decoding (a cache slot): each row computed on its own, see `Linear::forward`.
+        let rowwise = kv.is_some();
         let q = self
             .q
-            .forward(x)?
+            .forward(x, rowwise)?
             .reshape((b, t, nh, hd))?
             .transpose(1, 2)?;
         let k = self
             .k
-            .forward(x)?
+            .forward(x, rowwise)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?;
         let v = self
             .v
-            .forward(x)?
+            .forward(x, rowwise)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
         let q = ops::rope(&q, cos, sin)?.contiguous()?;
         let k = ops::rope(&k, cos, sin)?.contiguous()?;
+        let mut offset = None;
         let (k, v) = match kv {
             None => (k, v),
             Some(KvSlot { slot, rows }) => {
+                offset = Some(slot.as_ref().map_or(Ok(0), |(pk, _)| pk.dim(2))?);
                 let (k, v) = match slot.take() {
                     None => (k, v),
                     Some((pk, pv)) => (append_rows(&pk, rows, &k)?, append_rows(&pv, rows, &v)?),
@@ -418,14 +435,18 @@ impl Attention {
         let s = k.dim(2)?;
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        if bias.is_none() {
+        // Decoding: causal attention one query row at a time (the bias holds only the
+        // causal mask there), so that rows are independent as in `Linear::forward`.
+        // Training with a padding mask goes through the bias below.
+        if let Some(offset) = offset {
             let qg = q.reshape((b, nkv, rep * t, hd))?;
-            if let Some(y) = skinny::attention(&qg, &k, &v, scale as f32)? {
+            let causal = skinny::Causal { rows: t, offset };
+            if let Some(y) = skinny::attention(&qg, &k, &v, scale as f32, causal)? {
                 let y = y
                     .reshape((b, nh, t, hd))?
                     .transpose(1, 2)?
                     .reshape((b, t, nh * hd))?;
-                return self.o.forward(&y);
+                return self.o.forward(&y, rowwise);
             }
         }
         // Heads h = g·rep + r share key/value head g (Hugging Face's `repeat_kv` order):
@@ -446,7 +467,7 @@ impl Attention {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        self.o.forward(&y)
+        self.o.forward(&y, rowwise)
     }
 }
 
@@ -458,9 +479,9 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
-        self.down.forward(&h)
+    fn forward(&self, x: &Tensor, rowwise: bool) -> Result<Tensor> {
+        let h = (self.gate.forward(x, rowwise)?.silu()? * self.up.forward(x, rowwise)?)?;
+        self.down.forward(&h, rowwise)
     }
 }
 
@@ -482,11 +503,12 @@ impl Block {
         kv: Option<KvSlot<'_>>,
         drop: Option<(Dropout, u64)>,
     ) -> Result<Tensor> {
+        let rowwise = kv.is_some();
         let attn = self
             .attn
             .forward(&self.input_norm.forward(x)?, cos, sin, bias, kv)?;
         let h = (x + apply_dropout(&attn, drop.map(|(d, site)| (d, 2 * site)))?)?;
-        let mlp = self.mlp.forward(&self.post_norm.forward(&h)?)?;
+        let mlp = self.mlp.forward(&self.post_norm.forward(&h)?, rowwise)?;
         let out = (&h + apply_dropout(&mlp, drop.map(|(d, site)| (d, 2 * site + 1)))?)?;
         Ok(out)
     }
@@ -681,6 +703,15 @@ impl KvCache {
             .flatten()
             .next()
             .and_then(|(k, _)| k.dim(0).ok())
+    }
+
+    /// Bytes held by the stored keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
     }
 
     /// A cache made of rows `rows` of this one, in that order: reorders beams after a
@@ -1183,7 +1214,7 @@ impl Llama {
         dropout: Option<Dropout>,
     ) -> Result<Tensor> {
         let h = self.hidden(input_ids, attention_mask, dropout, None)?;
-        self.logits(&h)
+        self.logits(&h, false)
     }
 
     /// [`Llama::forward_train`] projected on the vocabulary at the flat positions `rows`
@@ -1211,7 +1242,7 @@ impl Llama {
         }
         let index = Tensor::from_slice(rows, rows.len(), h.device())?;
         let picked = h.reshape((b * t, hidden))?.index_select(&index, 0)?;
-        self.head().project(&picked)
+        self.head().project(&picked, false)
     }
 
     /// The final-norm hidden states `[b, t, hidden]` (what [`Llama::forward`] projects on
@@ -1259,7 +1290,7 @@ impl Llama {
     /// with [`KvCache::select`]). On error the cache is left unchanged.
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let h = self.cached_hidden(input_ids, cache, None)?;
-        self.logits(&h)
+        self.logits(&h, true)
     }
 
     /// [`Llama::forward_cached`] returning only the last position's logits `[b, vocab]`:
@@ -1279,7 +1310,7 @@ impl Llama {
         let h = self.cached_hidden(input_ids, cache, soft)?;
         let t = h.dim(1)?;
         let last = h.narrow(1, t - 1, 1)?;
-        Ok(self.logits(&last)?.squeeze(1)?)
+        Ok(self.logits(&last, true)?.squeeze(1)?)
     }
 
     fn cached_hidden(
@@ -1347,6 +1378,50 @@ impl Llama {
         Ok(h)
     }
 
+    /// The cache of a one-row prompt cut back to its first `tokens.len()` positions,
+    /// `tokens` being those positions' ids: a prefix of a prompt run before, to start a
+    /// later prompt that shares it (see [`crate::decode::prefix`]). Keys and values of
+    /// a position depend only on the positions up to it, so the cut cache is the one a
+    /// pass over `tokens` alone builds, provided nothing was added at the cut positions'
+    /// inputs (soft-prompt vectors go at a prompt's last token, which a cut must drop).
+    /// Where the model reads item vectors, its reading state is replayed over `tokens`.
+    pub fn cache_prefix(&self, cache: &KvCache, tokens: &[u32]) -> Result<KvCache> {
+        let len = tokens.len();
+        if cache.rows.is_some() || cache.stored_rows() != Some(1) || len == 0 || len > cache.len
+        {
+            return Err(ModelError::Shape {
+                what: "KV cache prefix",
+                expected: format!("one stored row of at least {len} positions"),
+                found: format!("{:?} rows of {}", cache.batch_size(), cache.len),
+            });
+        }
+        let layers = cache
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                        Ok((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let items = match &self.items {
+            Some(items) => {
+                let mut st = ItemState::default();
+                items.keys.annotate(&mut st, tokens);
+                vec![st]
+            }
+            None => Vec::new(),
+        };
+        Ok(KvCache {
+            layers,
+            len,
+            rows: None,
+            items,
+        })
+    }
+
     fn check_len(&self, needed: usize) -> Result<()> {
         let max = self.cfg.positions();
         if needed > max {
@@ -1403,10 +1478,10 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// `[b, t, hidden]` → `[b, t, vocab]`.
-    fn logits(&self, h: &Tensor) -> Result<Tensor> {
+    /// `[b, t, hidden]` → `[b, t, vocab]`; `rowwise` as in [`Linear::forward`].
+    fn logits(&self, h: &Tensor, rowwise: bool) -> Result<Tensor> {
         let (b, t, hidden) = h.dims3()?;
-        let flat = self.head().project(&h.reshape((b * t, hidden))?)?;
+        let flat = self.head().project(&h.reshape((b * t, hidden))?, rowwise)?;
         Ok(flat.reshape((b, t, self.cfg.vocab_size))?)
     }
 

@@ -86,12 +86,21 @@ impl Rows<'_> {
 /// `x · wᵀ` for `x` `[m, k]` and `w` `[n, k]` when the streaming product applies (small
 /// `m`, f32 on the CPU, contiguous `w`, no autograd); `None` otherwise.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    match x.dims2() {
+        Ok((m, _)) if m <= MAX_ROWS => matmul_t_rows(x, w),
+        _ => Ok(None),
+    }
+}
+
+/// [`matmul_t`] for any number of rows, [`MAX_ROWS`] at a time: a row's result is the
+/// same whichever rows it is computed with (see [`block`]), which decoding relies on.
+/// Above a few dozen rows a GEMM would be faster.
+pub fn matmul_t_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let ((m, k), (n, kw)) = match (x.dims2(), w.dims2()) {
         (Ok(a), Ok(b)) => (a, b),
         _ => return Ok(None),
     };
     if m == 0
-        || m > MAX_ROWS
         || k != kw
         || x.dtype() != DType::F32
         || w.dtype() != DType::F32
@@ -122,7 +131,15 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         scales: &[],
         groups: 0,
     };
-    let out = stream(xv, m, &rows);
+    let out = if m <= MAX_ROWS {
+        stream(xv, m, &rows)
+    } else {
+        let mut out = Vec::with_capacity(m * n);
+        for part in xv.chunks(MAX_ROWS * k) {
+            out.extend(stream(part, part.len() / k, &rows));
+        }
+        out
+    };
     Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
 }
 
@@ -175,16 +192,33 @@ impl SharedOut {
     }
 }
 
-/// Unmasked attention for few queries, as one pass per key/value head: `q`
-/// `[b, g, r, d]` (the `r` query rows that share key/value head `g`), `k` and `v`
-/// `[b, g, s, d]`; returns `softmax(q kᵀ · scale) v` as `[b, g, r, d]`, or `None` where it
-/// does not apply (autograd, not f32 on the CPU, other shapes).
+/// Which keys each query row of [`attention`] sees: the rows are `rows` consecutive
+/// positions from `offset` on (repeated for every query head that shares the key/value
+/// head), and position `offset + i` sees keys `0..=offset + i`.
+#[derive(Clone, Copy, Debug)]
+pub struct Causal {
+    pub rows: usize,
+    pub offset: usize,
+}
+
+/// Causal attention as one pass per key/value head: `q` `[b, g, r, d]` (the `r` query
+/// rows that share key/value head `g`: `r / causal.rows` heads of `causal.rows`
+/// positions each), `k` and `v` `[b, g, s, d]` with `s = offset + rows`; returns
+/// `softmax(q kᵀ · scale) v` over each row's visible keys as `[b, g, r, d]`, or `None`
+/// where it does not apply (autograd, not f32 on the CPU, other shapes).
 ///
 /// A decoding step has one query per head and a few dozen keys: two batched GEMMs, a
 /// scale and a softmax were eight candle operations per layer, and the GEMMs' thread
 /// hand-offs cost more than their arithmetic. Here it is one loop, on one thread unless
-/// the work is large.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<Tensor>> {
+/// the work is large. Each row is computed alone over exactly its visible keys, so a
+/// position gives the same result whether its prompt is run in one pass or in pieces.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    causal: Causal,
+) -> Result<Option<Tensor>> {
     let (Ok((b, g, r, d)), Ok(kd), Ok(vd)) = (q.dims4(), k.dims4(), v.dims4()) else {
         return Ok(None);
     };
@@ -192,6 +226,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Optio
     if kd != (b, g, s, d)
         || vd != kd
         || s == 0
+        || causal.rows == 0
+        || r % causal.rows != 0
+        || causal.offset + causal.rows != s
         || [q, k, v]
             .iter()
             .any(|t| t.dtype() != DType::F32 || !matches!(t.device(), Device::Cpu) || t.track_op())
@@ -222,10 +259,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Optio
         let kh = &kv[i * s * d..][..s * d];
         let vh = &vv[i * s * d..][..s * d];
         let mut w = vec![0f32; s];
-        for (qr, or) in qv[i * r * d..][..r * d]
+        for (row, (qr, or)) in qv[i * r * d..][..r * d]
             .chunks_exact(d)
             .zip(o.chunks_exact_mut(d))
+            .enumerate()
         {
+            let w = &mut w[..causal.offset + row % causal.rows + 1];
             let mut max = f32::NEG_INFINITY;
             for (wj, kr) in w.iter_mut().zip(kh.chunks_exact(d)) {
                 *wj = dot(qr, kr) * scale;
@@ -385,7 +424,12 @@ mod tests {
             let k = Tensor::randn(0f32, 1.0, (b, g, s, d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1.0, (b, g, s, d), &dev).unwrap();
             let scale = 1.0 / (d as f32).sqrt();
-            let ours = attention(&q, &k, &v, scale).unwrap().expect("applies");
+            // One position per row group, seeing every key: no mask.
+            let all = Causal {
+                rows: 1,
+                offset: s - 1,
+            };
+            let ours = attention(&q, &k, &v, scale, all).unwrap().expect("applies");
             let att = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
             let reference = candle_nn::ops::softmax_last_dim(&att)
                 .unwrap()
@@ -394,10 +438,47 @@ mod tests {
             let diff = max_abs_diff(&ours, &reference);
             assert!(diff < 1e-5, "{b} {g} {r} {s} {d}: {diff}");
         }
-        // Not where autograd must see it.
+        // Causal: 2 heads × 5 positions from 3 on, 8 keys, against a masked softmax.
+        let (b, g, t, offset, d) = (2, 3, 5, 3, 16);
+        let s = offset + t;
+        let q = Tensor::randn(0f32, 1.0, (b, g, 2 * t, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, g, s, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, g, s, d), &dev).unwrap();
+        let causal = Causal { rows: t, offset };
+        let ours = attention(&q, &k, &v, 0.25, causal).unwrap().unwrap();
+        let mask: Vec<f32> = (0..2 * t)
+            .flat_map(|row| (0..s).map(move |j| if j > offset + row % t { -1e30 } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (2 * t, s), &dev).unwrap();
+        let att = (q.matmul(&k.t().unwrap()).unwrap() * 0.25)
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap();
+        let reference = candle_nn::ops::softmax_last_dim(&att)
+            .unwrap()
+            .matmul(&v)
+            .unwrap();
+        assert!(max_abs_diff(&ours, &reference) < 1e-5);
+        // A position's row alone (the last position, offset 7) equals its row in the pass.
+        let last = q.narrow(2, t - 1, 1).unwrap().contiguous().unwrap();
+        let alone = Causal {
+            rows: 1,
+            offset: s - 1,
+        };
+        let one = attention(&last, &k, &v, 0.25, alone).unwrap().unwrap();
+        let in_pass = ours.narrow(2, t - 1, 1).unwrap();
+        assert_eq!(
+            one.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            in_pass.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        // Not where autograd must see it, nor where the keys do not match the positions.
         let var = candle_core::Var::zeros((1, 1, 2, 4), DType::F32, &dev).unwrap();
         let k = Tensor::zeros((1, 1, 3, 4), DType::F32, &dev).unwrap();
-        assert!(attention(var.as_tensor(), &k, &k, 1.0).unwrap().is_none());
+        let c = Causal { rows: 2, offset: 1 };
+        assert!(attention(var.as_tensor(), &k, &k, 1.0, c).unwrap().is_none());
+        let q = Tensor::zeros((1, 1, 2, 4), DType::F32, &dev).unwrap();
+        let c = Causal { rows: 2, offset: 0 };
+        assert!(attention(&q, &k, &k, 1.0, c).unwrap().is_none());
     }
 }
 

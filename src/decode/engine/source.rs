@@ -9,6 +9,8 @@ pub struct ModelSource<'a> {
     cache: KvCache,
     /// Soft-prompt vectors read at the prompt's last position.
     vectors: soft::InputVectors,
+    /// Where the prompt's prefix may already be computed.
+    prefix: Option<&'a PrefixCache>,
 }
 
 impl<'a> ModelSource<'a> {
@@ -23,7 +25,15 @@ impl<'a> ModelSource<'a> {
             model,
             cache: KvCache::new(model.config()),
             vectors,
+            prefix: None,
         }
+    }
+
+    /// Prompts start from the longest prefix `cache` holds and are kept there in turn.
+    /// The logits are the same as without it, bit for bit.
+    pub fn with_prefix_cache(mut self, cache: Option<&'a PrefixCache>) -> Self {
+        self.prefix = cache;
+        self
     }
 }
 
@@ -32,21 +42,30 @@ impl LogitSource for ModelSource<'_> {
         if prompt.is_empty() {
             return Err(DecodeError::Invalid("empty prompt".into()));
         }
-        self.cache = KvCache::new(self.model.config());
-        let ids = Tensor::from_slice(prompt, (1, prompt.len()), &Device::Cpu)?;
+        let (start, mut cache) = match self.prefix {
+            Some(p) => p.lookup(self.model, prompt)?,
+            None => None,
+        }
+        .unwrap_or_else(|| (0, KvCache::new(self.model.config())));
+        let new = &prompt[start..];
+        let ids = Tensor::from_slice(new, (1, new.len()), &Device::Cpu)?;
         let soft = match self.vectors.first() {
             None => None,
             Some((_, v)) => {
                 let mut s = crate::model::soft_prompt::SoftInputs::new(v.len());
                 for (slot, v) in &self.vectors {
-                    s.push(*slot, (prompt.len() - 1) as u32, v);
+                    s.push(*slot, (new.len() - 1) as u32, v);
                 }
                 Some(s)
             }
         };
         let logits = self
             .model
-            .forward_cached_last_soft(&ids, &mut self.cache, soft.as_ref())?;
+            .forward_cached_last_soft(&ids, &mut cache, soft.as_ref())?;
+        if let Some(p) = self.prefix {
+            p.insert(prompt, &cache);
+        }
+        self.cache = cache;
         finite(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 
