@@ -28,6 +28,7 @@ use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use sidrec::decode::engine::ModelSource;
+use sidrec::decode::prefix::{self, PrefixCache};
 use sidrec::decode::{beam_search, BeamConfig, DecodeError, LogitSource};
 use sidrec::model::config::LlamaConfig;
 use sidrec::model::hfdir::HfDir;
@@ -75,6 +76,27 @@ struct Model {
     llama: Llama,
     tok: Tokenizer,
     offset: u32,
+}
+
+/// `PROMPT`'s shape with a different seeded pair of items per query (the first is the
+/// warm-up): the instruction words are shared, the history is new each time.
+fn varied(tok: &Tokenizer, n: usize) -> Vec<Vec<u32>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut code = || rng.gen_range(0..CODES);
+    let mut sid = || format!("<a_{}><b_{}><c_{}>", code(), code(), code());
+    (0..n)
+        .map(|q| {
+            let text = match q {
+                0 => PROMPT.to_string(),
+                _ => format!(
+                    "Recommend movies for a user who watched {}, {}. Answer:",
+                    sid(),
+                    sid()
+                ),
+            };
+            encode(tok, &text)
+        })
+        .collect()
 }
 
 /// A model with the SID tokens added (tokenizer and rows).
@@ -148,13 +170,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time_queries(m: &Model, trie: &Trie, prompt: &[u32], queries: usize) -> Timing {
+/// Times `queries` searches (after one warm-up), query `q` on `prompts[q % len]`, each
+/// starting from `prefix` where given.
+fn time_queries(
+    m: &Model,
+    trie: &Trie,
+    prompts: &[Vec<u32>],
+    queries: usize,
+    prefix: Option<&PrefixCache>,
+) -> Timing {
     let mask = Mask::all(trie);
     let (mut lat, mut prefill, mut steps) = (Vec::new(), Vec::new(), Vec::new());
     for q in 0..=queries {
+        let prompt = &prompts[q % prompts.len()];
         let t0 = Instant::now();
         let mut src = Timed {
-            inner: ModelSource::new(&m.llama),
+            inner: ModelSource::new(&m.llama).with_prefix_cache(prefix),
             prefill: 0.0,
             steps: Vec::new(),
         };
@@ -263,6 +294,7 @@ fn main() {
     let tiny_tensors = Llama::init_tensors(&tiny_cfg, 0).expect("init");
     let tiny = with_sid_tokens(tiny_cfg, tiny_tensors, tiny_tok);
     let short = encode(&tiny.tok, PROMPT);
+    let shorts = varied(&tiny.tok, queries.max(50) + 1);
     let history: Vec<String> = (0..20)
         .map(|i| {
             format!(
@@ -289,19 +321,23 @@ fn main() {
             tok: tiny.tok.clone(),
             offset: tiny.offset,
         };
-        let short_t = time_queries(&m, &trie, &short, queries.max(50));
-        let long_t = time_queries(&m, &trie, &long, queries.max(50));
+        let short_t = time_queries(&m, &trie, &shorts, queries.max(50), None);
+        let cache = PrefixCache::new(prefix::DEFAULT_BYTES);
+        let cached_t = time_queries(&m, &trie, &shorts, queries.max(50), Some(&cache));
+        let long_t = time_queries(&m, &trie, std::slice::from_ref(&long), queries.max(50), None);
         println!(
-            "  {format:>4}: prompt {} tokens p50 {:.2} ms, p90 {:.2} ms; prompt {} tokens p50 {:.2} ms, p90 {:.2} ms",
+            "  {format:>4}: prompt {} tokens p50 {:.2} ms, p90 {:.2} ms; prefix-cached p50 {:.2} ms; prompt {} tokens p50 {:.2} ms, p90 {:.2} ms",
             short.len(),
             short_t.p50 * 1e3,
             short_t.p90 * 1e3,
+            cached_t.p50 * 1e3,
             long.len(),
             long_t.p50 * 1e3,
             long_t.p90 * 1e3
         );
         tiny_json.push(json!({"weights": format.to_string(), "prompt_tokens": short.len(),
             "p50_ms": short_t.p50 * 1e3, "p90_ms": short_t.p90 * 1e3,
+            "prefix_cached_p50_ms": cached_t.p50 * 1e3,
             "long_prompt_tokens": long.len(), "long_p50_ms": long_t.p50 * 1e3,
             "long_p90_ms": long_t.p90 * 1e3}));
     }
@@ -316,6 +352,7 @@ fn main() {
     let cfg = LlamaConfig::from_json_str(&hf.config.to_string(), "smollm2").expect("config");
     let smol = with_sid_tokens(cfg, hf.tensors, hf.tokenizer);
     let prompt = encode(&smol.tok, PROMPT);
+    let prompts = varied(&smol.tok, queries + 1);
     let mut smol_timings = Vec::new();
     for format in FORMATS {
         let m = Model {
@@ -323,7 +360,10 @@ fn main() {
             tok: smol.tok.clone(),
             offset: smol.offset,
         };
-        smol_timings.push((format, time_queries(&m, &trie, &prompt, queries)));
+        let plain = time_queries(&m, &trie, &prompts, queries, None);
+        let cache = PrefixCache::new(prefix::DEFAULT_BYTES);
+        let cached = time_queries(&m, &trie, &prompts, queries, Some(&cache));
+        smol_timings.push((format, plain, cached));
     }
     drop(smol);
     let args: Vec<String> = [
@@ -349,19 +389,23 @@ fn main() {
         prompt.len()
     );
     let mut smol_json = Vec::new();
-    for (format, t) in &smol_timings {
-        let ratio = their_median.map(|h| h / t.p50);
-        println!(
-            "  sidrec {format:>4}  median {:.1} ms, p90 {:.1} ms (prompt pass {:.1} ms, beam step {:.1} ms){}",
-            t.p50 * 1e3,
-            t.p90 * 1e3,
-            t.prefill * 1e3,
-            t.step * 1e3,
-            ratio.map_or(String::new(), |r| format!("  speed-up over hf f32 {r:.2}x"))
-        );
+    for (format, t, c) in &smol_timings {
+        for (what, t) in [("", t), (" + prefix cache", c)] {
+            let ratio = their_median.map(|h| h / t.p50);
+            println!(
+                "  sidrec {format:>4}{what}: median {:.1} ms, p90 {:.1} ms (prompt pass {:.1} ms, beam step {:.1} ms){}",
+                t.p50 * 1e3,
+                t.p90 * 1e3,
+                t.prefill * 1e3,
+                t.step * 1e3,
+                ratio.map_or(String::new(), |r| format!("; {r:.2}x hf"))
+            );
+        }
         smol_json.push(json!({"weights": format.to_string(), "prompt_tokens": prompt.len(),
             "median_ms": t.p50 * 1e3, "p90_ms": t.p90 * 1e3, "prefill_ms": t.prefill * 1e3,
-            "step_ms": t.step * 1e3, "speedup": ratio}));
+            "step_ms": t.step * 1e3, "speedup": their_median.map(|h| h / t.p50),
+            "prefix_cached": {"median_ms": c.p50 * 1e3, "p90_ms": c.p90 * 1e3,
+                "prefill_ms": c.prefill * 1e3, "speedup": their_median.map(|h| h / c.p50)}}));
     }
     match their_median {
         Some(t) => println!("  hf     f32   median {:.1} ms", t * 1e3),

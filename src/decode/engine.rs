@@ -29,6 +29,7 @@ use crate::model::hfdir::{self, HfDir, Sidecar};
 use crate::model::items::ITEM_TABLE;
 use crate::model::llama::{KvCache, Llama};
 use crate::model::packed::WeightFormat;
+use super::batch::{BatchStats, Batcher};
 use super::prefix::{self, PrefixCache};
 use std::sync::Arc;
 use crate::model::soft_prompt;
@@ -217,6 +218,8 @@ pub struct Engine {
     /// Prompts already run by the first decoder, for later prompts that share a prefix.
     /// Off for an engine over weights that training still updates ([`Engine::from_model`]).
     prefix: Option<Arc<PrefixCache>>,
+    /// Where concurrent requests share the first decoder's passes (`sidrec serve`).
+    batcher: Option<Arc<Batcher>>,
 }
 
 impl Engine {
@@ -307,6 +310,19 @@ impl Engine {
         self
     }
 
+    /// The same engine with requests that decode at the same time (from several threads)
+    /// sharing forward passes ([`super::batch`]); answers are the same either way. For a
+    /// server: a lone caller gains nothing and pays a lock per step.
+    pub fn with_batching(mut self, on: bool) -> Engine {
+        self.batcher = on.then(|| Arc::new(Batcher::new()));
+        self
+    }
+
+    /// Passes shared so far (`None`: batching is off).
+    pub fn batch_stats(&self) -> Option<BatchStats> {
+        self.batcher.as_ref().map(|b| b.stats())
+    }
+
     /// What the prefix cache saved so far (`None`: the engine has none).
     pub fn prefix_stats(&self) -> Option<prefix::Stats> {
         self.prefix.as_ref().map(|p| p.stats())
@@ -363,6 +379,7 @@ impl Engine {
             specials,
             soft: None,
             prefix: None,
+            batcher: None,
         }
     }
 
@@ -739,8 +756,13 @@ impl Engine {
             } else {
                 Vec::new()
             };
-            let cache = if i == 0 { self.prefix.as_deref() } else { None };
-            ModelSource::with_vectors(m, v).with_prefix_cache(cache)
+            let (cache, batcher) = match i {
+                0 => (self.prefix.as_deref(), self.batcher.as_deref()),
+                _ => (None, None),
+            };
+            ModelSource::with_vectors(m, v)
+                .with_prefix_cache(cache)
+                .with_batcher(batcher)
         };
         if let ([(i, prompt, _)], None) = (plan.prompts.as_slice(), &plan.memory) {
             return Ok((Box::new(source(*i, &plan.vectors[0])), prompt.clone()));
@@ -874,8 +896,9 @@ impl Engine {
         cfg.items = self.resolve_format(req) != Format::Text;
         let words = self.request_vector(req)?;
         let vectors = self.input_vectors(req, &req.history, words.as_ref())?;
-        let mut src =
-            ModelSource::with_vectors(&self.model, vectors).with_prefix_cache(self.prefix.as_deref());
+        let mut src = ModelSource::with_vectors(&self.model, vectors)
+            .with_prefix_cache(self.prefix.as_deref())
+            .with_batcher(self.batcher.as_deref());
         let segs = generate(
             &mut src,
             &self.sids.trie,

@@ -12,6 +12,7 @@
 //!   probabilities over the trie, so it can join the mixture.
 //! * [`engine`]: a trained model directory with its catalog: requests in, ranked items or
 //!   segments out. What `sidrec recommend`, `repl` and `serve` call.
+//! * [`batch`]: requests that decode at the same time share their forward passes.
 //! * [`prefix`]: keys and values of prompts already run, reused by later prompts that
 //!   share a prefix (the instruction words, a returning user's history).
 //! * [`limits`]: the bounds of a request (k, beams, query and history length, generated
@@ -23,6 +24,7 @@
 //!
 //! [`Mask`]: crate::trie::Mask
 
+pub mod batch;
 pub mod beam;
 pub mod engine;
 pub mod filter;
@@ -72,6 +74,9 @@ pub enum DecodeError {
     Candle(#[from] candle_core::Error),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A forward pass shared with other requests failed ([`batch`]).
+    #[error("decoding pass: {0}")]
+    Pass(String),
 }
 
 /// What the search needs from a language model: next-token logits after a prompt, then

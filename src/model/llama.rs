@@ -35,6 +35,9 @@ use super::packed::{Packed, WeightFormat};
 use super::skinny;
 use super::soft_prompt::{Slot as SoftSlot, SoftInputs, SoftPrompt};
 
+mod decoding;
+pub use decoding::Part;
+
 /// Errors of the model module.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -386,68 +389,78 @@ struct Attention {
 }
 
 impl Attention {
-    /// `x` `[b, t, hidden]`; `cos`/`sin` narrowed to the positions of `x`; `bias` broadcast
-    /// to `[b, heads, t, keys]`; `kv` the layer's cache slot when decoding.
-    fn forward(
+    /// Training: `x` `[b, t, hidden]`; `cos`/`sin` narrowed to the positions of `x`;
+    /// `bias` broadcast to `[b, heads, t, keys]` (causal and padding masks).
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.heads(
+            &self.q.forward(x, false)?,
+            &self.k.forward(x, false)?,
+            &self.v.forward(x, false)?,
+            b,
+            t,
+            cos,
+            sin,
+        )?;
+        let y = self.attend(&q, &k, &v, bias, None)?;
+        self.o.forward(&y, false)
+    }
+
+    /// Projected queries, keys and values (`[b, t, heads · head_dim]` each) as heads
+    /// `[b, heads, t, head_dim]`, queries and keys rotated for their positions.
+    #[allow(clippy::too_many_arguments)]
+    fn heads(
         &self,
-        x: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        b: usize,
+        t: usize,
         cos: &Tensor,
         sin: &Tensor,
-        bias: Option<&Tensor>,
-        kv: Option<KvSlot<'_>>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
-        // Decoding (a cache slot): each row computed on its own, see `Linear::forward`.
-        let rowwise = kv.is_some();
-        let q = self
-            .q
-            .forward(x, rowwise)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k
-            .forward(x, rowwise)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
-        let v = self
-            .v
-            .forward(x, rowwise)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let q = ops::rope(&q, cos, sin)?.contiguous()?;
         let k = ops::rope(&k, cos, sin)?.contiguous()?;
-        let mut offset = None;
-        let (k, v) = match kv {
-            None => (k, v),
-            Some(KvSlot { slot, rows }) => {
-                offset = Some(slot.as_ref().map_or(Ok(0), |(pk, _)| pk.dim(2))?);
-                let (k, v) = match slot.take() {
-                    None => (k, v),
-                    Some((pk, pv)) => (append_rows(&pk, rows, &k)?, append_rows(&pv, rows, &v)?),
-                };
-                // The cache outlives this step: keep values, not the autograd graph.
-                *slot = Some((k.detach(), v.detach()));
-                (k, v)
-            }
-        };
+        Ok((q, k, v))
+    }
+
+    /// Attention of queries `[b, heads, t, head_dim]` over keys and values
+    /// `[b, kv_heads, s, head_dim]` → `[b, t, heads · head_dim]`, before the output
+    /// projection. `causal_from`: decoding, the queries are positions `s - t..s` and
+    /// each row is computed on its own (see [`skinny::attention`]); otherwise `bias`
+    /// holds the masks.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        causal_from: Option<usize>,
+    ) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
         let s = k.dim(2)?;
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        // Decoding: causal attention one query row at a time (the bias holds only the
-        // causal mask there), so that rows are independent as in `Linear::forward`.
-        // Training with a padding mask goes through the bias below.
-        if let Some(offset) = offset {
+        let mut causal_bias = None;
+        if let Some(offset) = causal_from {
             let qg = q.reshape((b, nkv, rep * t, hd))?;
             let causal = skinny::Causal { rows: t, offset };
-            if let Some(y) = skinny::attention(&qg, &k, &v, scale as f32, causal)? {
-                let y = y
+            if let Some(y) = skinny::attention(&qg, k, v, scale as f32, causal)? {
+                return Ok(y
                     .reshape((b, nh, t, hd))?
                     .transpose(1, 2)?
-                    .reshape((b, t, nh * hd))?;
-                return self.o.forward(&y, rowwise);
+                    .reshape((b, t, nh * hd))?);
             }
+            // Autograd on: the same attention as tensor operations.
+            let m: Vec<f32> = (0..t)
+                .flat_map(|i| (0..s).map(move |j| if j > offset + i { MASKED } else { 0.0 }))
+                .collect();
+            causal_bias = Some(Tensor::from_vec(m, (1, 1, t, s), q.device())?);
         }
         // Heads h = g·rep + r share key/value head g (Hugging Face's `repeat_kv` order):
         // stack their queries along the sequence axis instead of copying k and v `rep` times.
@@ -456,18 +469,17 @@ impl Attention {
             .matmul(&k.t()?)?
             .affine(scale, 0.0)?
             .reshape((b, nh, t, s))?;
-        let att = match bias {
+        let att = match bias.or(causal_bias.as_ref()) {
             Some(bias) => att.broadcast_add(bias)?,
             None => att,
         };
         let att = ops::softmax_last_dim(&att)?;
-        let y = att
+        Ok(att
             .reshape((b, nkv, rep * t, s))?
-            .matmul(&v)?
+            .matmul(v)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        self.o.forward(&y, rowwise)
+            .reshape((b, t, nh * hd))?)
     }
 }
 
@@ -494,21 +506,20 @@ struct Block {
 }
 
 impl Block {
+    /// Training (decoding runs the layers in `decoding`).
     fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         bias: Option<&Tensor>,
-        kv: Option<KvSlot<'_>>,
         drop: Option<(Dropout, u64)>,
     ) -> Result<Tensor> {
-        let rowwise = kv.is_some();
         let attn = self
             .attn
-            .forward(&self.input_norm.forward(x)?, cos, sin, bias, kv)?;
+            .forward(&self.input_norm.forward(x)?, cos, sin, bias)?;
         let h = (x + apply_dropout(&attn, drop.map(|(d, site)| (d, 2 * site)))?)?;
-        let mlp = self.mlp.forward(&self.post_norm.forward(&h)?, rowwise)?;
+        let mlp = self.mlp.forward(&self.post_norm.forward(&h)?, false)?;
         let out = (&h + apply_dropout(&mlp, drop.map(|(d, site)| (d, 2 * site + 1)))?)?;
         Ok(out)
     }
@@ -560,13 +571,6 @@ pub fn dropout_mask(n: usize, p: f32, key: u64, site: u64) -> Vec<f32> {
     (0..n)
         .map(|_| if rng.gen::<f32>() < keep { scale } else { 0.0 })
         .collect()
-}
-
-/// One layer's cache slot as a forward pass sees it: the stored keys and values, and the
-/// rows of them the batch continues (see [`KvCache::select`]).
-struct KvSlot<'a> {
-    slot: &'a mut Option<(Tensor, Tensor)>,
-    rows: Option<&'a [u32]>,
 }
 
 /// `cat([cache[rows], new], 2)` for `cache` `[b0, h, len, d]` and `new` `[b, h, t, d]`
@@ -1279,7 +1283,7 @@ impl Llama {
         let mut x = apply_dropout(&x, dropout.map(|d| (d, 0)))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let drop = dropout.map(|d| (d, i as u64 + 1));
-            x = layer.forward(&x, &cos, &sin, bias.as_ref(), None, drop)?;
+            x = layer.forward(&x, &cos, &sin, bias.as_ref(), drop)?;
         }
         self.norm.forward(&x)
     }
@@ -1319,63 +1323,12 @@ impl Llama {
         cache: &mut KvCache,
         soft: Option<&SoftInputs>,
     ) -> Result<Tensor> {
-        let (b, t) = self.check_ids(input_ids)?;
-        if cache.layers.len() != self.layers.len() {
-            return Err(ModelError::Shape {
-                what: "KV cache layers",
-                expected: self.layers.len().to_string(),
-                found: cache.layers.len().to_string(),
-            });
-        }
-        if let Some(cb) = cache.batch_size() {
-            if cb != b {
-                return Err(ModelError::BatchMismatch {
-                    cache: cb,
-                    input: b,
-                });
-            }
-        }
-        let offset = cache.len;
-        self.check_len(offset + t)?;
-        let bias = if t == 1 {
-            None
-        } else {
-            let s = offset + t;
-            let v: Vec<f32> = (0..t)
-                .flat_map(|i| (0..s).map(move |j| if j > offset + i { MASKED } else { 0.0 }))
-                .collect();
-            Some(Tensor::from_vec(v, (1, 1, t, s), self.device())?)
-        };
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
-        let mut layers = cache.layers.clone();
-        // Item states are kept only for a model that reads item vectors.
-        let mut states = match self.items.is_some() {
-            true if cache.items.len() == b => cache.items.clone(),
-            true => vec![ItemState::default(); b],
-            false => Vec::new(),
-        };
-        let x = self.add_items(
-            self.embed_ids(input_ids, b, t)?,
-            input_ids,
-            &mut states,
-            None,
-        )?;
-        let mut x = self.add_soft(x, soft)?;
-        let rows = cache.rows.clone();
-        for (layer, slot) in self.layers.iter().zip(layers.iter_mut()) {
-            let kv = KvSlot {
-                slot,
-                rows: rows.as_deref(),
-            };
-            x = layer.forward(&x, &cos, &sin, bias.as_ref(), Some(kv), None)?;
-        }
-        let h = self.norm.forward(&x)?;
-        cache.layers = layers;
-        cache.len = offset + t;
-        cache.rows = None;
-        cache.items = states;
-        Ok(h)
+        let mut one = [decoding::Part {
+            ids: input_ids,
+            cache,
+            soft,
+        }];
+        Ok(self.cached_hidden_many(&mut one)?.remove(0))
     }
 
     /// The cache of a one-row prompt cut back to its first `tokens.len()` positions,

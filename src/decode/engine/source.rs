@@ -11,6 +11,8 @@ pub struct ModelSource<'a> {
     vectors: soft::InputVectors,
     /// Where the prompt's prefix may already be computed.
     prefix: Option<&'a PrefixCache>,
+    /// Where passes are shared with other requests of the same model.
+    batcher: Option<&'a Batcher>,
 }
 
 impl<'a> ModelSource<'a> {
@@ -26,7 +28,34 @@ impl<'a> ModelSource<'a> {
             cache: KvCache::new(model.config()),
             vectors,
             prefix: None,
+            batcher: None,
         }
+    }
+
+    /// Forward passes are shared with the other requests using `batcher` (same answers).
+    pub fn with_batcher(mut self, batcher: Option<&'a Batcher>) -> Self {
+        self.batcher = batcher;
+        self
+    }
+
+    /// Runs `ids` (`rows × t`) on `cache`: alone, or through the batcher.
+    fn run(
+        &self,
+        ids: &[u32],
+        rows: usize,
+        mut cache: KvCache,
+        soft: Option<crate::model::soft_prompt::SoftInputs>,
+    ) -> std::result::Result<(KvCache, Vec<f32>), DecodeError> {
+        if let Some(b) = self.batcher {
+            let (cache, logits) = b.run(self.model, ids.to_vec(), rows, cache, soft);
+            return Ok((cache, logits.map_err(DecodeError::Pass)?));
+        }
+        let t = ids.len() / rows;
+        let ids = Tensor::from_slice(ids, (rows, t), &Device::Cpu)?;
+        let logits = self
+            .model
+            .forward_cached_last_soft(&ids, &mut cache, soft.as_ref())?;
+        Ok((cache, logits.flatten_all()?.to_vec1::<f32>()?))
     }
 
     /// Prompts start from the longest prefix `cache` holds and are kept there in turn.
@@ -42,13 +71,12 @@ impl LogitSource for ModelSource<'_> {
         if prompt.is_empty() {
             return Err(DecodeError::Invalid("empty prompt".into()));
         }
-        let (start, mut cache) = match self.prefix {
+        let (start, cache) = match self.prefix {
             Some(p) => p.lookup(self.model, prompt)?,
             None => None,
         }
         .unwrap_or_else(|| (0, KvCache::new(self.model.config())));
         let new = &prompt[start..];
-        let ids = Tensor::from_slice(new, (1, new.len()), &Device::Cpu)?;
         let soft = match self.vectors.first() {
             None => None,
             Some((_, v)) => {
@@ -59,14 +87,12 @@ impl LogitSource for ModelSource<'_> {
                 Some(s)
             }
         };
-        let logits = self
-            .model
-            .forward_cached_last_soft(&ids, &mut cache, soft.as_ref())?;
+        let (cache, logits) = self.run(new, 1, cache, soft)?;
         if let Some(p) = self.prefix {
             p.insert(prompt, &cache);
         }
         self.cache = cache;
-        finite(logits.flatten_all()?.to_vec1::<f32>()?)
+        finite(logits)
     }
 
     fn extend(
@@ -76,12 +102,13 @@ impl LogitSource for ModelSource<'_> {
     ) -> std::result::Result<Vec<f32>, DecodeError> {
         let identity = self.cache.batch_size() == Some(parents.len())
             && parents.iter().enumerate().all(|(i, &p)| p as usize == i);
-        if !identity {
-            self.cache = self.cache.select(parents)?;
-        }
-        let ids = Tensor::from_slice(tokens, (tokens.len(), 1), &Device::Cpu)?;
-        let logits = self.model.forward_cached_last(&ids, &mut self.cache)?;
-        finite(logits.flatten_all()?.to_vec1::<f32>()?)
+        let cache = match identity {
+            true => std::mem::replace(&mut self.cache, KvCache::new(self.model.config())),
+            false => self.cache.select(parents)?,
+        };
+        let (cache, logits) = self.run(tokens, tokens.len(), cache, None)?;
+        self.cache = cache;
+        finite(logits)
     }
 
     fn vocab_size(&self) -> usize {
