@@ -3,7 +3,6 @@
 mod cli;
 
 fn main() {
-    sidrec::runtime::tune_allocator();
     if let Err(e) = cli::run() {
         eprintln!("error: {}", error_chain(&e));
         std::process::exit(1);

@@ -44,8 +44,10 @@ pub(crate) struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: std::net::SocketAddr,
-    /// Requests decoded at the same time.
-    #[arg(long, default_value_t = 2)]
+    /// Requests decoded at the same time. Requests that decode together share each
+    /// forward pass (the weights stream once for all of them), so more workers raise
+    /// throughput under load at the same answers; each holds its own KV cache.
+    #[arg(long, default_value_t = 8)]
     workers: usize,
     /// Requests that may wait for a worker; more get 503.
     #[arg(long, default_value_t = 64)]
@@ -84,7 +86,7 @@ pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let engine = load_engine(&a.model, a.weights)?;
+    let engine = load_engine(&a.model, a.weights)?.with_batching(a.workers > 1);
     let items = engine.catalog().items.len();
     let opts = sidrec::serve::ServeOptions {
         workers: a.workers,
