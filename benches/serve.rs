@@ -159,6 +159,7 @@ fn main() -> anyhow::Result<()> {
         .split(',')
         .map(|f| f.trim().parse().map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<_>>()?;
+    sidrec::runtime::tune_allocator_for_serving();
     sidrec::runtime::set_threads(Some(2)).map_err(anyhow::Error::msg)?;
     println!(
         "sidrec serve load test: model {dir}, kernels {}",

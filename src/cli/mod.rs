@@ -97,9 +97,13 @@ pub(crate) fn parse_format(s: &str) -> Result<Format, String> {
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     // Training and evaluation (which trains baselines) keep their peak heap for the
-    // next step; a server keeps the allocator's defaults, which give memory back.
-    if matches!(cli.command, Command::Train(_) | Command::Eval(_)) {
-        sidrec::runtime::tune_allocator();
+    // next step; a server gives large blocks back (see `runtime`).
+    match cli.command {
+        Command::Train(_) | Command::Eval(_) => sidrec::runtime::tune_allocator(),
+        Command::Serve(_) | Command::Recommend(_) | Command::Repl(_) => {
+            sidrec::runtime::tune_allocator_for_serving()
+        }
+        _ => {}
     }
     sidrec::runtime::set_threads(cli.threads).map_err(anyhow::Error::msg)?;
     let progress = Progress::new(cli.quiet);

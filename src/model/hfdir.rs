@@ -718,13 +718,23 @@ fn read_safetensors(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, S
                 e.shape
             ));
         }
-        buf.resize(bytes, 0);
         f.seek(SeekFrom::Start(data + start))
-            .and_then(|_| f.read_exact(&mut buf))
             .map_err(|err| format!("{name}: {err}"))?;
-        let t = Tensor::from_raw_buffer(&buf, dtype, &e.shape, &Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|err| format!("{name}: {err}"))?;
+        let t = if dtype == DType::F32 && cfg!(target_endian = "little") {
+            // Straight into the tensor's own buffer: no second copy of a large matrix.
+            let mut v = vec![0f32; bytes / 4];
+            // SAFETY: `v` owns `bytes` bytes, and any bit pattern is an f32.
+            let raw = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, bytes) };
+            f.read_exact(raw).map_err(|err| format!("{name}: {err}"))?;
+            Tensor::from_vec(v, e.shape.as_slice(), &Device::Cpu)
+        } else {
+            buf.resize(bytes, 0);
+            f.read_exact(&mut buf)
+                .map_err(|err| format!("{name}: {err}"))?;
+            Tensor::from_raw_buffer(&buf, dtype, &e.shape, &Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32))
+        }
+        .map_err(|err| format!("{name}: {err}"))?;
         out.push((name, t));
     }
     Ok(out)

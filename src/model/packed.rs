@@ -90,7 +90,17 @@ impl Packed {
             return Ok(None);
         }
         let (n, k) = w.dims2()?;
-        let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let w = w.to_dtype(DType::F32)?.contiguous()?;
+        // The tensor's own buffer, not a copy: packing a model must not hold two f32
+        // copies of its largest matrix at once.
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(Error::Msg("packed weights live on the CPU".into()));
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            return Err(Error::Msg("packing needs a contiguous matrix".into()));
+        };
+        let v = &cpu.as_slice::<f32>()?[a..b];
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
             return Err(Error::Msg(format!(
                 "weight [{}, {}] of a [{n}, {k}] matrix is {}: cannot pack it",
