@@ -92,3 +92,26 @@ fn packed_weights_stay_close_to_f32() {
         assert!(overlap >= min_overlap, "{format}: overlap@10 {overlap}");
     }
 }
+
+/// Packing while reading the file (what `--weights` does) gives the model that packing
+/// after loading gives: the same rankings, to the bit.
+#[test]
+fn packed_while_read_equals_packed_after() {
+    let after = &engines()[2].1;
+    let read = Engine::load_weights(demo(), None, WeightFormat::Int8).unwrap();
+    for h in histories(8, after.catalog().items.len()) {
+        let r = Request {
+            history: h,
+            k: 10,
+            ..Default::default()
+        };
+        let key = |e: &Engine| -> Vec<(u32, u32)> {
+            e.rank(&r)
+                .unwrap()
+                .iter()
+                .map(|h| (h.item, h.score.to_bits()))
+                .collect()
+        };
+        assert_eq!(key(after), key(&read), "{:?}", r.history);
+    }
+}

@@ -37,8 +37,7 @@ pub(crate) fn load_engine(
 ) -> Result<sidrec::decode::Engine> {
     let dir = model_dir(model)?;
     let encoder = std::env::var_os("SIDREC_ENCODER").map(PathBuf::from);
-    sidrec::decode::Engine::load_with(&dir, encoder.as_deref())
-        .and_then(|e| e.with_weights(weights))
+    sidrec::decode::Engine::load_weights(&dir, encoder.as_deref(), weights)
         .with_context(|| format!("loading model {}", dir.display()))
 }
 

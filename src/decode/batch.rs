@@ -2,12 +2,13 @@
 //!
 //! Each request runs its own search on its own thread; whenever its search needs logits
 //! (a prompt, or a beam step) it hands the model's part of the work to the [`Batcher`]
-//! and waits. Whichever waiting request finds no pass running starts one over everything
-//! handed in so far, and hands each request its logits back (leader and followers: no
-//! thread of its own, and no waiting for a batch to fill). While one pass runs, the next
-//! fills up, so under load every pass carries the steps of all active requests: the
-//! weights stream once per pass instead of once per request, which is what a step costs
-//! (continuous batching, at the granularity of beam steps). Answers are bit for bit those
+//! and waits. Whichever waiting request finds a pass free (at most one per core run at
+//! once) starts one over everything handed in so far, and hands each request its logits
+//! back (leader and followers: no thread of its own, and no waiting for a batch to
+//! fill). While passes run, the next fills up, so under load every pass carries the steps
+//! of many requests: the weights stream once per pass instead of once per request, which
+//! is what a step of a large model costs (continuous batching, at the granularity of beam
+//! steps). Answers are bit for bit those
 //! of a request decoded alone (see [`crate::model::llama::Part`]).
 
 use std::collections::HashMap;
@@ -34,17 +35,19 @@ type Outcome = (KvCache, Result<Vec<f32>, String>);
 struct State {
     queue: Vec<(u64, Job)>,
     done: HashMap<u64, Outcome>,
-    running: bool,
+    /// Passes running now.
+    running: usize,
     next: u64,
     passes: u64,
     jobs: u64,
 }
 
 /// Where the requests of one model meet to share passes (thread-safe).
-#[derive(Default)]
 pub struct Batcher {
     state: Mutex<State>,
     changed: Condvar,
+    /// Passes that may run at once.
+    passes: usize,
 }
 
 /// How much sharing happened.
@@ -63,8 +66,18 @@ impl std::fmt::Debug for Batcher {
 }
 
 impl Batcher {
-    pub fn new() -> Self {
-        Self::default()
+    /// A batcher running at most `passes` passes at once (at least 1). With one, a pass
+    /// is the only work on the model while it runs, and the parts of it that are one
+    /// request's (attention, the search between steps) leave cores idle: on the 4M demo
+    /// model a single pass at a time served 52 requests/s to 16 clients against 90 for
+    /// two unshared workers. One pass per core keeps the cores busy and still shares
+    /// each pass among the requests that wait.
+    pub fn new(passes: usize) -> Self {
+        Batcher {
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            passes: passes.max(1),
+        }
     }
 
     pub fn stats(&self) -> BatchStats {
@@ -108,15 +121,15 @@ impl Batcher {
             if let Some(out) = st.done.remove(&id) {
                 return out;
             }
-            if !st.running && !st.queue.is_empty() {
-                st.running = true;
+            if st.running < self.passes && !st.queue.is_empty() {
+                st.running += 1;
                 let jobs = std::mem::take(&mut st.queue);
                 st.passes += 1;
                 st.jobs += jobs.len() as u64;
                 drop(st);
                 let outcomes = pass(model, jobs);
                 st = self.lock();
-                st.running = false;
+                st.running -= 1;
                 st.done.extend(outcomes);
                 self.changed.notify_all();
                 continue;

@@ -231,9 +231,20 @@ impl Engine {
     /// [`Engine::load`] with the sentence encoder of a model that reads request vectors
     /// at `encoder` instead of where its card says.
     pub fn load_with(dir: impl AsRef<Path>, encoder: Option<&Path>) -> Result<Engine> {
+        Self::load_weights(dir, encoder, WeightFormat::F32)
+    }
+
+    /// [`Engine::load_with`] with the decoder's matrices stored as `weights`, packed
+    /// while they are read (the f32 model is never whole in memory); the same model as
+    /// [`Engine::with_weights`] makes.
+    pub fn load_weights(
+        dir: impl AsRef<Path>,
+        encoder: Option<&Path>,
+        weights: WeightFormat,
+    ) -> Result<Engine> {
         let dir = dir.as_ref();
         hfdir::verify_checksums(dir)?;
-        let hf = HfDir::load(dir)?;
+        let (hf, packed) = HfDir::load_packed(dir, weights)?;
         let sidecar = hf.sidecar.clone().ok_or_else(|| {
             Error::Invalid(format!(
                 "{}: no sidrec.json: not a model trained by `sidrec train`",
@@ -251,7 +262,7 @@ impl Engine {
                 sids.vocab.len()
             )));
         }
-        let model = decoder(dir, &hf.config, hf.tensors, &sids, &sidecar)?;
+        let model = decoder(dir, &hf.config, hf.tensors, packed, &sids, &sidecar)?;
         let soft = match &sidecar.soft_prompt {
             Some(card) => Some(load_vectors(&artifacts_dir, card, &sids, encoder)?),
             None => None,
@@ -279,6 +290,11 @@ impl Engine {
         );
         engine.members = members;
         engine.soft = soft;
+        if weights != WeightFormat::F32 {
+            // Members are read in f32 and packed after (the first decoder was packed
+            // while read); `with_weights` leaves packed matrices as they are.
+            engine = engine.with_weights(weights)?;
+        }
         engine.prefix = Some(Arc::new(PrefixCache::new(prefix::DEFAULT_BYTES)));
         let memory = dir.join(MEMORY_FILE);
         if memory.is_file() {
@@ -314,7 +330,7 @@ impl Engine {
     /// sharing forward passes ([`super::batch`]); answers are the same either way. For a
     /// server: a lone caller gains nothing and pays a lock per step.
     pub fn with_batching(mut self, on: bool) -> Engine {
-        self.batcher = on.then(|| Arc::new(Batcher::new()));
+        self.batcher = on.then(|| Arc::new(Batcher::new(rayon::current_num_threads())));
         self
     }
 
@@ -951,6 +967,7 @@ fn decoder(
     dir: &Path,
     config: &serde_json::Value,
     mut tensors: std::collections::HashMap<String, Tensor>,
+    packed: std::collections::HashMap<String, crate::model::packed::Packed>,
     sids: &SidMap,
     sidecar: &Sidecar,
 ) -> Result<Llama> {
@@ -970,7 +987,7 @@ fn decoder(
         tensors.remove(soft_prompt::TASTE_WEIGHT),
     );
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    let mut model = Llama::new(&cfg, vb)?;
+    let mut model = Llama::new_packed(&cfg, vb, packed)?;
     if let Some(table) = item_table {
         model = model.with_items(table, sids.item_keys(sidecar.sid_token_offset))?;
     }
@@ -1042,7 +1059,7 @@ fn load_members(
                 dir.display()
             )));
         }
-        let model = decoder(&m, &hf.config, hf.tensors, sids, side)?;
+        let model = decoder(&m, &hf.config, hf.tensors, Default::default(), sids, side)?;
         members.push((model, hf.tokenizer));
     }
     Ok(members)

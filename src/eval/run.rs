@@ -80,8 +80,7 @@ pub fn run(opts: &RunOptions, progress: &Progress) -> Result<(Report, Vec<PathBu
     let t0 = Instant::now();
     // Fail before minutes of ranking, not after (the write checks again).
     crate::atomic::check_target(&opts.out, opts.force, &opts.inputs()).map_err(EvalError::from)?;
-    let mut engine =
-        Engine::load_with(&opts.model, opts.encoder.as_deref())?.with_weights(opts.weights)?;
+    let mut engine = Engine::load_weights(&opts.model, opts.encoder.as_deref(), opts.weights)?;
     let (seqs, _) = Sequences::load(
         &opts.interactions,
         engine.catalog(),

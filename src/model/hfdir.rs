@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use super::gguf::{GgufModel, HfLlamaConfig};
+use super::packed::{Packed, WeightFormat};
 pub use super::gguf::{ModelIoError, Result};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -70,6 +71,18 @@ impl HfDir {
     /// `tokenizer_config.json` and `sidrec.json` when present. Weights are converted to
     /// f32.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        Ok(Self::load_packed(dir, WeightFormat::F32)?.0)
+    }
+
+    /// [`HfDir::load`] with the decoder's matrices (every `*_proj.weight`, the embeddings
+    /// and `lm_head.weight`) packed as `pack` while they are read, one at a time, so that
+    /// the f32 model is never in memory at once: a SmolLM2 model in int8 peaks at the
+    /// packed weights plus one f32 matrix instead of all 538 MB of f32. The packed
+    /// matrices come apart from the f32 tensors, by name (for [`super::llama::Llama::new_packed`]).
+    pub fn load_packed(
+        dir: impl AsRef<Path>,
+        pack: WeightFormat,
+    ) -> Result<(Self, HashMap<String, Packed>)> {
         let dir = dir.as_ref();
         let single = dir.join(WEIGHTS_FILE);
         let index = dir.join(WEIGHTS_INDEX_FILE);
@@ -94,6 +107,7 @@ impl HfDir {
             &weights,
             Some(tokenizer_config.as_path()).filter(|p| p.is_file()),
             Some(sidecar.as_path()).filter(|p| p.is_file()),
+            pack,
         )
     }
 
@@ -135,7 +149,9 @@ impl HfDir {
             &weights,
             tokenizer_config.as_deref(),
             sidecar.as_deref(),
+            WeightFormat::F32,
         )
+        .map(|(dir, _)| dir)
     }
 
     fn from_files(
@@ -144,7 +160,8 @@ impl HfDir {
         weights: &[PathBuf],
         tokenizer_config: Option<&Path>,
         sidecar: Option<&Path>,
-    ) -> Result<Self> {
+        pack: WeightFormat,
+    ) -> Result<(Self, HashMap<String, Packed>)> {
         let config = read_json(config_path, "model config")?;
         if !config.is_object() {
             return Err(ModelIoError::Config {
@@ -164,6 +181,7 @@ impl HfDir {
                 reason: e.to_string(),
             })?;
         let mut tensors = HashMap::new();
+        let mut packed = HashMap::new();
         for path in weights {
             if !path.is_file() {
                 return Err(ModelIoError::MissingFile {
@@ -175,13 +193,26 @@ impl HfDir {
                 path: path.clone(),
                 reason,
             };
-            for (name, t) in read_safetensors(path).map_err(weights_err)? {
-                if tensors.insert(name.clone(), t).is_some() {
-                    return Err(weights_err(format!(
-                        "tensor {name:?} appears in two shards"
-                    )));
+            let mut sink = |name: String, t: Tensor| -> std::result::Result<(), String> {
+                let twice = || format!("tensor {name:?} appears in two shards");
+                if packed.contains_key(&name) || tensors.contains_key(&name) {
+                    return Err(twice());
                 }
-            }
+                if pack != WeightFormat::F32 && is_packable(&name) {
+                    match Packed::new(&t, pack).map_err(|e| format!("{name}: {e}"))? {
+                        Some(p) => {
+                            packed.insert(name, p);
+                        }
+                        None => {
+                            tensors.insert(name, t);
+                        }
+                    }
+                } else {
+                    tensors.insert(name, t);
+                }
+                Ok(())
+            };
+            read_safetensors(path, &mut sink).map_err(weights_err)?;
         }
         let tokenizer_config = match tokenizer_config {
             Some(p) => Some(read_json(p, "tokenizer config")?),
@@ -191,13 +222,14 @@ impl HfDir {
             Some(p) => Some(Sidecar::read_file(p)?),
             None => None,
         };
-        Ok(HfDir {
+        let dir = HfDir {
             config,
             tensors,
             tokenizer,
             tokenizer_config,
             sidecar,
-        })
+        };
+        Ok((dir, packed))
     }
 
     /// Whether `config.json` says the LM head shares the embedding matrix.
@@ -665,10 +697,21 @@ fn write_atomically(
     )
 }
 
+/// Whether `name` is one of a Llama's matrices that decoding packs (see
+/// [`super::llama::Llama::with_weights`]).
+fn is_packable(name: &str) -> bool {
+    name.ends_with("_proj.weight")
+        || name == "model.embed_tokens.weight"
+        || name == "lm_head.weight"
+}
+
 /// The tensors of a safetensors file as f32, read one at a time: the peak memory is the
 /// tensors plus one tensor's bytes, where reading the whole file first (candle's `load`)
 /// held the file and the tensors at once (a SmolLM2 model: 1.08 GB for 538 MB of weights).
-fn read_safetensors(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, String> {
+fn read_safetensors(
+    path: &Path,
+    sink: &mut dyn FnMut(String, Tensor) -> std::result::Result<(), String>,
+) -> std::result::Result<(), String> {
     use std::io::{Read, Seek, SeekFrom};
     #[derive(serde::Deserialize)]
     struct Entry {
@@ -700,7 +743,6 @@ fn read_safetensors(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, S
         })
         .collect::<std::result::Result<_, _>>()?;
     entries.sort_by_key(|(_, e)| e.data_offsets.0);
-    let mut out = Vec::with_capacity(entries.len());
     let mut buf = Vec::new();
     for (name, e) in entries {
         let dtype = match e.dtype.as_str() {
@@ -735,8 +777,8 @@ fn read_safetensors(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, S
                 .and_then(|t| t.to_dtype(DType::F32))
         }
         .map_err(|err| format!("{name}: {err}"))?;
-        out.push((name, t));
+        sink(name, t)?;
     }
-    Ok(out)
+    Ok(())
 }
 

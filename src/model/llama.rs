@@ -201,6 +201,9 @@ impl Linear {
 
     /// The weight stored as `format`, the f32 copy released.
     fn pack(&mut self, format: WeightFormat) -> Result<()> {
+        if self.packed.is_some() {
+            return Ok(());
+        }
         if self.lora.is_some() {
             return Err(ModelError::Packing {
                 name: self.name.clone(),
@@ -278,6 +281,9 @@ impl TokenMatrix {
 
     /// The matrix stored as `format`, the f32 copy released.
     fn pack(&mut self, format: WeightFormat) -> Result<()> {
+        if self.packed.is_some() {
+            return Ok(());
+        }
         if self.new_rows.is_some() {
             return Err(ModelError::Packing {
                 name: self.name.clone(),
@@ -764,9 +770,23 @@ struct Loader<'a> {
     /// is a `VarMap`.
     freeze: bool,
     lora: Option<(VarBuilder<'a>, &'a LoraConfig)>,
+    /// Matrices already packed ([`Llama::new_packed`]), by name.
+    packed: HashMap<String, Arc<Packed>>,
 }
 
 impl Loader<'_> {
+    /// The packed matrix `name` (`[rows, cols]`), if there is one.
+    fn packed(&self, name: &str, rows: usize, cols: usize) -> Result<Option<Arc<Packed>>> {
+        match self.packed.get(name) {
+            Some(p) if p.dims() != (rows, cols) => Err(ModelError::Shape {
+                what: "packed matrix",
+                expected: format!("{name} [{rows}, {cols}]"),
+                found: format!("{:?}", p.dims()),
+            }),
+            p => Ok(p.cloned()),
+        }
+    }
+
     fn get(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
         let w = self
             .vb
@@ -776,6 +796,14 @@ impl Loader<'_> {
     }
 
     fn linear(&self, name: String, short: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+        if let Some(p) = self.packed(&format!("{name}.weight"), d_out, d_in)? {
+            return Ok(Linear {
+                name,
+                weight: Tensor::zeros((0, d_in), DType::F32, &Device::Cpu)?,
+                lora: None,
+                packed: Some(p),
+            });
+        }
         let weight = self.get(
             &[d_out, d_in],
             &format!("{name}.weight"),
@@ -817,6 +845,14 @@ impl Loader<'_> {
     }
 
     fn token_matrix(&self, name: &str, vocab: usize, hidden: usize) -> Result<TokenMatrix> {
+        if let Some(p) = self.packed(&format!("{name}.weight"), vocab, hidden)? {
+            return Ok(TokenMatrix {
+                name: name.to_string(),
+                weight: Tensor::zeros((0, hidden), DType::F32, &Device::Cpu)?,
+                new_rows: None,
+                packed: Some(p),
+            });
+        }
         let weight = self.get(
             &[vocab, hidden],
             &format!("{name}.weight"),
@@ -887,10 +923,22 @@ impl Llama {
     /// unseeded — use [`Llama::init_tensors`] + [`varmap_from_tensors`] for reproducible
     /// runs). Weights from safetensors or a tensor map are constants.
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Llama> {
+        Self::new_packed(cfg, vb, HashMap::new())
+    }
+
+    /// [`Llama::new`] with some matrices already packed (by name, as
+    /// [`super::hfdir::HfDir::load_packed`] reads them): an inference model, as
+    /// [`Llama::with_weights`] makes one, without ever holding those matrices in f32.
+    pub fn new_packed(
+        cfg: &LlamaConfig,
+        vb: VarBuilder,
+        packed: HashMap<String, Packed>,
+    ) -> Result<Llama> {
         let loader = Loader {
             vb,
             freeze: false,
             lora: None,
+            packed: packed.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
         };
         Self::build(cfg, &loader)
     }
@@ -913,6 +961,7 @@ impl Llama {
             vb: base_vb,
             freeze: true,
             lora: Some((lora_vb, lora_cfg)),
+            packed: HashMap::new(),
         };
         Self::build(cfg, &loader)
     }
