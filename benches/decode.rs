@@ -324,7 +324,13 @@ fn main() {
         let short_t = time_queries(&m, &trie, &shorts, queries.max(50), None);
         let cache = PrefixCache::new(prefix::DEFAULT_BYTES);
         let cached_t = time_queries(&m, &trie, &shorts, queries.max(50), Some(&cache));
-        let long_t = time_queries(&m, &trie, std::slice::from_ref(&long), queries.max(50), None);
+        let long_t = time_queries(
+            &m,
+            &trie,
+            std::slice::from_ref(&long),
+            queries.max(50),
+            None,
+        );
         println!(
             "  {format:>4}: prompt {} tokens p50 {:.2} ms, p90 {:.2} ms; prefix-cached p50 {:.2} ms; prompt {} tokens p50 {:.2} ms, p90 {:.2} ms",
             short.len(),
@@ -335,11 +341,13 @@ fn main() {
             long_t.p50 * 1e3,
             long_t.p90 * 1e3
         );
-        tiny_json.push(json!({"weights": format.to_string(), "prompt_tokens": short.len(),
+        tiny_json.push(
+            json!({"weights": format.to_string(), "prompt_tokens": short.len(),
             "p50_ms": short_t.p50 * 1e3, "p90_ms": short_t.p90 * 1e3,
             "prefix_cached_p50_ms": cached_t.p50 * 1e3,
             "long_prompt_tokens": long.len(), "long_p50_ms": long_t.p50 * 1e3,
-            "long_p90_ms": long_t.p90 * 1e3}));
+            "long_p90_ms": long_t.p90 * 1e3}),
+        );
     }
     let per_step = search_cost_per_step(&trie, tiny.llama.config().vocab_size, tiny.offset);
     println!(
@@ -401,11 +409,13 @@ fn main() {
                 ratio.map_or(String::new(), |r| format!("; {r:.2}x hf"))
             );
         }
-        smol_json.push(json!({"weights": format.to_string(), "prompt_tokens": prompt.len(),
+        smol_json.push(
+            json!({"weights": format.to_string(), "prompt_tokens": prompt.len(),
             "median_ms": t.p50 * 1e3, "p90_ms": t.p90 * 1e3, "prefill_ms": t.prefill * 1e3,
             "step_ms": t.step * 1e3, "speedup": their_median.map(|h| h / t.p50),
             "prefix_cached": {"median_ms": c.p50 * 1e3, "p90_ms": c.p90 * 1e3,
-                "prefill_ms": c.prefill * 1e3, "speedup": their_median.map(|h| h / c.p50)}}));
+                "prefill_ms": c.prefill * 1e3, "speedup": their_median.map(|h| h / c.p50)}}),
+        );
     }
     match their_median {
         Some(t) => println!("  hf     f32   median {:.1} ms", t * 1e3),

@@ -72,7 +72,7 @@ pub struct ServeOptions {
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
-            workers: 8,
+            workers: 2,
             queue: 64,
             max_body: 64 * 1024,
             limits: Limits::default(),

@@ -24,7 +24,7 @@ fn request(i: usize, items: usize) -> Request {
     Request {
         history: (0..len).map(|_| next()).collect(),
         // A few ask in words too, some with more beams than others.
-        query: if i % 5 == 0 {
+        query: if i.is_multiple_of(5) {
             "something light-hearted and silly".into()
         } else {
             String::new()
@@ -35,7 +35,10 @@ fn request(i: usize, items: usize) -> Request {
     }
 }
 
-fn key(hits: &[Hit]) -> Vec<(u32, u32)> {
+/// A ranking as (item, score bits): equal only when identical to the bit.
+type Ranked = Vec<(u32, u32)>;
+
+fn key(hits: &[Hit]) -> Ranked {
     hits.iter().map(|h| (h.item, h.score.to_bits())).collect()
 }
 
@@ -46,7 +49,7 @@ fn batched_requests_get_the_answers_they_get_alone() {
     let items = plain.catalog().items.len();
     let threads = 16;
     let per_thread = 3;
-    let want: Vec<Vec<(u32, u32)>> = (0..threads * per_thread)
+    let want: Vec<Ranked> = (0..threads * per_thread)
         .map(|i| key(&plain.rank(&request(i, items)).unwrap()))
         .collect();
     let gen_req = |i: usize| Request {
@@ -63,7 +66,7 @@ fn batched_requests_get_the_answers_they_get_alone() {
         .map(|i| format!("{:?}", plain.generate(&gen_req(i), &cfg).unwrap()))
         .collect();
     let start = Barrier::new(threads);
-    let got: Vec<(Vec<Vec<(u32, u32)>>, String)> = std::thread::scope(|s| {
+    let got: Vec<(Vec<Ranked>, String)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (shared, start, cfg) = (&shared, &start, &cfg);
@@ -86,9 +89,6 @@ fn batched_requests_get_the_answers_they_get_alone() {
         assert_eq!(text, &want_gen[t], "thread {t}, generated");
     }
     let stats = shared.batch_stats().unwrap();
-    assert!(
-        stats.jobs > stats.passes,
-        "no pass was shared: {stats:?}"
-    );
+    assert!(stats.jobs > stats.passes, "no pass was shared: {stats:?}");
     println!("{stats:?}");
 }

@@ -50,7 +50,12 @@ pub(crate) struct RequestArgs {
     /// How the decoder's matrices are held in memory: f32 (as trained), bf16 or int8
     /// (an f32 scale per 32 weights). Smaller weights decode faster at a small, measured
     /// cost in accuracy (docs/benchmarks.md).
-    #[arg(long, env = "SIDREC_WEIGHTS", default_value = "f32", value_name = "FORMAT")]
+    #[arg(
+        long,
+        env = "SIDREC_WEIGHTS",
+        default_value = "f32",
+        value_name = "FORMAT"
+    )]
     pub weights: WeightFormat,
     /// Items the user interacted with, oldest first: ids or titles, comma-separated
     /// (the flag may repeat).

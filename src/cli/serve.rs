@@ -39,15 +39,20 @@ pub(crate) struct ServeArgs {
     /// How the decoder's matrices are held in memory: f32 (as trained), bf16 or int8
     /// (an f32 scale per 32 weights): smaller weights serve faster and in less memory,
     /// at a small, measured cost in accuracy (docs/benchmarks.md).
-    #[arg(long, env = "SIDREC_WEIGHTS", default_value = "f32", value_name = "FORMAT")]
+    #[arg(
+        long,
+        env = "SIDREC_WEIGHTS",
+        default_value = "f32",
+        value_name = "FORMAT"
+    )]
     weights: WeightFormat,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: std::net::SocketAddr,
-    /// Requests decoded at the same time. Requests that decode together share each
-    /// forward pass (the weights stream once for all of them), so more workers raise
-    /// throughput under load at the same answers; each holds its own KV cache.
-    #[arg(long, default_value_t = 8)]
+    /// Requests decoded at the same time. Requests that decode together share forward
+    /// passes (at most one pass per core runs at once), with the same answers; each
+    /// holds its own KV cache. On 2 cores, 2 measured best (docs/benchmarks.md).
+    #[arg(long, default_value_t = 2)]
     workers: usize,
     /// Requests that may wait for a worker; more get 503.
     #[arg(long, default_value_t = 64)]

@@ -61,7 +61,9 @@ pub struct BatchStats {
 
 impl std::fmt::Debug for Batcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batcher").field("stats", &self.stats()).finish()
+        f.debug_struct("Batcher")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -171,15 +173,13 @@ fn pass(model: &Llama, jobs: Vec<(u64, Job)>) -> Vec<(u64, Outcome)> {
             .map_err(|e| e.to_string())
     };
     let mut jobs = jobs;
-    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        match run(&mut jobs) {
-            Ok(all) => all.into_iter().map(Ok).collect::<Vec<_>>(),
-            Err(_) if jobs.len() > 1 => jobs
-                .iter_mut()
-                .map(|j| run(std::slice::from_mut(j)).map(|mut v| v.remove(0)))
-                .collect(),
-            Err(e) => vec![Err(e)],
-        }
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match run(&mut jobs) {
+        Ok(all) => all.into_iter().map(Ok).collect::<Vec<_>>(),
+        Err(_) if jobs.len() > 1 => jobs
+            .iter_mut()
+            .map(|j| run(std::slice::from_mut(j)).map(|mut v| v.remove(0)))
+            .collect(),
+        Err(e) => vec![Err(e)],
     }));
     let results = caught.unwrap_or_else(|_| {
         jobs.iter()

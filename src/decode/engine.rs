@@ -13,11 +13,13 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use tokenizers::Tokenizer;
 
+use super::batch::{BatchStats, Batcher};
 use super::beam::{beam_search, BeamConfig, Hit};
 use super::filter::Filter;
 use super::generate::{generate, GenConfig, Segment};
 use super::memory::MemorySource;
 use super::mixture::{Component, MixtureSource};
+use super::prefix::{self, PrefixCache};
 use super::query::{normalize, read_attributes, Reading};
 use super::{DecodeError, LogitSource};
 use crate::artifacts::{self, SidMap};
@@ -29,13 +31,11 @@ use crate::model::hfdir::{self, HfDir, Sidecar};
 use crate::model::items::ITEM_TABLE;
 use crate::model::llama::{KvCache, Llama};
 use crate::model::packed::WeightFormat;
-use super::batch::{BatchStats, Batcher};
-use super::prefix::{self, PrefixCache};
-use std::sync::Arc;
 use crate::model::soft_prompt;
 use crate::train::data::{self, DataOptions, PromptKind, Prompts, Slot};
 use crate::train::trainer::ChatFormat;
 use crate::trie::{ItemIdx, Mask};
+use std::sync::Arc;
 
 mod soft;
 mod source;
@@ -309,7 +309,9 @@ impl Engine {
     pub fn with_weights(mut self, format: WeightFormat) -> Result<Engine> {
         self.model = self.model.with_weights(format)?;
         // Keys and values computed with the old weights.
-        self.prefix = self.prefix.map(|p| Arc::new(PrefixCache::new(p.capacity())));
+        self.prefix = self
+            .prefix
+            .map(|p| Arc::new(PrefixCache::new(p.capacity())));
         self.members = self
             .members
             .into_iter()

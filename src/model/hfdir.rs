@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use super::gguf::{GgufModel, HfLlamaConfig};
-use super::packed::{Packed, WeightFormat};
 pub use super::gguf::{ModelIoError, Result};
+use super::packed::{Packed, WeightFormat};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -781,4 +781,3 @@ fn read_safetensors(
     }
     Ok(())
 }
-

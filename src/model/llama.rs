@@ -397,7 +397,13 @@ struct Attention {
 impl Attention {
     /// Training: `x` `[b, t, hidden]`; `cos`/`sin` narrowed to the positions of `x`;
     /// `bias` broadcast to `[b, heads, t, keys]` (causal and padding masks).
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = self.heads(
             &self.q.forward(x, false)?,
@@ -1389,8 +1395,7 @@ impl Llama {
     /// Where the model reads item vectors, its reading state is replayed over `tokens`.
     pub fn cache_prefix(&self, cache: &KvCache, tokens: &[u32]) -> Result<KvCache> {
         let len = tokens.len();
-        if cache.rows.is_some() || cache.stored_rows() != Some(1) || len == 0 || len > cache.len
-        {
+        if cache.rows.is_some() || cache.stored_rows() != Some(1) || len == 0 || len > cache.len {
             return Err(ModelError::Shape {
                 what: "KV cache prefix",
                 expected: format!("one stored row of at least {len} positions"),

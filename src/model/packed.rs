@@ -283,7 +283,13 @@ mod tests {
     #[test]
     fn packed_products_match_f32() {
         let dev = Device::Cpu;
-        for (m, k, n) in [(1, 7, 5), (10, 576, 200), (19, 100, 67), (40, 64, 33), (5, 33, 1)] {
+        for (m, k, n) in [
+            (1, 7, 5),
+            (10, 576, 200),
+            (19, 100, 67),
+            (40, 64, 33),
+            (5, 33, 1),
+        ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let exact = x.matmul(&w.t().unwrap()).unwrap();
@@ -310,9 +316,12 @@ mod tests {
                 }
             }
         }
-        assert!(Packed::new(&Tensor::zeros((2, 2), DType::F32, &dev).unwrap(), WeightFormat::F32)
-            .unwrap()
-            .is_none());
+        assert!(Packed::new(
+            &Tensor::zeros((2, 2), DType::F32, &dev).unwrap(),
+            WeightFormat::F32
+        )
+        .unwrap()
+        .is_none());
     }
 
     #[test]
@@ -325,9 +334,13 @@ mod tests {
         let want = p.dequantize().unwrap().embedding(&ids).unwrap();
         assert_eq!(rel_err(&rows, &want), 0.0);
         assert!(p.embedding(&Tensor::new(&[6u32], &dev).unwrap()).is_err());
-        assert!(p.matmul_t(&Tensor::zeros((1, 39), DType::F32, &dev).unwrap()).is_err());
+        assert!(p
+            .matmul_t(&Tensor::zeros((1, 39), DType::F32, &dev).unwrap())
+            .is_err());
         let bad = Tensor::new(&[[1f32, f32::NAN]], &dev).unwrap();
-        let err = Packed::new(&bad, WeightFormat::Bf16).unwrap_err().to_string();
+        let err = Packed::new(&bad, WeightFormat::Bf16)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("[0, 1]") && err.contains("NaN"), "{err}");
         // 6 rows × 64 padded bytes + 6 × 2 scales.
         assert_eq!(p.bytes(), 6 * 64 + 6 * 2 * 4);

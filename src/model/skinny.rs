@@ -67,13 +67,15 @@ impl Rows<'_> {
                     self.k,
                 )),
                 BF16 => {
-                    let src = std::slice::from_raw_parts((self.data as *const u16).add(base), self.k);
+                    let src =
+                        std::slice::from_raw_parts((self.data as *const u16).add(base), self.k);
                     for (o, &b) in buf.iter_mut().zip(src) {
                         *o = f32::from_bits((b as u32) << 16);
                     }
                 }
                 _ => {
-                    let src = std::slice::from_raw_parts((self.data as *const i8).add(base), self.k);
+                    let src =
+                        std::slice::from_raw_parts((self.data as *const i8).add(base), self.k);
                     for (i, (o, &q)) in buf.iter_mut().zip(src).enumerate() {
                         *o = q as f32 * self.scales[r * self.groups + i / INT8_GROUP];
                     }
@@ -325,7 +327,9 @@ fn block(level: Level, w: &Rows, r0: usize, rows: usize, x: &[f32], m: usize, ou
         // caller's shapes) and `out` holds `rows · m`.
         match (level, w.kind) {
             (Level::Avx512, F32) => return unsafe { avx512::block::<F32>(w, r0, rows, x, m, out) },
-            (Level::Avx512, BF16) => return unsafe { avx512::block::<BF16>(w, r0, rows, x, m, out) },
+            (Level::Avx512, BF16) => {
+                return unsafe { avx512::block::<BF16>(w, r0, rows, x, m, out) }
+            }
             (Level::Avx512, _) => return unsafe { avx512::block::<INT8>(w, r0, rows, x, m, out) },
             (Level::Avx2, F32) => return unsafe { avx2::block::<F32>(w, r0, rows, x, m, out) },
             (Level::Avx2, BF16) => return unsafe { avx2::block::<BF16>(w, r0, rows, x, m, out) },
@@ -475,7 +479,9 @@ mod tests {
         let var = candle_core::Var::zeros((1, 1, 2, 4), DType::F32, &dev).unwrap();
         let k = Tensor::zeros((1, 1, 3, 4), DType::F32, &dev).unwrap();
         let c = Causal { rows: 2, offset: 1 };
-        assert!(attention(var.as_tensor(), &k, &k, 1.0, c).unwrap().is_none());
+        assert!(attention(var.as_tensor(), &k, &k, 1.0, c)
+            .unwrap()
+            .is_none());
         let q = Tensor::zeros((1, 1, 2, 4), DType::F32, &dev).unwrap();
         let c = Causal { rows: 2, offset: 0 };
         assert!(attention(&q, &k, &k, 1.0, c).unwrap().is_none());

@@ -151,12 +151,7 @@ impl Llama {
             true => vec![ItemState::default(); b],
             false => Vec::new(),
         };
-        let x = self.add_items(
-            self.embed_ids(part.ids, b, t)?,
-            part.ids,
-            &mut states,
-            None,
-        )?;
+        let x = self.add_items(self.embed_ids(part.ids, b, t)?, part.ids, &mut states, None)?;
         let x = self.add_soft(x, part.soft)?;
         let plan = Plan {
             b,

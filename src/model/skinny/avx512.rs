@@ -143,7 +143,9 @@ unsafe fn tile<const K: u8, const RR: usize, const CC: usize>(
             let mut wv = [_mm512_setzero_ps(); RR];
             for (a, v) in wv.iter_mut().enumerate() {
                 *v = match K {
-                    F32 => _mm512_maskz_loadu_ps(mask, (w.data as *const f32).add((row + a) * k + p)),
+                    F32 => {
+                        _mm512_maskz_loadu_ps(mask, (w.data as *const f32).add((row + a) * k + p))
+                    }
                     // Packed rows are zero-padded past `k`.
                     _ => load::<K>(w, row + a, p),
                 };
