@@ -5,11 +5,16 @@
 //! GEMM packs the weight into panels first, which for small `m` costs more than the product
 //! (profiled on SmolLM2: most of a beam-search query went to packing). Here each weight row
 //! is streamed once, straight from memory, and dotted with all `m` input rows while it is in
-//! L1, four input rows at a time, in SIMD lanes chosen at run time. Memory traffic is the
-//! weight matrix once, which is the floor for this product.
+//! L1, a register tile of weight rows by input rows at a time (`avx512`, `avx2`; plain Rust
+//! elsewhere), chosen at run time ([`crate::simd::level`]). Memory traffic is the weight
+//! matrix once, which is the floor for this product. Weights are f32 tensors, or packed
+//! bf16 / int8 rows ([`super::packed`]) widened to f32 in registers.
 //!
-//! Used only where no gradient is needed (inputs and weights both outside autograd) and the
-//! weight is a contiguous f32 `[n, k]`; training keeps candle's matmul.
+//! Every output element is one sum in a fixed order, whatever `m` and the tiling: a row's
+//! result never depends on the other rows of the product. Decoding relies on it (see
+//! `llama::decoding`), and so uses these products for any number of rows
+//! ([`matmul_t_rows`]). Used only where no gradient is needed; training keeps candle's
+//! matmul.
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;

@@ -35,7 +35,7 @@ impl Llama {
     /// last-position logits `[b, vocab]`, in order. Each cache is extended by its part's
     /// tokens; on error no cache changes.
     pub fn forward_cached_many(&self, parts: &mut [Part<'_>]) -> Result<Vec<Tensor>> {
-        let hidden = self.cached_hidden_many(parts)?;
+        let (hidden, plans) = self.run_many(parts)?;
         let last: Vec<Tensor> = hidden
             .iter()
             .map(|h| {
@@ -51,11 +51,21 @@ impl Llama {
             out.push(all.narrow(0, at, n)?);
             at += n;
         }
+        commit(parts, plans);
         Ok(out)
     }
 
-    /// Final hidden states `[b, t, hidden]` of every part (see [`Part`]).
+    /// Final hidden states `[b, t, hidden]` of every part (see [`Part`]); the caches are
+    /// extended.
     pub(super) fn cached_hidden_many(&self, parts: &mut [Part<'_>]) -> Result<Vec<Tensor>> {
+        let (hidden, plans) = self.run_many(parts)?;
+        commit(parts, plans);
+        Ok(hidden)
+    }
+
+    /// The pass: every part's final hidden states, and its cache's new state, which
+    /// [`commit`] stores once nothing can fail any more.
+    fn run_many(&self, parts: &[Part<'_>]) -> Result<(Vec<Tensor>, Vec<Plan>)> {
         let mut plans = Vec::with_capacity(parts.len());
         let mut inputs = Vec::with_capacity(parts.len());
         for part in parts.iter() {
@@ -108,20 +118,15 @@ impl Llama {
         let h = self.norm.forward(&x)?.squeeze(0)?;
         let mut out = Vec::with_capacity(plans.len());
         let mut at = 0;
-        for (plan, part) in plans.into_iter().zip(parts.iter_mut()) {
+        for plan in &plans {
             let n = plan.b * plan.t;
             out.push(
                 h.narrow(0, at, n)?
                     .reshape((plan.b, plan.t, self.cfg.hidden_size))?,
             );
             at += n;
-            let cache = &mut *part.cache;
-            cache.layers = plan.layers;
-            cache.len = plan.offset + plan.t;
-            cache.rows = None;
-            cache.items = plan.states;
         }
-        Ok(out)
+        Ok((out, plans))
     }
 
     /// A part checked against its cache, with its input vectors `[b, t, hidden]`.
@@ -164,5 +169,16 @@ impl Llama {
             states,
         };
         Ok((plan, x))
+    }
+}
+
+/// Stores each part's new cache state.
+fn commit(parts: &mut [Part<'_>], plans: Vec<Plan>) {
+    for (plan, part) in plans.into_iter().zip(parts.iter_mut()) {
+        let cache = &mut *part.cache;
+        cache.layers = plan.layers;
+        cache.len = plan.offset + plan.t;
+        cache.rows = None;
+        cache.items = plan.states;
     }
 }
