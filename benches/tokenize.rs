@@ -209,6 +209,10 @@ fn main() {
         .num_threads(threads)
         .build_global()
         .expect("thread pool");
+    println!(
+        "kernels: sidrec {} (SIDREC_SIMD narrows them), gemm the CPU's widest",
+        sidrec::simd::level().name()
+    );
     let peers = env_path("SIDREC_PEERS", "../shared/peers");
     let cache = env_path("SIDREC_BENCH_DIR", "target/bench-data");
     std::fs::create_dir_all(&cache).expect("bench dir");

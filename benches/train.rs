@@ -107,6 +107,10 @@ fn main() {
     let steps = env_usize("SIDREC_BENCH_STEPS", 5);
     let (batch, seq) = (8, 64);
     sidrec::runtime::set_threads(Some(threads)).expect("threads");
+    println!(
+        "kernels: sidrec {} (SIDREC_SIMD narrows them), gemm the CPU's widest",
+        sidrec::simd::level().name()
+    );
 
     // Tiny config, from scratch (vocabulary of a catalog-trained BPE plus SID tokens).
     let mut tiny = LlamaConfig::from_file(&manifest("models/tiny.json")).expect("tiny.json");
