@@ -172,3 +172,21 @@ fn the_demo_reads_requests_in_its_own_words() {
         assert!(hits >= 6, "{request}: {hits} of 10 are {genre}: {v}");
     }
 }
+
+#[test]
+fn recommend_with_packed_weights_and_a_bad_format() {
+    for w in ["bf16", "int8"] {
+        let (v, _) = recommend_json(&["--history", "1,50", "--weights", w]);
+        assert_eq!(v["items"].as_array().unwrap().len(), 10, "{w}: {v}");
+    }
+    let out = sidrec()
+        .args(["recommend", "--history", "1", "--weights", "fp16"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("fp16") && err.contains("f32, bf16, int8"),
+        "{err}"
+    );
+}
