@@ -164,7 +164,8 @@ fn linfa_level(data: &[f32], n: usize, d: usize) -> Value {
            "linfa_mse": linfa_mse, "sidrec_mse": ours_mse})
 }
 
-fn amazon_embeddings(dir: &Path, cache: &Path) -> Option<PathBuf> {
+/// The Amazon Scientific item texts as `sidrec tokenize` renders them (`None`: absent).
+fn amazon_texts(dir: &Path) -> Option<Vec<String>> {
     let items = dir.join("items.json");
     if !items.exists() {
         println!(
@@ -173,11 +174,6 @@ fn amazon_embeddings(dir: &Path, cache: &Path) -> Option<PathBuf> {
         );
         return None;
     }
-    let out = cache.join("amazon-minilm.npy");
-    if out.exists() {
-        return Some(out);
-    }
-    let minilm = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/minilm");
     let catalog = Catalog::load(
         &items,
         &LoadOptions {
@@ -187,20 +183,83 @@ fn amazon_embeddings(dir: &Path, cache: &Path) -> Option<PathBuf> {
         },
     )
     .expect("amazon catalog");
-    let enc = BertEncoder::from_dir(&minilm, embed::DEFAULT_MAX_TOKENS)
-        .expect("MiniLM (run scripts/fetch-assets.sh)");
     let template = Template::default();
-    let texts: Vec<String> = catalog.items.iter().map(|i| template.render(i)).collect();
+    Some(catalog.items.iter().map(|i| template.render(i)).collect())
+}
+
+fn minilm() -> BertEncoder {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/minilm");
+    BertEncoder::from_dir(&dir, embed::DEFAULT_MAX_TOKENS)
+        .expect("MiniLM (run scripts/fetch-assets.sh)")
+}
+
+fn amazon_embeddings(texts: &[String], cache: &Path) -> PathBuf {
+    let out = cache.join("amazon-minilm.npy");
+    if out.exists() {
+        return out;
+    }
+    let enc = minilm();
     eprintln!(
         "embedding {} Amazon items with MiniLM (once; cached)…",
         texts.len()
     );
-    let e = embed::encode_all(&enc, &texts, 64, &mut |_| {}).expect("encode");
+    let e = embed::encode_all(&enc, texts, 64, &mut |_| {}).expect("encode");
     embed::save_npy(&e, &out).expect("save");
-    Some(out)
+    out
+}
+
+/// The sentence encoder beside `dense_retrieval.py` (the same MiniLM, the same texts, the
+/// same 256-token cut, batches of 64 sorted by length on both sides): items per second.
+fn encoder(peers: &Path, cache: &Path, texts: &[String], threads: usize) -> Value {
+    let items = cache.join("encoder-items.jsonl");
+    let lines: Vec<String> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"id": i.to_string(), "text": t}).to_string())
+        .collect();
+    std::fs::write(&items, lines.join("\n") + "\n").expect("write items");
+    let reqs = cache.join("encoder-requests.jsonl");
+    std::fs::write(&reqs, "{\"query\": \"a lab scale\"}\n").expect("write requests");
+    let enc = minilm();
+    let t = Instant::now();
+    embed::encode_all(&enc, texts, 64, &mut |_| {}).expect("encode");
+    let ours = texts.len() as f64 / t.elapsed().as_secs_f64();
+    let minilm = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/minilm");
+    // The peer needs torch, which the k-means peers do not: without it, say so.
+    let peer = Command::new(python())
+        .arg(peers.join("dense_retrieval.py"))
+        .arg(&minilm)
+        .arg(&items)
+        .arg(&reqs)
+        .args(["--threads", &threads.to_string()])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+            serde_json::from_str::<Value>(stdout.lines().last().unwrap_or_default()).ok()
+        })
+        .unwrap_or(Value::Null);
+    let theirs = peer.get("items_per_s").and_then(Value::as_f64);
+    println!(
+        "\nSentence encoder (MiniLM), {} Amazon Scientific item texts, {threads} threads",
+        texts.len()
+    );
+    println!("  sidrec           {ours:8.1} items/s");
+    match theirs {
+        Some(p) => println!(
+            "  PyTorch peer     {p:8.1} items/s   sidrec / peer {:.2}x",
+            ours / p
+        ),
+        None => println!("  PyTorch peer     (not run: set SIDREC_PYTHON to a Python with torch)"),
+    }
+    json!({"texts": texts.len(), "sidrec_items_per_s": ours, "peer": peer,
+           "ratio": theirs.map(|p| ours / p)})
 }
 
 fn main() {
+    // As `sidrec tokenize` runs.
+    sidrec::runtime::tune_allocator();
     let threads: usize = std::env::var("SIDREC_BENCH_THREADS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -242,14 +301,24 @@ fn main() {
 
     // 2. Amazon Scientific through MiniLM.
     let amazon = env_path("SIDREC_AMAZON", "../shared/data/amazon-scientific");
-    if let Some(a) = amazon_embeddings(&amazon, &cache) {
+    let mut encoder_figures = Value::Null;
+    if let Some(texts) = amazon_texts(&amazon) {
+        let a = amazon_embeddings(&texts, &cache);
         let (data, n, d) = npy::read_f32_matrix(&a).expect("amazon npy");
         let peer = faiss(&peers, &a, threads);
         let ours = [Assign::Plain, Assign::Balanced].map(|x| sidrec_rk(&data, n, d, x));
         results.push(compare("Amazon Scientific (MiniLM), 3 x 256", &peer, &ours));
+        // 3. The sentence encoder beside the PyTorch peer.
+        let count = std::env::var("SIDREC_BENCH_TEXTS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(600usize)
+            .min(texts.len());
+        encoder_figures = encoder(&peers, &cache, &texts[..count], threads);
     }
     println!(
         "\n{}",
-        json!({"bench": "tokenize", "threads": threads, "results": results, "linfa": linfa})
+        json!({"bench": "tokenize", "threads": threads, "results": results, "linfa": linfa,
+               "encoder": encoder_figures})
     );
 }

@@ -96,10 +96,13 @@ pub(crate) fn parse_format(s: &str) -> Result<Format, String> {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    // Training and evaluation (which trains baselines) keep their peak heap for the
-    // next step; a server gives large blocks back (see `runtime`).
+    // Batch work (embedding a catalog, training, evaluation, which trains baselines)
+    // keeps its peak heap for the next batch; a server gives large blocks back (see
+    // `runtime`).
     match cli.command {
-        Command::Train(_) | Command::Eval(_) => sidrec::runtime::tune_allocator(),
+        Command::Tokenize(_) | Command::Train(_) | Command::Eval(_) => {
+            sidrec::runtime::tune_allocator()
+        }
         Command::Serve(_) | Command::Recommend(_) | Command::Repl(_) => {
             sidrec::runtime::tune_allocator_for_serving()
         }
