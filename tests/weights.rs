@@ -115,3 +115,31 @@ fn packed_while_read_equals_packed_after() {
         assert_eq!(key(after), key(&read), "{:?}", r.history);
     }
 }
+
+/// A truncated weights file is refused with the tensor that runs past its end, whether
+/// the weights are read as f32 or packed while read.
+#[test]
+fn truncated_weights_are_named() {
+    use sidrec::model::hfdir::HfDir;
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(demo().join(f), tmp.path().join(f)).unwrap();
+    }
+    let weights = tmp.path().join("model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    for format in [WeightFormat::F32, WeightFormat::Int8] {
+        let err = HfDir::load_packed(tmp.path(), format)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("truncated"),
+            "{format}: {err}"
+        );
+    }
+}

@@ -754,10 +754,16 @@ fn read_safetensors(
         };
         let (start, end) = e.data_offsets;
         let bytes = e.shape.iter().product::<usize>() * dtype.size_in_bytes();
-        if end < start || (end - start) as usize != bytes || data + end > size {
+        if end < start || (end - start) as usize != bytes {
             return Err(format!(
-                "{name}: offsets {start}..{end} do not hold {:?} {dtype:?} in a file of {size} bytes",
+                "{name}: offsets {start}..{end} do not hold {:?} {dtype:?}",
                 e.shape
+            ));
+        }
+        if data + end > size {
+            return Err(format!(
+                "{name} ends at byte {} of a {size}-byte file: the file is truncated",
+                data + end
             ));
         }
         f.seek(SeekFrom::Start(data + start))
