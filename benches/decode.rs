@@ -99,6 +99,17 @@ fn varied(tok: &Tokenizer, n: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+impl Model {
+    /// The same model with its matrices stored as `format`.
+    fn packed(&self, format: WeightFormat) -> Model {
+        Model {
+            llama: self.llama.clone().with_weights(format).expect("pack"),
+            tok: self.tok.clone(),
+            offset: self.offset,
+        }
+    }
+}
+
 /// A model with the SID tokens added (tokenizer and rows).
 fn with_sid_tokens(
     mut cfg: LlamaConfig,
@@ -316,11 +327,7 @@ fn main() {
     println!("tiny (4 layers, d=256), 10k items, 3 x 256, 10 beams, top-10:");
     let mut tiny_json = Vec::new();
     for format in FORMATS {
-        let m = Model {
-            llama: tiny.llama.clone().with_weights(format).expect("pack"),
-            tok: tiny.tok.clone(),
-            offset: tiny.offset,
-        };
+        let m = tiny.packed(format);
         let short_t = time_queries(&m, &trie, &shorts, queries.max(50), None);
         let cache = PrefixCache::new(prefix::DEFAULT_BYTES);
         let cached_t = time_queries(&m, &trie, &shorts, queries.max(50), Some(&cache));
@@ -363,11 +370,7 @@ fn main() {
     let prompts = varied(&smol.tok, queries + 1);
     let mut smol_timings = Vec::new();
     for format in FORMATS {
-        let m = Model {
-            llama: smol.llama.clone().with_weights(format).expect("pack"),
-            tok: smol.tok.clone(),
-            offset: smol.offset,
-        };
+        let m = smol.packed(format);
         let plain = time_queries(&m, &trie, &prompts, queries, None);
         let cache = PrefixCache::new(prefix::DEFAULT_BYTES);
         let cached = time_queries(&m, &trie, &prompts, queries, Some(&cache));

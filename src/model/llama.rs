@@ -201,20 +201,13 @@ impl Linear {
 
     /// The weight stored as `format`, the f32 copy released.
     fn pack(&mut self, format: WeightFormat) -> Result<()> {
-        if self.packed.is_some() {
-            return Ok(());
-        }
-        if self.lora.is_some() {
+        if self.lora.is_some() && self.packed.is_none() {
             return Err(ModelError::Packing {
                 name: self.name.clone(),
                 why: "it has an adapter (merge it first)",
             });
         }
-        if let Some(p) = Packed::new(&self.weight, format)? {
-            self.weight = Tensor::zeros((0, p.dims().1), DType::F32, self.weight.device())?;
-            self.packed = Some(Arc::new(p));
-        }
-        Ok(())
+        pack_weight(&mut self.weight, &mut self.packed, format)
     }
 
     /// `x Wᵀ` (+ the adapter's share). `rowwise` (decoding): every row through the
@@ -257,6 +250,23 @@ impl Linear {
     }
 }
 
+/// `weight` stored as `format` in `packed`, replaced by an empty `[0, in]` tensor (the f32
+/// copy released); nothing when it is packed already or `format` is f32.
+fn pack_weight(
+    weight: &mut Tensor,
+    packed: &mut Option<Arc<Packed>>,
+    format: WeightFormat,
+) -> Result<()> {
+    if packed.is_some() {
+        return Ok(());
+    }
+    if let Some(p) = Packed::new(weight, format)? {
+        *weight = Tensor::zeros((0, p.dims().1), DType::F32, weight.device())?;
+        *packed = Some(Arc::new(p));
+    }
+    Ok(())
+}
+
 /// A `[vocab, hidden]` matrix used as embedding table or output head, with optional
 /// trainable rows from `n_old` on (see [`LoraConfig::train_new_rows_from`]).
 #[derive(Clone, Debug)]
@@ -281,20 +291,13 @@ impl TokenMatrix {
 
     /// The matrix stored as `format`, the f32 copy released.
     fn pack(&mut self, format: WeightFormat) -> Result<()> {
-        if self.packed.is_some() {
-            return Ok(());
-        }
-        if self.new_rows.is_some() {
+        if self.new_rows.is_some() && self.packed.is_none() {
             return Err(ModelError::Packing {
                 name: self.name.clone(),
                 why: "it has trainable new rows (merge them first)",
             });
         }
-        if let Some(p) = Packed::new(&self.weight, format)? {
-            self.weight = Tensor::zeros((0, p.dims().1), DType::F32, self.weight.device())?;
-            self.packed = Some(Arc::new(p));
-        }
-        Ok(())
+        pack_weight(&mut self.weight, &mut self.packed, format)
     }
 
     /// Rows for `ids` (`[n]` u32, already range-checked) → `[n, hidden]`.

@@ -16,7 +16,7 @@ use std::str::FromStr;
 
 use candle_core::{DType, Device, Error, Result, Tensor};
 
-use super::skinny::{self, Rows, BF16, INT8, INT8_GROUP, MAX_ROWS};
+use super::skinny::{self, Rows, BF16, INT8, INT8_GROUP};
 
 /// How a model's matrices are stored for decoding, chosen at load.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -180,7 +180,7 @@ impl Packed {
         }
     }
 
-    /// `x · wᵀ` for `x` `[m, k]` f32 (any `m`: more than [`MAX_ROWS`] rows go through
+    /// `x · wᵀ` for `x` `[m, k]` f32 (any `m`: more than [`skinny::MAX_ROWS`] rows go through
     /// the streaming product in groups of that many) → `[m, n]`.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
@@ -191,40 +191,14 @@ impl Packed {
             )));
         }
         let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let rows = self.rows();
-        let out = if m <= MAX_ROWS {
-            skinny::stream(&xv, m, &rows)
-        } else {
-            let mut out = Vec::with_capacity(m * self.n);
-            for part in xv.chunks(MAX_ROWS * k) {
-                out.extend(skinny::stream(part, part.len() / k, &rows));
-            }
-            out
-        };
+        let out = skinny::stream_rows(&xv, m, &self.rows());
         Tensor::from_vec(out, (m, self.n), x.device())
-    }
-
-    /// Row `r` as f32 (`k` long).
-    fn row(&self, r: usize, out: &mut [f32]) {
-        let src = r * self.stride;
-        match &self.data {
-            Data::Bf16(d) => {
-                for (o, &b) in out.iter_mut().zip(&d[src..src + self.k]) {
-                    *o = f32::from_bits((b as u32) << 16);
-                }
-            }
-            Data::Int8 { q, scales } => {
-                let groups = self.stride / INT8_GROUP;
-                for (i, (o, &v)) in out.iter_mut().zip(&q[src..src + self.k]).enumerate() {
-                    *o = v as f32 * scales[r * groups + i / INT8_GROUP];
-                }
-            }
-        }
     }
 
     /// Rows `ids` (`[t]` u32, each < n) as f32 `[t, k]`: an embedding lookup.
     pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
         let ids = ids.to_vec1::<u32>()?;
+        let rows = self.rows();
         let mut out = vec![0f32; ids.len() * self.k];
         for (&id, o) in ids.iter().zip(out.chunks_exact_mut(self.k)) {
             if id as usize >= self.n {
@@ -233,16 +207,17 @@ impl Packed {
                     self.n
                 )));
             }
-            self.row(id as usize, o);
+            rows.row_f32(id as usize, o);
         }
         Tensor::from_vec(out, (ids.len(), self.k), &Device::Cpu)
     }
 
     /// The whole matrix as f32 `[n, k]`: what the packed weights stand for.
     pub fn dequantize(&self) -> Result<Tensor> {
+        let rows = self.rows();
         let mut out = vec![0f32; self.n * self.k];
         for (r, o) in out.chunks_exact_mut(self.k).enumerate() {
-            self.row(r, o);
+            rows.row_f32(r, o);
         }
         Tensor::from_vec(out, (self.n, self.k), &Device::Cpu)
     }
@@ -303,7 +278,7 @@ mod tests {
                 let err = rel_err(&ours, &exact);
                 assert!(err < bound, "{format} m={m} k={k} n={n}: {err}");
                 // Every kernel this CPU can run gives the same product.
-                if m <= MAX_ROWS {
+                if m <= skinny::MAX_ROWS {
                     let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                     for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                         if level <= simd::level() {

@@ -60,9 +60,24 @@ pub(crate) struct Rows<'a> {
 unsafe impl Send for Rows<'_> {}
 unsafe impl Sync for Rows<'_> {}
 
-impl Rows<'_> {
-    /// Row `r` as f32 into `buf` (`k` long): the portable path's view of packed rows.
-    fn row_f32(&self, r: usize, buf: &mut [f32]) {
+impl<'a> Rows<'a> {
+    /// An f32 matrix `[n, k]`, row-major.
+    pub(crate) fn f32(w: &'a [f32], n: usize, k: usize) -> Self {
+        debug_assert_eq!(w.len(), n * k);
+        Rows {
+            kind: F32,
+            data: w.as_ptr() as *const u8,
+            n,
+            k,
+            stride: k,
+            scales: &[],
+            groups: 0,
+        }
+    }
+
+    /// Row `r` as f32 into `buf` (`k` long): the portable path's view of packed rows,
+    /// and how packed matrices are read back.
+    pub(crate) fn row_f32(&self, r: usize, buf: &mut [f32]) {
         let base = r * self.stride;
         // SAFETY: row `r` < `n` has `stride` >= `k` elements of the kind's size.
         unsafe {
@@ -129,25 +144,20 @@ pub fn matmul_t_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     };
     let xv = &xs.as_slice::<f32>()?[xa..xb];
     let wv = &ws.as_slice::<f32>()?[wa..wb];
-    let rows = Rows {
-        kind: F32,
-        data: wv.as_ptr() as *const u8,
-        n,
-        k,
-        stride: k,
-        scales: &[],
-        groups: 0,
-    };
-    let out = if m <= MAX_ROWS {
-        stream(xv, m, &rows)
-    } else {
-        let mut out = Vec::with_capacity(m * n);
-        for part in xv.chunks(MAX_ROWS * k) {
-            out.extend(stream(part, part.len() / k, &rows));
-        }
-        out
-    };
+    let out = stream_rows(xv, m, &Rows::f32(wv, n, k));
     Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
+}
+
+/// [`stream`] for any number of rows, [`MAX_ROWS`] at a time.
+pub(crate) fn stream_rows(x: &[f32], m: usize, w: &Rows) -> Vec<f32> {
+    if m <= MAX_ROWS {
+        return stream(x, m, w);
+    }
+    let mut out = Vec::with_capacity(m * w.n);
+    for part in x.chunks(MAX_ROWS * w.k) {
+        out.extend(stream(part, part.len() / w.k, w));
+    }
+    out
 }
 
 /// `x · wᵀ` (`x` `[m, k]` row-major, `m` <= [`MAX_ROWS`]) → `[m, n]` row-major, every
@@ -381,15 +391,7 @@ mod tests {
                 x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             );
-            let rows = Rows {
-                kind: F32,
-                data: wv.as_ptr() as *const u8,
-                n,
-                k,
-                stride: k,
-                scales: &[],
-                groups: 0,
-            };
+            let rows = Rows::f32(&wv, n, k);
             for level in [Level::Portable, Level::Avx2, Level::Avx512] {
                 if level > simd::level() {
                     continue;
@@ -508,15 +510,7 @@ mod timing {
         let (n, k) = (234_000, 576);
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let f32_rows = Rows {
-            kind: F32,
-            data: wv.as_ptr() as *const u8,
-            n,
-            k,
-            stride: k,
-            scales: &[],
-            groups: 0,
-        };
+        let f32_rows = Rows::f32(&wv, n, k);
         let bf16 = Packed::new(&w, WeightFormat::Bf16).unwrap().unwrap();
         let int8 = Packed::new(&w, WeightFormat::Int8).unwrap().unwrap();
         let time = |f: &dyn Fn()| {
